@@ -1,0 +1,220 @@
+"""
+Score a model on a test set: the four-number report and more.
+
+    python eval.py --ckpt out/demo/best.pt                   # data dir's test.jsonl, ~1 min for the tiny model
+    python eval.py --ckpt out/demo/best.pt --test_file my_set.jsonl --out my_eval.json
+
+For each group of items (all / seen tools / unseen tools / no-call / multi-call):
+    valid       output parses; its calls name catalogue tools with schema-valid
+                arguments, or it is a no-call with a reason
+    tool_acc    predicted multiset of tool names == gold multiset
+    arg_acc     arguments right, among valid outputs with the right tools
+    false_call  gold says no call, the model called a tool
+    missed      gold has calls, the model declined
+    exact       whole answer right: calls compared as a multiset (order-free)
+    f1          call-level F1 (micro), over items with calls on either side
+plus latency p50/p95 per request. Prints a table, writes JSON (and one line per
+item with the prediction, for error analysis).
+"""
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+
+import numpy as np
+from tqdm import tqdm
+
+import wire
+from model import CheckpointError
+from sample import Router
+
+
+# -----------------------------------------------------------------------------
+# scoring rules
+
+def values_equal(a, b):
+    """Type-aware equality: 5 == 5.0 (both numbers), but True != 1 and "5" != 5;
+    lists in order, objects key by key."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return abs(a - b) <= 1e-9 * max(1.0, abs(a), abs(b))
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(values_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(values_equal(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
+def call_equal(a, b):
+    return a["name"] == b["name"] and values_equal(a.get("arguments", {}), b.get("arguments", {}))
+
+
+def matched_calls(pred, gold):
+    """Size of the largest one-to-one matching of equal calls (multiset intersection)."""
+    left = list(gold)
+    n = 0
+    for p in pred:
+        for i, g in enumerate(left):
+            if call_equal(p, g):
+                n += 1
+                del left[i]
+                break
+    return n
+
+
+def score_item(pred, gold_calls):
+    """pred: Router.answer result; gold_calls: list. -> dict of per-item outcomes."""
+    parsed = pred["error"] is None or not pred["error"].startswith("unparseable")
+    pcalls = pred["calls"] if parsed else []
+    names_ok = parsed and Counter(c["name"] for c in pcalls) == Counter(c["name"] for c in gold_calls)
+    m = matched_calls(pcalls, gold_calls)
+    exact = parsed and m == len(pcalls) == len(gold_calls)
+    return {"valid": pred["valid"], "parsed": parsed, "names_ok": names_ok, "exact": exact,
+            "matched": m, "n_pred": len(pcalls), "n_gold": len(gold_calls),
+            "called": parsed and len(pcalls) > 0}
+
+
+def summarize(rows):
+    """rows: list of (item, outcome, latency_ms) -> metrics dict."""
+    def rate(num, den):
+        return (sum(num) / len(den)) if den else None
+    outs = [o for _, o, _ in rows]
+    gold_call = [o for o in outs if o["n_gold"] > 0]
+    gold_none = [o for o in outs if o["n_gold"] == 0]
+    arg_pool = [o for o in gold_call if o["valid"] and o["names_ok"]]
+    tp = sum(o["matched"] for o in outs)
+    n_pred = sum(o["n_pred"] for o in outs)
+    n_gold = sum(o["n_gold"] for o in outs)
+    prec = tp / n_pred if n_pred else None
+    rec = tp / n_gold if n_gold else None
+    f1 = (2 * prec * rec / (prec + rec) if prec and rec else 0.0) if prec is not None and rec is not None else None
+    lat = [l for _, _, l in rows]
+    return {
+        "n": len(rows),
+        "valid": rate([o["valid"] for o in outs], outs),
+        "tool_acc": rate([o["names_ok"] for o in outs], outs),
+        "arg_acc": rate([o["exact"] for o in arg_pool], arg_pool),
+        "false_call": rate([o["called"] for o in gold_none], gold_none),
+        "missed": rate([o["parsed"] and not o["called"] for o in gold_call], gold_call),
+        "exact": rate([o["exact"] for o in outs], outs),
+        "f1": f1,
+        "latency_p50_ms": float(np.percentile(lat, 50)) if lat else None,
+        "latency_p95_ms": float(np.percentile(lat, 95)) if lat else None,
+    }
+
+
+GROUPS = {
+    "all": lambda ex: True,
+    "seen": lambda ex: ex.get("split", "seen") == "seen",
+    "unseen": lambda ex: ex.get("split") == "unseen",
+    "no-call": lambda ex: not ex["calls"],
+    "multi-call": lambda ex: len(ex["calls"]) > 1,
+}
+COLUMNS = ["n", "valid", "tool_acc", "arg_acc", "false_call", "missed", "exact", "f1",
+           "latency_p50_ms", "latency_p95_ms"]
+
+
+def format_table(groups):
+    head = f"{'group':12s}" + "".join(f"{c.replace('latency_', '').replace('_ms', ' ms'):>11s}" for c in COLUMNS)
+    lines = [head, "-" * len(head)]
+    for g, m in groups.items():
+        cells = []
+        for c in COLUMNS:
+            v = m.get(c)
+            if v is None:
+                cells.append(f"{'-':>11s}")
+            elif c == "n":
+                cells.append(f"{v:>11d}")
+            elif c.endswith("_ms"):
+                cells.append(f"{v:>11.1f}")
+            else:
+                cells.append(f"{100 * v:>10.1f}%")
+        lines.append(f"{g:12s}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def load_items(path):
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                ex = json.loads(line)
+                ex["tools"] = wire.normalize_tools(ex["tools"])
+                assert isinstance(ex["request"], str) and isinstance(ex["calls"], list)
+            except (json.JSONDecodeError, KeyError, AssertionError, wire.ToolError) as e:
+                raise ValueError(f"{path}:{n}: not a test item ({type(e).__name__}: {e})") from None
+            items.append(ex)
+    return items
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default="out/demo/best.pt")
+    p.add_argument("--data_dir", default=None, help="default: the checkpoint's")
+    p.add_argument("--test_file", default=None, help="default: <data_dir>/test.jsonl")
+    p.add_argument("--limit", type=int, default=0, help="score only the first N items")
+    p.add_argument("--out", default=None, help="result JSON (default: next to the checkpoint)")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+
+    def die(msg):
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+    try:
+        router = Router(args.ckpt, args.data_dir, args.device)
+    except CheckpointError as e:
+        die(str(e))
+    data_dir = args.data_dir or router.ckpt["data_dir"]
+    test_file = args.test_file or os.path.join(data_dir, "test.jsonl")
+    if not os.path.isfile(test_file):
+        die(f"{test_file}: no such test file")
+    try:
+        items = load_items(test_file)
+    except ValueError as e:
+        die(str(e))
+    if args.limit:
+        items = items[:args.limit]
+    if not items:
+        die(f"{test_file}: no items")
+
+    rows, preds = [], []
+    for ex in tqdm(items, desc="eval", unit="item"):
+        try:
+            pred = router.answer(ex["tools"], ex["request"])
+        except ValueError as e:   # prompt longer than the context: counted, not truncated
+            pred = {"calls": [], "reason": None, "valid": False, "error": f"unparseable: {e}",
+                    "text": "", "tokens": 0, "latency_ms": 0.0}
+        out = score_item(pred, ex["calls"])
+        rows.append((ex, out, pred["latency_ms"]))
+        preds.append({"request": ex["request"], "gold": ex["calls"], "gold_reason": ex.get("reason"),
+                      "pred": pred["calls"], "pred_reason": pred["reason"], "text": pred["text"],
+                      "error": pred["error"], "exact": out["exact"], "split": ex.get("split"),
+                      "kind": ex.get("kind")})
+
+    groups = {}
+    for g, keep in GROUPS.items():
+        sel = [r for r in rows if keep(r[0])]
+        if sel:
+            groups[g] = summarize(sel)
+    print(f"\n{args.ckpt} on {test_file} ({len(items)} items)\n")
+    print(format_table(groups))
+
+    out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".",
+                                   f"eval_{os.path.splitext(os.path.basename(test_file))[0]}.json")
+    result = {"ckpt": args.ckpt, "test_file": test_file, "n_items": len(items), "groups": groups}
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.splitext(out)[0] + "_predictions.jsonl", "w", encoding="utf-8") as f:
+        for r in preds:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    print(f"\nwrote {out} and {os.path.splitext(out)[0]}_predictions.jsonl")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""
+A small decoder-only transformer, written out by hand.
+
+    x = embed(tokens)
+    for each block:  x = x + attn(rmsnorm(x));  x = x + mlp(rmsnorm(x))
+    logits = rmsnorm(x) @ embed.T            (tied input/output embeddings)
+
+Positions come from rotary embeddings (RoPE, Su et al. 2021) applied to queries
+and keys, so there is no learned position table and the cache stores rotated keys.
+Normalisation is RMSNorm (Zhang & Sennrich 2019), pre-norm as in GPT-2/LLaMA.
+
+Presets (parameter counts at the default vocab of 4096, printed on creation):
+    tiny  ~1.3M   4 layers, d=128   tests and the CPU demo (minutes)
+    small ~5.0M   6 layers, d=256   the laptop model (tens of minutes)
+    26m   ~25.2M  8 layers, d=512   the reference size (GPU, or hours on CPU)
+
+Also here: a KV cache for generation, and the one checkpoint save/load helper.
+"""
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass, asdict, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 4096    # read from the data dir's meta.json, never guessed
+    block_size: int = 512     # longest sequence (prompt + answer) the model sees
+    n_layer: int = 4          # transformer blocks
+    n_head: int = 4           # attention heads; head size = n_embd // n_head
+    n_embd: int = 128         # residual stream width
+    n_hidden: int = 512       # MLP hidden width
+    dropout: float = 0.0      # dropout on attention weights and residual branches
+    rope_theta: float = 10000.0  # RoPE base frequency
+    attn_impl: str = "sdpa"   # "sdpa" (fused kernel) or "explicit" (written out below)
+
+
+PRESETS = {
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, n_hidden=512, block_size=512),
+    "small": dict(n_layer=6, n_head=4, n_embd=256, n_hidden=768, block_size=512),
+    "26m": dict(n_layer=8, n_head=8, n_embd=512, n_hidden=1792, block_size=1024),
+}
+
+
+def config_from_preset(preset, **overrides):
+    """Preset values, then any override that is not None."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    kw = dict(PRESETS[preset])
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    return GPTConfig(**kw)
+
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight; no mean subtraction and no bias, cheaper than LayerNorm."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # compute the statistic in float32 even under bf16/fp16 autocast
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_tables(head_dim, max_len, theta):
+    """cos/sin tables of shape (max_len, head_dim/2) for rotary embeddings."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    t = torch.arange(max_len, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)            # (T, hs/2): angle for position t, pair i
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each (even, odd) pair of x's last dim by its position's angle.
+    x: (B, nh, T, hs); cos, sin: (T, hs/2)."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    y1 = x1 * cos - x2 * sin
+    y2 = x1 * sin + x2 * cos
+    return torch.stack((y1, y2), dim=-1).flatten(-2).type_as(x)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated to
+    max_len so decoding appends in place. pos = number of cached positions."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype=torch.float32):
+        hs = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+
+    def clone(self):
+        """An independent copy (used to keep a cached prompt prefix for reuse)."""
+        other = KVCache.__new__(KVCache)
+        other.k, other.v = self.k.clone(), self.v.clone()
+        other.max_len, other.pos = self.max_len, self.pos
+        return other
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.n_head = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.dropout = config.dropout
+        self.attn_impl = config.attn_impl
+
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        B, T, C = x.size()
+        q, k, v = self.qkv(x).split(C, dim=2)
+        # (B, T, C) -> (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        start = 0
+        if cache is not None:
+            # append this chunk's keys/values, then attend over everything cached
+            start = cache.pos
+            cache.k[layer, :B, :, start:start + T] = k
+            cache.v[layer, :B, :, start:start + T] = v
+            k = cache.k[layer, :B, :, :start + T]   # (B, nh, start+T, hs)
+            v = cache.v[layer, :B, :, :start + T]
+        S = k.size(2)  # number of key positions
+        p = self.dropout if self.training else 0.0
+
+        if self.attn_impl == "explicit":
+            # query i sits at absolute position start+i and may see keys 0..start+i
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T, S)
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            att = att.masked_fill(~mask, float("-inf"))
+            att = F.softmax(att.float(), dim=-1).type_as(q)
+            att = F.dropout(att, p=p, training=self.training)
+            y = att @ v                                  # (B, nh, T, hs)
+        else:
+            if start == 0:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            elif T == 1:
+                # one new token attends to every cached position: no mask needed
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+            else:
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads
+        return F.dropout(self.proj(y), p=p, training=self.training)
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, config.n_hidden, bias=False)
+        self.proj = nn.Linear(config.n_hidden, config.n_embd, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x):
+        x = self.proj(F.gelu(self.fc(x)))
+        return F.dropout(x, p=self.dropout, training=self.training)
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.norm1 = RMSNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.norm2 = RMSNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        x = x + self.attn(self.norm1(x), cos, sin, cache, layer)
+        x = x + self.mlp(self.norm2(x))
+        return x
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.norm = RMSNorm(config.n_embd)
+        cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
+        # buffers, not parameters: they move with .to(device) but are not trained or saved
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    def init_weights(self):
+        """All initialisation in one place: N(0, 0.02) everywhere, with the output
+        projections of each residual branch scaled down by 1/sqrt(2 * n_layer) so the
+        residual stream's variance does not grow with depth (GPT-2)."""
+        for name, p in self.named_parameters():
+            if name.endswith("weight") and p.dim() == 2:
+                std = 0.02
+                if name.endswith("proj.weight"):
+                    std /= math.sqrt(2 * self.config.n_layer)
+                nn.init.normal_(p, mean=0.0, std=std)
+            elif "norm" in name:
+                nn.init.ones_(p)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, cache=None):
+        """idx: (B, T) token ids -> logits (B, T, vocab) in float32.
+        With a cache, idx continues the cached sequence at position cache.pos."""
+        B, T = idx.size()
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        cos = self.rope_cos[start:start + T]
+        sin = self.rope_sin[start:start + T]
+        x = self.embed(idx)                           # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, i)
+        x = self.norm(x)
+        if cache is not None:
+            cache.pos = start + T
+        # tied output head; logits in float32 before any softmax / loss
+        return F.linear(x, self.embed.weight).float()
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+class CheckpointError(RuntimeError):
+    """A checkpoint we cannot use; the message says why."""
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(ckpt, path):
+    """Write atomically: a crash mid-write leaves the previous file intact."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu", tokenizer_sha256=None):
+    """Load a checkpoint -> (model in eval mode, checkpoint dict).
+
+    If tokenizer_sha256 is given, the checkpoint must have been trained with
+    that exact tokenizer: token ids mean nothing under a different one."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, ...
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise CheckpointError(f"{path}: not a nanotool checkpoint (no model / model_config)")
+    if tokenizer_sha256 is not None:
+        check_tokenizer(ckpt, tokenizer_sha256, path)
+    known = {f.name for f in fields(GPTConfig)}
+    config = GPTConfig(**{k: v for k, v in ckpt["model_config"].items() if k in known})
+    model = GPT(config)
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    return model, ckpt
+
+
+def check_tokenizer(ckpt, tokenizer_sha256, path="checkpoint"):
+    """Token ids mean nothing under a different tokenizer: refuse the mismatch."""
+    if ckpt.get("tokenizer_sha256") != tokenizer_sha256:
+        raise CheckpointError(
+            f"{path}: trained with a different tokenizer than the one given "
+            f"(checkpoint {str(ckpt.get('tokenizer_sha256'))[:12]}, data {tokenizer_sha256[:12]}); "
+            "use the data dir it was trained on")
+
+
+def config_dict(config):
+    return asdict(config)

@@ -1,0 +1,288 @@
+"""
+The offline synthetic generator behind data.py: tool catalogue + value pools ->
+(tools, request, gold answer) examples. No network, no teacher: the gold answer
+is known by construction because we fill the request template ourselves.
+
+assets/catalogue.json holds hand-written tools, each with request templates whose
+{placeholders} name the tool's parameters and a value KIND per parameter;
+assets/values.json holds the word pools the kinds draw from. Thousands of
+distinct values (names, cities, ids, free text) make copying from the request the
+only way to fit the data; a small model memorises a handful of values instead.
+
+Example kinds (shares are the defaults of make_example):
+    single     one call of the target tool                         ~70%
+    multi      2-3 calls in one request, same or different tools   ~15%
+    chitchat / info / missing / notool    no call, with a reason   ~15%
+"""
+
+import json
+import random
+import re
+
+from wire import (REASON_CHITCHAT, REASON_INFO, REASON_MISSING, REASON_NO_TOOL,
+                  normalize_tool)
+
+PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August",
+          "September", "October", "November", "December"]
+KIND_SHARES = {"single": 0.70, "multi": 0.15, "chitchat": 0.03, "info": 0.03,
+               "missing": 0.05, "notool": 0.04}
+
+
+class CatalogueError(ValueError):
+    pass
+
+
+def load_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_catalogue(path):
+    """-> list of entries: {domain, tool (bare wire form), slots, requests, missing}."""
+    data = load_json(path)
+    entries = []
+    for i, t in enumerate(data["tools"]):
+        tool = normalize_tool({k: t[k] for k in ("name", "description", "parameters")}, i)
+        props = tool["parameters"]["properties"]
+        missing_slots = set(props) - set(t.get("slots", {}))
+        if missing_slots:
+            raise CatalogueError(f"tool '{tool['name']}': no slot kind for {sorted(missing_slots)}")
+        entries.append({"domain": t["domain"], "tool": tool, "slots": t["slots"],
+                        "requests": t["requests"], "missing": t.get("missing", {})})
+    return entries
+
+
+# -----------------------------------------------------------------------------
+# values: kind -> (text inserted in the request, value in the call)
+
+class ValueMaker:
+
+    def __init__(self, pools):
+        self.p = pools
+
+    def make(self, kind, rng, prop):
+        p, c = self.p, rng.choice
+        if kind == "enum":
+            v = c(prop["enum"])
+            return str(v), v
+        if kind.startswith("int:"):
+            lo, hi = map(int, kind.split(":")[1:])
+            v = rng.randint(lo, hi)
+            return str(v), v
+        if kind.startswith("number:"):
+            lo, hi = map(float, kind.split(":")[1:])
+            v = round(rng.uniform(lo, hi), rng.choice([0, 1, 2]))
+            v = int(v) if v == int(v) else v
+            return str(v), v
+        if kind == "amount":
+            v = rng.choice([rng.randint(1, 500), round(rng.uniform(1, 2000), 2)])
+            v = int(v) if v == int(v) else v
+            return (f"{v:.2f}" if isinstance(v, float) else str(v)), v
+        text = self._text(kind, rng, c, p)
+        if prop.get("type") == "array":
+            return text[0], text[1]
+        return text, text
+
+    def _text(self, kind, rng, c, p):
+        if kind == "first_name":
+            return c(p["first_names"])
+        if kind in ("person", "contact"):
+            return c(p["first_names"]) + (" " + c(p["last_names"]) if rng.random() < 0.6 else "")
+        if kind == "email":
+            local = f"{c(p['first_names'])}{c(['.', '_', ''])}{c(p['last_names'])}"
+            local = re.sub(r"[^a-z0-9._]", "", local.lower()) or "user"
+            return f"{local}@{c(p['email_domains'])}"
+        if kind == "phone":
+            d = [str(rng.randint(0, 9)) for _ in range(10)]
+            return c([f"{''.join(d[:3])}-{''.join(d[3:6])}-{''.join(d[6:])}",
+                      f"+1 {''.join(d[:3])} {''.join(d[3:6])} {''.join(d[6:])}",
+                      "".join(d)])
+        if kind == "city":
+            return c(p["cities"])
+        if kind == "country":
+            return c(p["countries"])
+        if kind == "address":
+            return f"{rng.randint(1, 9999)} {c(p['streets'])}"
+        if kind == "place":
+            return c(p["place_names"])
+        if kind == "order_id":
+            return c(["ORD-", "ORD", "#", "A", ""]) + str(rng.randint(1000, 9999999))
+        if kind == "code":
+            alphabet = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+            return "".join(c(alphabet) for _ in range(rng.randint(5, 8)))
+        if kind == "time":
+            h, m = rng.randint(1, 12), c([0, 0, 15, 30, 45, rng.randint(0, 59)])
+            if rng.random() < 0.3:
+                return f"{rng.randint(0, 23):02d}:{m:02d}"
+            ampm = c(["am", "pm", "AM", "PM", "a.m.", "p.m."])
+            return f"{h}:{m:02d} {ampm}" if m or rng.random() < 0.3 else f"{h} {ampm}"
+        if kind == "date":
+            if rng.random() < 0.5:
+                return c(p["dates"])
+            mon, day = c(MONTHS), rng.randint(1, 28)
+            return c([f"{mon} {day}", f"{day} {mon}", f"2026-{MONTHS.index(mon) + 1:02d}-{day:02d}"])
+        if kind == "day":
+            return c(p["days"])
+        if kind in ("song", "album", "playlist", "movie", "podcast"):
+            title = f"{c(p['title_adjectives'])} {c(p['title_nouns'])}"
+            if rng.random() < 0.3:
+                title = c(["The ", "My ", "Our "]) + title
+            return title.title() if rng.random() < 0.8 else title.lower()
+        if kind == "artist":
+            return c(p["artists"])
+        if kind == "currency":
+            return c(p["currencies"])
+        simple = {"message": "messages", "subject": "subjects", "note": "notes",
+                  "query": "queries", "product": "products", "room": "rooms",
+                  "device": "devices", "event": "events", "dish": "dishes",
+                  "ticker": "tickers", "language": "languages", "word": "words"}
+        if kind in simple:
+            return c(p[simple[kind]])
+        if kind == "list_of_product":
+            items = rng.sample(p["products"], rng.randint(1, 3))
+            text = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+            return text, items
+        raise CatalogueError(f"unknown value kind {kind!r}")
+
+
+def fill(template, entry, maker, rng):
+    """A request template -> (request text, arguments). Placeholders take fresh
+    values; object templates may add constant arguments implied by the wording."""
+    if isinstance(template, dict):
+        text, args = template["text"], dict(template.get("args", {}))
+    else:
+        text, args = template, {}
+    props = entry["tool"]["parameters"]["properties"]
+
+    def sub(m):
+        name = m.group(1)
+        shown, value = maker.make(entry["slots"][name], rng, props[name])
+        args[name] = value
+        return shown
+    return PLACEHOLDER.sub(sub, text), args
+
+
+def grounded(request, args):
+    """Every string value (and every list item) must appear in the request text."""
+    low = request.lower()
+    for v in args.values():
+        for item in (v if isinstance(v, list) else [v]):
+            if isinstance(item, str) and item.lower() not in low:
+                return False
+    return True
+
+
+# -----------------------------------------------------------------------------
+# examples
+
+def vary(text, rng):
+    """Light surface variation: case of the first letter, end punctuation."""
+    if rng.random() < 0.2 and text[:1].isupper() and not text.startswith("I "):
+        text = text[0].lower() + text[1:]
+    if rng.random() < 0.15 and text[-1:] in ".?!":
+        text = text[:-1]
+    return text
+
+
+def join_requests(parts, rng):
+    """Two or three requests -> one sentence with connectors."""
+    out = parts[0].rstrip(".!? ")
+    for i, part in enumerate(parts[1:]):
+        last = i == len(parts) - 2
+        if part[:1].isupper() and not part.startswith("I ") and part.split(" ")[0].lower() in COMMON_STARTS:
+            part = part[0].lower() + part[1:]
+        conn = rng.choice([" and ", ", and ", ", then ", ". Also ", " and also ", "; "]) if last \
+            else rng.choice([", ", "; "])
+        out += conn + (part if last else part.rstrip(".!? "))
+    return out
+
+
+COMMON_STARTS = {"set", "send", "text", "play", "what's", "what", "add", "turn", "remind",
+                 "create", "check", "find", "can", "could", "please", "book", "get", "show",
+                 "tell", "make", "start", "email", "schedule", "search", "look", "how",
+                 "where", "is", "put", "cancel", "order", "pay", "transfer", "call", "open",
+                 "wake", "let", "i'd", "i", "give", "delete", "dim", "lock", "unlock"}
+
+
+class Generator:
+    """Makes examples from a catalogue; `tools_allowed` restricts which tools may
+    appear (held-out tools never appear in training, not even as distractors)."""
+
+    def __init__(self, entries, pools, min_tools=1, max_tools=6):
+        self.entries = entries
+        self.by_name = {e["tool"]["name"]: e for e in entries}
+        self.pools = pools
+        self.maker = ValueMaker(pools)
+        self.min_tools, self.max_tools = min_tools, max_tools
+
+    def _toolset(self, rng, targets, allowed, exclude_domains=()):
+        """targets + random distractors, shuffled; 1..max_tools in total."""
+        n = rng.randint(max(self.min_tools, len(targets)), max(self.max_tools, len(targets)))
+        names = {t["tool"]["name"] for t in targets}
+        pool = [e for e in allowed if e["tool"]["name"] not in names and e["domain"] not in exclude_domains]
+        chosen = list(targets) + rng.sample(pool, min(len(pool), n - len(targets)))
+        rng.shuffle(chosen)
+        return [e["tool"] for e in chosen]
+
+    def _call(self, entry, rng):
+        for _ in range(20):
+            request, args = fill(rng.choice(entry["requests"]), entry, self.maker, rng)
+            if grounded(request, args):
+                return request, {"name": entry["tool"]["name"], "arguments": args}
+        raise CatalogueError(f"tool '{entry['tool']['name']}': could not make a grounded request")
+
+    def make(self, rng, kind, targets, allowed):
+        """One example of the given kind. targets: entries the request is about
+        (ignored for chitchat/info); allowed: entries usable as distractors."""
+        if kind == "single":
+            request, call = self._call(targets[0], rng)
+            return self._ex(kind, self._toolset(rng, targets[:1], allowed), vary(request, rng), [call])
+        if kind == "multi":
+            reqs, calls = zip(*(self._call(e, rng) for e in targets))
+            uniq = list({e["tool"]["name"]: e for e in targets}.values())
+            return self._ex(kind, self._toolset(rng, uniq, allowed), join_requests(list(reqs), rng), list(calls))
+        if kind == "chitchat":
+            return self._ex(kind, self._toolset(rng, [], allowed), rng.choice(self.pools["chitchat"]),
+                            [], REASON_CHITCHAT)
+        if kind == "info":
+            # a search tool could answer a general question, so none is offered
+            tools = self._toolset(rng, [], allowed, exclude_domains={"search"})
+            return self._ex(kind, tools, rng.choice(self.pools["info_requests"]), [], REASON_INFO)
+        if kind == "missing":
+            e = targets[0]
+            arg = rng.choice(sorted(e["missing"]))
+            request, _ = fill(rng.choice(e["missing"][arg]), e, self.maker, rng)
+            return self._ex(kind, self._toolset(rng, [e], allowed), vary(request, rng), [],
+                            REASON_MISSING + arg)
+        if kind == "notool":
+            # either an action no catalogue tool does, or a catalogue request whose
+            # tool (and every tool of its domain) is absent from the list
+            if rng.random() < 0.5:
+                tools = self._toolset(rng, [], allowed)
+                return self._ex(kind, tools, rng.choice(self.pools["out_of_scope"]), [], REASON_NO_TOOL)
+            e = targets[0]
+            request, _ = self._call(e, rng)
+            tools = self._toolset(rng, [], allowed, exclude_domains={e["domain"]})
+            return self._ex(kind, tools, vary(request, rng), [], REASON_NO_TOOL)
+        raise ValueError(f"unknown example kind {kind!r}")
+
+    @staticmethod
+    def _ex(kind, tools, request, calls, reason=None):
+        return {"kind": kind, "tools": tools, "request": request, "calls": calls, "reason": reason}
+
+    def sample(self, rng, targets_pool, allowed, shares=KIND_SHARES):
+        """Draw a kind by its share, targets from targets_pool, make the example."""
+        kind = rng.choices(list(shares), weights=list(shares.values()))[0]
+        if kind == "missing":
+            cands = [e for e in targets_pool if e["missing"]]
+            return self.make(rng, kind, [rng.choice(cands)], allowed)
+        if kind == "multi":
+            first = rng.choice(targets_pool)
+            n = rng.choice([2, 2, 2, 3])
+            if rng.random() < 0.3:   # the same tool several times
+                targets = [first] * n
+            else:
+                targets = [first] + rng.sample([e for e in allowed if e is not first], n - 1)
+            return self.make(rng, kind, targets, allowed)
+        return self.make(rng, kind, [rng.choice(targets_pool)], allowed)

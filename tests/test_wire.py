@@ -1,0 +1,106 @@
+import json
+
+import pytest
+
+import wire
+
+TRACK = {"name": "track_order", "description": "Get the status of an order.",
+         "parameters": {"type": "object",
+                        "properties": {"order_id": {"type": "string", "description": "Order number."},
+                                       "carrier": {"type": "string", "enum": ["ups", "fedex"]},
+                                       "count": {"type": "integer"}},
+                        "required": ["order_id"]}}
+OPENAI_FORM = {"type": "function", "function": TRACK}
+
+
+def test_both_tool_forms_normalize_to_the_same_thing():
+    assert wire.normalize_tool(TRACK) == wire.normalize_tool(OPENAI_FORM)
+    assert wire.normalize_tools({"tools": [OPENAI_FORM]}) == [wire.normalize_tool(TRACK)]
+
+
+def test_render_tool_is_compact_and_marks_optional_and_enum():
+    line = wire.render_tool(wire.normalize_tool(TRACK))
+    assert line == ('track_order(order_id: str "Order number.", carrier?: ups|fedex, count?: int) '
+                    'Get the status of an order.')
+    assert len(line) < len(json.dumps(TRACK))
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"description": "x"}, ["tool #0", "name"]),
+    ({"name": "bad name!"}, ["bad name!", "name"]),
+    ({"name": "t", "parameters": {"type": "array"}}, ["'t'", "object"]),
+    ({"name": "t", "parameters": {"type": "object", "properties": {"a": {}}}}, ["'t'", "'a'", "type"]),
+    ({"name": "t", "parameters": {"type": "object", "properties": {"a": {"type": "strng"}}}}, ["'t'", "strng"]),
+    ({"name": "t", "parameters": {"type": "object", "properties": {}, "required": ["z"]}}, ["'t'", "'z'"]),
+    ("not an object", ["tool #0"]),
+])
+def test_malformed_tools_are_rejected_naming_tool_and_problem(bad, words):
+    with pytest.raises(wire.ToolError) as e:
+        wire.normalize_tool(bad)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_duplicate_tool_names_rejected():
+    with pytest.raises(wire.ToolError, match="more than once"):
+        wire.normalize_tools([TRACK, TRACK])
+
+
+def test_load_tools_reports_bad_json_with_position(tmp_path):
+    p = tmp_path / "tools.json"
+    p.write_text('[{"name": "a",}]')
+    with pytest.raises(wire.ToolError, match="not valid JSON.*line 1"):
+        wire.load_tools(str(p))
+    with pytest.raises(wire.ToolError, match="no such file"):
+        wire.load_tools(str(tmp_path / "missing.json"))
+
+
+@pytest.mark.parametrize("calls, reason", [
+    ([{"name": "track_order", "arguments": {"order_id": "ORD-1234"}}], None),
+    ([{"name": "a", "arguments": {"x": "q\"uote, {brace}", "n": 3.5, "b": True, "l": ["x", "y"]}},
+      {"name": "b", "arguments": {}}], None),
+    ([], "missing argument: order_id"),
+    ([], wire.REASON_CHITCHAT),
+])
+def test_answer_round_trip(calls, reason):
+    text = wire.render_answer(calls, reason)
+    assert text.endswith(wire.END)
+    parsed = wire.parse_answer(text)
+    assert parsed["calls"] == calls
+    assert parsed["reason"] == reason
+
+
+@pytest.mark.parametrize("text", ["hello", wire.CALL + "track_order", wire.CALL + '{"a":1}',
+                                  wire.CALL + 'f{"a":', wire.CALL + "f[1]",
+                                  wire.NOCALL + "x" + wire.CALL + "f{}"])
+def test_parse_rejects_malformed_answers(text):
+    with pytest.raises(wire.AnswerError):
+        wire.parse_answer(text)
+
+
+def test_prompt_and_example_layout():
+    tools = [wire.normalize_tool(TRACK)]
+    prompt = wire.render_prompt(tools, "  where is ORD-1?  ")
+    assert prompt.startswith(wire.TOOLS) and prompt.endswith(wire.USER + "where is ORD-1?")
+
+
+def test_validation_accepts_good_and_rejects_each_kind_of_bad_call():
+    tools = {"track_order": wire.normalize_tool(TRACK)}
+    ok = {"name": "track_order", "arguments": {"order_id": "ORD-1", "carrier": "ups", "count": 2}}
+    assert wire.validate_call(ok, tools) is None
+    assert "unknown tool" in wire.validate_call({"name": "nope", "arguments": {}}, tools)
+    assert "required" in wire.validate_call({"name": "track_order", "arguments": {}}, tools)
+    assert "not of type" in wire.validate_call(
+        {"name": "track_order", "arguments": {"order_id": 1234}}, tools)
+    assert "count" in wire.validate_call(
+        {"name": "track_order", "arguments": {"order_id": "a", "count": "two"}}, tools)
+    assert "is not one of" in wire.validate_call(
+        {"name": "track_order", "arguments": {"order_id": "a", "carrier": "dhl"}}, tools)
+    assert "unknown argument" in wire.validate_call(
+        {"name": "track_order", "arguments": {"order_id": "a", "colour": "red"}}, tools)
+
+
+def test_validate_answer_needs_a_reason_for_no_call():
+    tools = [wire.normalize_tool(TRACK)]
+    assert wire.validate_answer({"calls": [], "reason": "no tool fits"}, tools) is None
+    assert wire.validate_answer({"calls": [], "reason": ""}, tools) is not None

@@ -1,0 +1,339 @@
+"""
+Train a tool-calling model from scratch on the token files data.py wrote.
+
+    python train.py                                           # tiny preset on data/demo, CPU, ~8 min
+    python train.py --preset small --max_steps 6000 --out_dir out/small
+    python train.py --resume --out_dir out/demo               # continue exactly where it stopped
+    python train.py --preset 26m --device cuda --batch_size 64   # GPU: bf16 autocast picked automatically
+
+Writes to --out_dir: best.pt (lowest val loss), last.pt (latest, for --resume),
+log.txt (one line per step, and a val line per evaluation).
+
+One explicit loop, top to bottom: sample a batch -> forward -> loss on the answer
+tokens only -> backward (accumulated) -> clip -> AdamW step with the learning
+rate for this step. The learning rate and the batch are pure functions of the
+step number, so --resume continues exactly as if never stopped.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model import GPT, PRESETS, config_from_preset, config_dict, load_checkpoint, save_checkpoint, CheckpointError
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", default="data/demo")
+    p.add_argument("--out_dir", default="out/demo")
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    # model overrides (None = take the preset's value)
+    p.add_argument("--n_layer", type=int)
+    p.add_argument("--n_head", type=int)
+    p.add_argument("--n_embd", type=int)
+    p.add_argument("--n_hidden", type=int)
+    p.add_argument("--block_size", type=int)
+    p.add_argument("--dropout", type=float)
+    # optimisation
+    p.add_argument("--batch_size", type=int, default=32, help="examples per micro-batch")
+    p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--max_steps", type=int, default=3000)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--min_lr", type=float, default=3e-4, help="learning rate at the end of the cosine")
+    p.add_argument("--warmup_steps", type=int, default=100)
+    p.add_argument("--weight_decay", type=float, default=0.1)
+    p.add_argument("--beta2", type=float, default=0.95)
+    p.add_argument("--grad_clip", type=float, default=1.0, help="0 disables clipping")
+    # evaluation, checkpoints, logging
+    p.add_argument("--eval_interval", type=int, default=250)
+    p.add_argument("--eval_batches", type=int, default=10)
+    p.add_argument("--log_interval", type=int, default=10)
+    p.add_argument("--resume", action="store_true", help="continue from out_dir/last.pt")
+    # system
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start)")
+    p.add_argument("--seed", type=int, default=1337)
+    return p.parse_args(argv)
+
+
+def die(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+# -----------------------------------------------------------------------------
+# device and precision
+
+def pick_device(requested):
+    """cuda -> mps -> cpu unless told otherwise; returns (device, reason)."""
+    if requested != "auto":
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            die("--device cuda requested but CUDA is not available")
+        if requested == "mps" and not torch.backends.mps.is_available():
+            die("--device mps requested but MPS is not available")
+        return requested, "requested"
+    if torch.cuda.is_available():
+        return "cuda", "CUDA is available"
+    if torch.backends.mps.is_available():
+        return "mps", "Apple MPS is available"
+    return "cpu", "no GPU found"
+
+
+def pick_dtype(requested, device):
+    """auto: bf16 on CUDA that supports it, fp16 (+GradScaler) on older CUDA,
+    fp32 on CPU and MPS (bf16 matmuls are ~3x slower than fp32 on our CPUs)."""
+    if requested != "auto":
+        return requested, "requested"
+    if device.startswith("cuda"):
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", "CUDA GPU supports bf16"
+        return "float16", "CUDA GPU without bf16: fp16 with a GradScaler"
+    return "float32", f"{device}: reduced precision is slower or unsupported here"
+
+
+def autocast_ctx(device, dtype):
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
+
+
+# -----------------------------------------------------------------------------
+# data
+
+def load_meta(data_dir):
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        die(f"{data_dir}: no meta.json here; run data.py first (python data.py --out_dir {data_dir})")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class Split:
+    """One split's token files, memory-mapped; examples are kept whole."""
+
+    def __init__(self, data_dir, split, block_size):
+        base = os.path.join(data_dir, split)
+        for suffix in (".bin", "_mask.bin", "_idx.npy"):
+            if not os.path.isfile(base + suffix):
+                die(f"{base + suffix}: missing; run data.py --out_dir {data_dir}")
+        self.tokens = np.memmap(base + ".bin", dtype=np.uint16, mode="r")
+        self.mask = np.memmap(base + "_mask.bin", dtype=np.uint8, mode="r")
+        offsets = np.load(base + "_idx.npy")
+        lens = np.diff(offsets)
+        # an example longer than the context cannot be trained on whole: skip it
+        keep = lens <= block_size
+        self.starts, self.lens = offsets[:-1][keep], lens[keep]
+        self.n_dropped = int((~keep).sum())
+        if len(self.starts) == 0:
+            die(f"{base}: no example fits block_size {block_size}")
+
+    def __len__(self):
+        return len(self.starts)
+
+    def batch(self, idx, pad_id):
+        """Examples idx -> x, y, m of shape (B, L), right-padded to the longest.
+        y is x shifted by one; m is 1 where y is an answer token. Right padding
+        needs no attention mask: under the causal mask no real token sees a pad."""
+        L = int(self.lens[idx].max()) - 1
+        x = np.full((len(idx), L), pad_id, dtype=np.int64)
+        y = np.full((len(idx), L), pad_id, dtype=np.int64)
+        m = np.zeros((len(idx), L), dtype=np.float32)
+        for r, i in enumerate(idx):
+            s, n = self.starts[i], self.lens[i]
+            x[r, :n - 1] = self.tokens[s:s + n - 1]
+            y[r, :n - 1] = self.tokens[s + 1:s + n]
+            m[r, :n - 1] = self.mask[s + 1:s + n]
+        return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(m)
+
+
+def batch_indices(seed, step, micro, n, batch_size):
+    """Which examples go into a micro-batch: a pure function of (seed, step, micro)."""
+    return np.random.default_rng([seed, step, micro]).integers(0, n, batch_size)
+
+
+def masked_ce(logits, y, m):
+    """Mean cross-entropy over answer tokens only. logits (B, L, V) float32."""
+    loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="none")
+    return (loss * m.view(-1)).sum() / m.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def evaluate_loss(model, split, args, pad_id, device, ctx):
+    """Answer-token loss over a fixed set of batches (the same every time)."""
+    model.eval()
+    total, count = 0.0, 0.0
+    for i in range(args.eval_batches):
+        idx = batch_indices(args.seed + 1, i, 0, len(split), args.batch_size)
+        x, y, m = (t.to(device) for t in split.batch(idx, pad_id))
+        with ctx:
+            logits = model(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="none")
+        total += (loss * m.view(-1)).sum().item()
+        count += m.sum().item()
+    model.train()
+    return total / max(count, 1)
+
+
+def get_lr(step, args):
+    """Linear warmup, then cosine decay to min_lr at max_steps."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
+    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
+
+
+def make_optimizer(model, args, device):
+    """AdamW; weight decay on matrices only (not norms). Fused kernel on CUDA."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.startswith("cuda")
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=fused)
+
+
+class Logger:
+    """Prints a line and appends it to out_dir/log.txt."""
+
+    def __init__(self, out_dir):
+        self.path = os.path.join(out_dir, "log.txt")
+
+    def __call__(self, line):
+        print(line, flush=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    meta = load_meta(args.data_dir)
+    device, device_why = pick_device(args.device)
+    dtype, dtype_why = pick_dtype(args.dtype, device)
+    torch.manual_seed(args.seed)
+    os.makedirs(args.out_dir, exist_ok=True)
+    log = Logger(args.out_dir)
+    pad_id = meta["special_tokens"]["<|pad|>"]
+
+    config = config_from_preset(args.preset, vocab_size=meta["vocab_size"], n_layer=args.n_layer,
+                                n_head=args.n_head, n_embd=args.n_embd, n_hidden=args.n_hidden,
+                                block_size=args.block_size, dropout=args.dropout)
+    last_path = os.path.join(args.out_dir, "last.pt")
+    step, best_val, ckpt = 0, float("inf"), None
+    if args.resume:
+        try:
+            _, ckpt = load_checkpoint(last_path, "cpu", meta["tokenizer_sha256"])
+        except CheckpointError as e:
+            die(str(e))
+        if ckpt["model_config"] != config_dict(config):
+            die(f"{last_path}: model config differs from the one asked for now; "
+                "resume with the same --preset and overrides")
+        step, best_val = ckpt["step"], ckpt["best_val"]
+
+    model = GPT(config)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    model.to(device)
+    optimizer = make_optimizer(model, args, device)
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=(dtype == "float16"))
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+    fwd = torch.compile(model) if args.compile else model   # the uncompiled one is saved
+    ctx = autocast_ctx(device, dtype)
+
+    train = Split(args.data_dir, "train", config.block_size)
+    val = Split(args.data_dir, "val", config.block_size)
+    n_params = model.num_params()
+    print(f"device: {device} ({device_why}); dtype: {dtype} ({dtype_why})")
+    print(f"model: {args.preset}, {n_params / 1e6:.2f}M parameters, {json.dumps(config_dict(config))}")
+    print(f"data: {args.data_dir}: {len(train)} train / {len(val)} val examples"
+          + (f" ({train.n_dropped} longer than block_size skipped)" if train.n_dropped else ""))
+    print(f"config: {json.dumps(vars(args))}")
+    if step:
+        log(f"resumed from {last_path} at step {step}")
+    else:
+        open(log.path, "w").close()   # a fresh run starts a fresh log (best/last are replaced too)
+
+    def checkpoint(path):
+        save_checkpoint({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "model_config": config_dict(config),
+            "step": step, "best_val": best_val, "args": vars(args),
+            "data_dir": args.data_dir,
+            "tokenizer_sha256": meta["tokenizer_sha256"], "vocab_size": meta["vocab_size"],
+        }, path)
+
+    model.train()
+    t0 = time.time()
+    tokens_since, steps_since = 0, 0
+    try:
+        while step < args.max_steps:
+            if step % args.eval_interval == 0 and step > 0:
+                val_loss = evaluate_loss(fwd, val, args, pad_id, device, ctx)
+                if val_loss < best_val:
+                    best_val = val_loss
+                    checkpoint(os.path.join(args.out_dir, "best.pt"))
+                checkpoint(last_path)
+                log(f"val step {step} | val_loss {val_loss:.4f} | best {best_val:.4f}")
+
+            lr = get_lr(step, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # accumulate gradients over micro-batches; each loss is divided so the
+            # sum is the mean over the whole batch
+            loss_sum = 0.0
+            for micro in range(args.grad_accum):
+                idx = batch_indices(args.seed, step, micro, len(train), args.batch_size)
+                x, y, m = (t.to(device, non_blocking=True) for t in train.batch(idx, pad_id))
+                with ctx:
+                    logits = fwd(x)
+                loss = masked_ce(logits, y, m) / args.grad_accum
+                scaler.scale(loss).backward()
+                loss_sum += loss.item()
+                tokens_since += x.numel()
+            if args.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            steps_since += 1
+
+            if step % args.log_interval == 0 or step == args.max_steps:
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                dt = time.time() - t0
+                tps = tokens_since / dt
+                # ~6 FLOPs per parameter per token for forward + backward
+                gflops = 6 * n_params * tps / 1e9
+                log(f"step {step} | loss {loss_sum:.4f} | lr {lr:.2e} | "
+                    f"dt {1000 * dt / steps_since:.0f}ms | tok/s {tps:,.0f} | {gflops:.1f} GFLOP/s")
+                t0, tokens_since, steps_since = time.time(), 0, 0
+    except KeyboardInterrupt:
+        checkpoint(last_path)
+        log(f"interrupted at step {step}; saved {last_path} (continue with --resume)")
+        sys.exit(130)
+
+    val_loss = evaluate_loss(fwd, val, args, pad_id, device, ctx)
+    if val_loss < best_val:
+        best_val = val_loss
+        checkpoint(os.path.join(args.out_dir, "best.pt"))
+    checkpoint(last_path)
+    log(f"val step {step} | val_loss {val_loss:.4f} | best {best_val:.4f}")
+    print(f"done: {args.out_dir}/best.pt (val loss {best_val:.4f}), {args.out_dir}/last.pt")
+
+
+if __name__ == "__main__":
+    main()

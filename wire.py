@@ -1,0 +1,279 @@
+"""
+The wire format: how tools, a request and an answer become text, and back.
+
+Every script imports this module rather than re-implementing any of it, so the
+text the model is trained on is byte-for-byte the text it sees at inference.
+
+An example is rendered as
+
+    <|tools|>{one line per tool}<|user|>{request}<|call|>name{"k":"v"}<|call|>...<|end|>
+
+or, when no tool should be called,
+
+    <|tools|>...<|user|>{request}<|nocall|>missing argument: order_id<|end|>
+
+The prompt is everything up to and including the request; the answer starts at
+the first <|call|> / <|nocall|> token (the model's first decision) and runs to
+<|end|>. Loss is computed on the answer only.
+
+A tool is rendered on one compact line, close to a function signature:
+
+    track_order(order_id: str "Order number.", carrier?: ups|fedex) Get the status of an order.
+
+`?` marks an optional argument; an enum is written as its values joined by `|`.
+This costs roughly half the tokens of the JSON schema it stands for.
+"""
+
+import json
+import re
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+
+# -----------------------------------------------------------------------------
+# special tokens (registered in sentencepiece as user-defined symbols, so each
+# is exactly one token id)
+
+TOOLS = "<|tools|>"
+USER = "<|user|>"
+CALL = "<|call|>"
+NOCALL = "<|nocall|>"
+END = "<|end|>"
+PAD = "<|pad|>"
+SPECIAL_TOKENS = [TOOLS, USER, CALL, NOCALL, END, PAD]
+
+# The reasons a no-call answer carries, so a caller can tell "ask the user for
+# the order id" from "decline". MISSING is followed by the argument's name.
+REASON_CHITCHAT = "chit-chat"
+REASON_INFO = "information request"
+REASON_NO_TOOL = "no tool fits"
+REASON_MISSING = "missing argument: "
+
+NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
+JSON_TYPES = {"string", "integer", "number", "boolean", "array", "object", "null"}
+SHORT_TYPE = {"string": "str", "integer": "int", "number": "num", "boolean": "bool",
+              "array": "list", "object": "obj", "null": "null"}
+
+
+class ToolError(ValueError):
+    """A tool definition we cannot use; the message names the tool and the problem."""
+
+
+class AnswerError(ValueError):
+    """Model output that does not parse as an answer."""
+
+
+# -----------------------------------------------------------------------------
+# tools in: normalize, check, render
+
+def normalize_tool(tool, index=0):
+    """Accept an OpenAI function definition or the bare {name, description,
+    parameters} form; return the bare form with the schema checked."""
+    where = f"tool #{index}"
+    if not isinstance(tool, dict):
+        raise ToolError(f"{where}: expected a JSON object, got {type(tool).__name__}")
+    if tool.get("type") == "function" or "function" in tool:
+        fn = tool.get("function")
+        if not isinstance(fn, dict):
+            raise ToolError(f"{where}: 'function' must be an object with name, description, parameters")
+        tool = fn
+    name = tool.get("name")
+    if not isinstance(name, str) or not name:
+        raise ToolError(f"{where}: missing 'name'")
+    if not NAME_RE.match(name):
+        raise ToolError(f"tool '{name}': name must be 1-64 characters of letters, digits, _ . -")
+    where = f"tool '{name}'"
+    desc = tool.get("description", "")
+    if not isinstance(desc, str):
+        raise ToolError(f"{where}: 'description' must be a string")
+    params = tool.get("parameters", {"type": "object", "properties": {}})
+    if not isinstance(params, dict):
+        raise ToolError(f"{where}: 'parameters' must be a JSON Schema object")
+    if params.get("type", "object") != "object":
+        raise ToolError(f"{where}: parameters.type must be 'object', got {params.get('type')!r}")
+    props = params.get("properties", {})
+    if not isinstance(props, dict):
+        raise ToolError(f"{where}: parameters.properties must be an object")
+    for pname, p in props.items():
+        if not isinstance(p, dict):
+            raise ToolError(f"{where}: parameter '{pname}' must be an object")
+        if "type" not in p and "enum" not in p:
+            raise ToolError(f"{where}: parameter '{pname}' has no 'type' (or 'enum')")
+        ptypes = p.get("type", [])
+        for t in ptypes if isinstance(ptypes, list) else [ptypes]:
+            if t not in JSON_TYPES:
+                raise ToolError(f"{where}: parameter '{pname}' has unknown type {t!r}")
+        if "enum" in p and (not isinstance(p["enum"], list) or not p["enum"]):
+            raise ToolError(f"{where}: parameter '{pname}' has an empty or non-list 'enum'")
+    required = params.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+        raise ToolError(f"{where}: parameters.required must be a list of names")
+    for r in required:
+        if r not in props:
+            raise ToolError(f"{where}: required argument '{r}' is not among its properties")
+    schema = {"type": "object", "properties": props, "required": required}
+    for key in ("additionalProperties",):
+        if key in params:
+            schema[key] = params[key]
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as e:
+        raise ToolError(f"{where}: invalid JSON Schema: {e.message}") from None
+    return {"name": name, "description": desc.strip(), "parameters": schema}
+
+
+def normalize_tools(tools):
+    """A list of tools in either form (or {"tools": [...]}) -> list of bare tools."""
+    if isinstance(tools, dict) and "tools" in tools:
+        tools = tools["tools"]
+    if not isinstance(tools, list):
+        raise ToolError("tools must be a JSON list of tool definitions")
+    out = [normalize_tool(t, i) for i, t in enumerate(tools)]
+    names = [t["name"] for t in out]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ToolError(f"tool '{sorted(dup)[0]}': defined more than once")
+    return out
+
+
+def load_tools(path):
+    """Read a tools JSON file; raises ToolError with a readable message."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ToolError(f"{path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise ToolError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    return normalize_tools(data)
+
+
+def _render_type(p):
+    if "enum" in p:
+        return "|".join(json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else v
+                        for v in p["enum"])
+    t = p.get("type")
+    if isinstance(t, list):
+        return "|".join(SHORT_TYPE.get(x, x) for x in t)
+    if t == "array":
+        items = p.get("items", {})
+        inner = _render_type(items) if isinstance(items, dict) and items else "any"
+        return f"list[{inner}]"
+    return SHORT_TYPE.get(t, str(t))
+
+
+def render_tool(tool):
+    """One tool (bare form) -> one compact line."""
+    params = tool["parameters"]
+    required = set(params.get("required", []))
+    args = []
+    for pname, p in params.get("properties", {}).items():
+        s = f"{pname}{'' if pname in required else '?'}: {_render_type(p)}"
+        if "default" in p:
+            s += f"={json.dumps(p['default'], ensure_ascii=False)}"
+        if p.get("description"):
+            s += f' "{p["description"].strip()}"'
+        args.append(s)
+    line = f"{tool['name']}({', '.join(args)})"
+    if tool.get("description"):
+        line += " " + tool["description"]
+    return line.replace("\n", " ")
+
+
+def render_tools(tools):
+    return "\n".join(render_tool(t) for t in tools)
+
+
+# -----------------------------------------------------------------------------
+# examples: prompt + answer text
+
+def render_prompt(tools, request):
+    """The model's input: tools and request, ending right before the answer."""
+    return f"{TOOLS}{render_tools(tools)}{USER}{request.strip()}"
+
+
+def render_call(call):
+    args = json.dumps(call.get("arguments", {}), ensure_ascii=False, separators=(",", ":"))
+    return f"{CALL}{call['name']}{args}"
+
+
+def render_answer(calls, reason=None):
+    """calls: list of {name, arguments}. An empty list needs a no-call reason."""
+    if calls:
+        return "".join(render_call(c) for c in calls) + END
+    return f"{NOCALL}{reason or REASON_NO_TOOL}{END}"
+
+
+def parse_answer(text):
+    """Answer text (from the first <|call|>/<|nocall|> on, <|end|> optional)
+    -> {"calls": [...], "reason": str|None}. Raises AnswerError."""
+    text = text.split(END, 1)[0].strip()
+    if text.startswith(NOCALL):
+        reason = text[len(NOCALL):].strip()
+        if CALL in reason:
+            raise AnswerError("no-call answer contains a call")
+        return {"calls": [], "reason": reason}
+    if not text.startswith(CALL):
+        raise AnswerError("answer starts with neither <|call|> nor <|nocall|>")
+    calls = []
+    for seg in text.split(CALL)[1:]:
+        brace = seg.find("{")
+        if brace <= 0:
+            raise AnswerError(f"call without a name or arguments: {seg[:40]!r}")
+        name = seg[:brace].strip()
+        try:
+            args = json.loads(seg[brace:])
+        except json.JSONDecodeError as e:
+            raise AnswerError(f"arguments of {name} are not valid JSON: {e.msg}") from None
+        if not isinstance(args, dict):
+            raise AnswerError(f"arguments of {name} are not a JSON object")
+        calls.append({"name": name, "arguments": args})
+    return {"calls": calls, "reason": None}
+
+
+def reason_kind(reason):
+    """Collapse a no-call reason to one of: chit-chat, information request,
+    missing argument, no tool fits, other."""
+    if reason is None:
+        return None
+    if reason.startswith(REASON_MISSING):
+        return "missing argument"
+    if reason in (REASON_CHITCHAT, REASON_INFO, REASON_NO_TOOL):
+        return reason
+    return "other"
+
+
+# -----------------------------------------------------------------------------
+# validation
+
+def validate_call(call, tools_by_name):
+    """Return None if the call names a catalogue tool and its arguments validate,
+    else a short string saying what is wrong."""
+    tool = tools_by_name.get(call.get("name"))
+    if tool is None:
+        return f"unknown tool {call.get('name')!r}"
+    schema = tool["parameters"]
+    args = call.get("arguments", {})
+    # Arguments the schema does not declare are hallucinated unless the schema
+    # explicitly allows extra properties.
+    if schema.get("additionalProperties", False) is False:
+        extra = set(args) - set(schema.get("properties", {}))
+        if extra:
+            return f"{tool['name']}: unknown argument {sorted(extra)[0]!r}"
+    err = next(iter(Draft202012Validator(schema).iter_errors(args)), None)
+    if err is not None:
+        path = ".".join(str(p) for p in err.absolute_path)
+        return f"{tool['name']}: {path + ': ' if path else ''}{err.message}"
+    return None
+
+
+def validate_answer(answer, tools):
+    """None if the whole parsed answer is valid against the tools, else the first problem."""
+    by_name = {t["name"]: t for t in tools}
+    for c in answer["calls"]:
+        err = validate_call(c, by_name)
+        if err:
+            return err
+    if not answer["calls"] and not answer.get("reason"):
+        return "no-call answer without a reason"
+    return None
