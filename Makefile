@@ -28,7 +28,7 @@ eval: venv
 	$(PY) eval.py --ckpt $(OUT)/best.pt
 
 sample: venv
-	$(PY) sample.py --ckpt $(OUT)/best.pt --tools $(DATA)/tools.json "Where's my order ORD-1234?"
+	$(PY) sample.py --ckpt $(OUT)/best.pt --tools examples/tools.json "Where's my order ORD-1234?"
 
 demo: venv
 	$(MAKE) data train eval sample

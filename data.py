@@ -70,10 +70,12 @@ def choose_heldout(entries, n, rng):
     return held
 
 
-def generate(gen, rng, n, targets_pool, allowed, seen_requests, desc, split):
-    """n examples whose requests are not in seen_requests (exact-duplicate removal
-    across and within splits)."""
-    out = []
+def generate(gen, rng, n, targets_pool, allowed, reserved, desc, split):
+    """n distinct examples. Exact duplicates (same request, same tools) are removed
+    within the split, and no request may repeat one in `reserved` (the requests of
+    the splits made before: test, then val), so test requests never reach training.
+    The split's own requests are added to `reserved` at the end."""
+    out, seen, mine = [], set(), set()
     bar = tqdm(total=n, desc=desc, unit="ex", leave=False, disable=n < 2000)
     tries = 0
     while len(out) < n:
@@ -81,14 +83,17 @@ def generate(gen, rng, n, targets_pool, allowed, seen_requests, desc, split):
         if tries > 20 * n + 1000:
             die(f"could only make {len(out)} distinct {desc} examples; lower the count")
         ex = gen.sample(rng, targets_pool, allowed)
-        key = ex["request"].lower()
-        if key in seen_requests:
+        req = ex["request"].lower()
+        key = (req, tuple(sorted(t["name"] for t in ex["tools"])))
+        if req in reserved or key in seen:
             continue
-        seen_requests.add(key)
+        seen.add(key)
+        mine.add(req)
         ex["split"] = split
         out.append(ex)
         bar.update(1)
     bar.close()
+    reserved |= mine
     return out
 
 
@@ -179,12 +184,12 @@ def main(argv=None):
 
     # Test examples are made first and their requests reserved, so no training
     # request repeats a test request word for word.
-    used = set()
+    reserved = set()
     splits = {}
-    splits["test"] = (generate(gen, rng, args.n_test, seen, seen, used, "test (seen)", "seen")
-                      + generate(gen, rng, args.n_test_unseen, held, entries, used, "test (unseen)", "unseen"))
-    splits["val"] = generate(gen, rng, args.n_val, seen, seen, used, "val", "seen")
-    splits["train"] = generate(gen, rng, args.n_train, seen, seen, used, "train", "seen")
+    splits["test"] = (generate(gen, rng, args.n_test, seen, seen, reserved, "test (seen)", "seen")
+                      + generate(gen, rng, args.n_test_unseen, held, entries, reserved, "test (unseen)", "unseen"))
+    splits["val"] = generate(gen, rng, args.n_val, seen, seen, reserved, "val", "seen")
+    splits["train"] = generate(gen, rng, args.n_train, seen, seen, reserved, "train", "seen")
 
     print(f"training tokenizer (BPE, vocab {args.vocab_size}) ...")
     sp = train_tokenizer(splits["train"], [e["tool"] for e in entries], args.vocab_size, args.out_dir)

@@ -159,6 +159,7 @@ def main(argv=None):
     p.add_argument("--test_file", default=None, help="default: <data_dir>/test.jsonl")
     p.add_argument("--limit", type=int, default=0, help="score only the first N items")
     p.add_argument("--out", default=None, help="result JSON (default: next to the checkpoint)")
+    p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
 
@@ -186,7 +187,7 @@ def main(argv=None):
     rows, preds = [], []
     for ex in tqdm(items, desc="eval", unit="item"):
         try:
-            pred = router.answer(ex["tools"], ex["request"])
+            pred = router.answer(ex["tools"], ex["request"], args.max_new_tokens)
         except ValueError as e:   # prompt longer than the context: counted, not truncated
             pred = {"calls": [], "reason": None, "valid": False, "error": f"unparseable: {e}",
                     "text": "", "tokens": 0, "latency_ms": 0.0}

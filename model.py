@@ -228,6 +228,16 @@ class GPT(nn.Module):
     def forward(self, idx, cache=None):
         """idx: (B, T) token ids -> logits (B, T, vocab) in float32.
         With a cache, idx continues the cached sequence at position cache.pos."""
+        return self.head(self.hidden(idx, cache))
+
+    def head(self, h):
+        """Final hidden states (..., C) -> logits (..., vocab), float32 before any
+        softmax or loss. Training calls it on answer positions only: the vocab
+        projection is a third of a tiny model's compute, and prompt logits are unused."""
+        return F.linear(h, self.embed.weight).float()   # tied with the input embedding
+
+    def hidden(self, idx, cache=None):
+        """idx: (B, T) -> final normalised hidden states (B, T, C)."""
         B, T = idx.size()
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
@@ -237,11 +247,9 @@ class GPT(nn.Module):
         x = self.embed(idx)                           # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache, i)
-        x = self.norm(x)
         if cache is not None:
             cache.pos = start + T
-        # tied output head; logits in float32 before any softmax / loss
-        return F.linear(x, self.embed.weight).float()
+        return self.norm(x)
 
 
 # -----------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from wire import (REASON_CHITCHAT, REASON_INFO, REASON_MISSING, REASON_NO_TOOL,
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August",
           "September", "October", "November", "December"]
-KIND_SHARES = {"single": 0.70, "multi": 0.15, "chitchat": 0.03, "info": 0.03,
+KIND_SHARES = {"single": 0.68, "multi": 0.15, "chitchat": 0.04, "info": 0.04,
                "missing": 0.05, "notool": 0.04}
 
 
@@ -243,12 +243,12 @@ class Generator:
             uniq = list({e["tool"]["name"]: e for e in targets}.values())
             return self._ex(kind, self._toolset(rng, uniq, allowed), join_requests(list(reqs), rng), list(calls))
         if kind == "chitchat":
-            return self._ex(kind, self._toolset(rng, [], allowed), rng.choice(self.pools["chitchat"]),
+            return self._ex(kind, self._toolset(rng, [], allowed), vary(rng.choice(self.pools["chitchat"]), rng),
                             [], REASON_CHITCHAT)
         if kind == "info":
             # a search tool could answer a general question, so none is offered
             tools = self._toolset(rng, [], allowed, exclude_domains={"search"})
-            return self._ex(kind, tools, rng.choice(self.pools["info_requests"]), [], REASON_INFO)
+            return self._ex(kind, tools, vary(rng.choice(self.pools["info_requests"]), rng), [], REASON_INFO)
         if kind == "missing":
             e = targets[0]
             arg = rng.choice(sorted(e["missing"]))

@@ -57,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--eval_batches", type=int, default=10)
     p.add_argument("--log_interval", type=int, default=10)
     p.add_argument("--resume", action="store_true", help="continue from out_dir/last.pt")
+    p.add_argument("--stop_at", type=int, default=0,
+                   help="save and stop after this step, keeping the --max_steps schedule "
+                        "(split a long run into sessions; continue with --resume)")
     # system
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -160,10 +163,13 @@ def batch_indices(seed, step, micro, n, batch_size):
     return np.random.default_rng([seed, step, micro]).integers(0, n, batch_size)
 
 
-def masked_ce(logits, y, m):
-    """Mean cross-entropy over answer tokens only. logits (B, L, V) float32."""
-    loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="none")
-    return (loss * m.view(-1)).sum() / m.sum().clamp(min=1)
+def answer_loss(model, x, y, m, reduction="mean"):
+    """Cross-entropy on answer tokens only (m == 1); the vocab projection runs
+    on those positions alone. x, y, m: (B, L)."""
+    h = model.hidden(x)                       # (B, L, C)
+    sel = m.bool()
+    logits = model.head(h[sel])               # (N_answer, V) float32
+    return F.cross_entropy(logits, y[sel], reduction=reduction)
 
 
 @torch.no_grad()
@@ -175,9 +181,7 @@ def evaluate_loss(model, split, args, pad_id, device, ctx):
         idx = batch_indices(args.seed + 1, i, 0, len(split), args.batch_size)
         x, y, m = (t.to(device) for t in split.batch(idx, pad_id))
         with ctx:
-            logits = model(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="none")
-        total += (loss * m.view(-1)).sum().item()
+            total += answer_loss(model, x, y, m, reduction="sum").item()
         count += m.sum().item()
     model.train()
     return total / max(count, 1)
@@ -249,7 +253,9 @@ def main(argv=None):
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-    fwd = torch.compile(model) if args.compile else model   # the uncompiled one is saved
+    if args.compile:
+        # compile the forward pass in place; state_dict keys stay free of "_orig_mod."
+        model.hidden = torch.compile(model.hidden)
     ctx = autocast_ctx(device, dtype)
 
     train = Split(args.data_dir, "train", config.block_size)
@@ -279,8 +285,12 @@ def main(argv=None):
     tokens_since, steps_since = 0, 0
     try:
         while step < args.max_steps:
+            if args.stop_at and step >= args.stop_at:
+                checkpoint(last_path)
+                log(f"stopped at step {step} (--stop_at); continue with --resume")
+                return
             if step % args.eval_interval == 0 and step > 0:
-                val_loss = evaluate_loss(fwd, val, args, pad_id, device, ctx)
+                val_loss = evaluate_loss(model, val, args, pad_id, device, ctx)
                 if val_loss < best_val:
                     best_val = val_loss
                     checkpoint(os.path.join(args.out_dir, "best.pt"))
@@ -297,8 +307,7 @@ def main(argv=None):
                 idx = batch_indices(args.seed, step, micro, len(train), args.batch_size)
                 x, y, m = (t.to(device, non_blocking=True) for t in train.batch(idx, pad_id))
                 with ctx:
-                    logits = fwd(x)
-                loss = masked_ce(logits, y, m) / args.grad_accum
+                    loss = answer_loss(model, x, y, m) / args.grad_accum
                 scaler.scale(loss).backward()
                 loss_sum += loss.item()
                 tokens_since += x.numel()
@@ -326,7 +335,7 @@ def main(argv=None):
         log(f"interrupted at step {step}; saved {last_path} (continue with --resume)")
         sys.exit(130)
 
-    val_loss = evaluate_loss(fwd, val, args, pad_id, device, ctx)
+    val_loss = evaluate_loss(model, val, args, pad_id, device, ctx)
     if val_loss < best_val:
         best_val = val_loss
         checkpoint(os.path.join(args.out_dir, "best.pt"))

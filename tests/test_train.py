@@ -1,0 +1,51 @@
+import os
+
+import pytest
+import torch
+
+import train
+from conftest import MICRO
+
+
+def _run(data_dir, out, steps, extra=()):
+    train.main(["--data_dir", data_dir, "--out_dir", out, "--preset", "tiny", *MICRO,
+                "--max_steps", str(steps), "--batch_size", "4", "--eval_interval", "3",
+                "--eval_batches", "1", "--log_interval", "1", "--warmup_steps", "2", *extra])
+
+
+def test_resume_equals_uninterrupted_run(toy_data, tmp_path):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    _run(toy_data, full, 6)
+    # stop after 3 of 6 planned steps: same schedule, then resume to the end
+    train.main(["--data_dir", toy_data, "--out_dir", part, "--preset", "tiny", *MICRO,
+                "--max_steps", "6", "--batch_size", "4", "--eval_interval", "3",
+                "--eval_batches", "1", "--log_interval", "1", "--warmup_steps", "2", "--stop_at", "3"])
+    assert torch.load(os.path.join(part, "last.pt"), weights_only=True)["step"] == 3
+    _run(toy_data, part, 6, ["--resume"])
+    a = torch.load(os.path.join(full, "last.pt"), weights_only=True)
+    b = torch.load(os.path.join(part, "last.pt"), weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-6), k
+    log = open(os.path.join(part, "log.txt")).read()
+    assert "resumed from" in log and "step 6 | loss" in log
+
+
+def test_loss_falls_on_toy_data(toy_data, tmp_path):
+    out = str(tmp_path / "o")
+    _run(toy_data, out, 60, ["--lr", "1e-2", "--eval_interval", "100"])
+    losses = [float(l.split("| loss ")[1].split(" ")[0]) for l in open(os.path.join(out, "log.txt"))
+              if l.startswith("step ")]
+    assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5
+
+
+def test_auto_precision_is_fp32_on_cpu():
+    assert train.pick_dtype("auto", "cpu")[0] == "float32"
+    assert train.pick_dtype("bfloat16", "cpu")[0] == "bfloat16"
+
+
+def test_lr_schedule_warms_up_then_decays():
+    args = train.parse_args(["--lr", "1e-3", "--min_lr", "1e-4", "--warmup_steps", "10", "--max_steps", "100"])
+    lrs = [train.get_lr(s, args) for s in range(101)]
+    assert lrs[0] < lrs[9] == pytest.approx(1e-3)
+    assert lrs[50] < lrs[10] and lrs[100] == pytest.approx(1e-4)
