@@ -87,7 +87,7 @@ class Router:
         result = {"text": text, "tokens": len(ids), "latency_ms": latency,
                   "calls": [], "reason": None, "valid": False, "error": None}
         try:
-            parsed = wire.parse_answer(text)
+            parsed = wire.parse_answer(text, tools)
         except wire.AnswerError as e:
             result["error"] = f"unparseable: {e}"
             return result

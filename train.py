@@ -43,11 +43,13 @@ def parse_args(argv=None):
     p.add_argument("--block_size", type=int)
     p.add_argument("--dropout", type=float)
     # optimisation
-    p.add_argument("--batch_size", type=int, default=32, help="examples per micro-batch")
+    p.add_argument("--batch_size", type=int, default=16, help="examples per micro-batch")
+    p.add_argument("--length_window", type=int, default=256,
+                   help="draw each batch from this many examples of similar length (0: uniform)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--max_steps", type=int, default=3000)
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    p.add_argument("--min_lr", type=float, default=3e-4, help="learning rate at the end of the cosine")
+    p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate")
+    p.add_argument("--min_lr", type=float, default=5e-4, help="learning rate at the end of the cosine")
     p.add_argument("--warmup_steps", type=int, default=100)
     p.add_argument("--weight_decay", type=float, default=0.1)
     p.add_argument("--beta2", type=float, default=0.95)
@@ -136,6 +138,7 @@ class Split:
         keep = lens <= block_size
         self.starts, self.lens = offsets[:-1][keep], lens[keep]
         self.n_dropped = int((~keep).sum())
+        self.by_length = np.argsort(self.lens, kind="stable")   # for length-grouped batches
         if len(self.starts) == 0:
             die(f"{base}: no example fits block_size {block_size}")
 
@@ -158,9 +161,16 @@ class Split:
         return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(m)
 
 
-def batch_indices(seed, step, micro, n, batch_size):
-    """Which examples go into a micro-batch: a pure function of (seed, step, micro)."""
-    return np.random.default_rng([seed, step, micro]).integers(0, n, batch_size)
+def batch_indices(split, seed, step, micro, batch_size, window=0):
+    """Which examples go into a micro-batch: a pure function of (seed, step, micro).
+    With window > 0, the batch is drawn from `window` examples of neighbouring
+    length (around a random anchor), so little compute is spent on padding."""
+    rng = np.random.default_rng([seed, step, micro])
+    n = len(split)
+    if window <= 0 or window >= n:
+        return rng.integers(0, n, batch_size)
+    lo = int(rng.integers(0, n - window + 1))
+    return split.by_length[lo + rng.integers(0, window, batch_size)]
 
 
 def answer_loss(model, x, y, m, reduction="mean"):
@@ -178,7 +188,7 @@ def evaluate_loss(model, split, args, pad_id, device, ctx):
     model.eval()
     total, count = 0.0, 0.0
     for i in range(args.eval_batches):
-        idx = batch_indices(args.seed + 1, i, 0, len(split), args.batch_size)
+        idx = batch_indices(split, args.seed + 1, i, 0, args.batch_size)
         x, y, m = (t.to(device) for t in split.batch(idx, pad_id))
         with ctx:
             total += answer_loss(model, x, y, m, reduction="sum").item()
@@ -304,7 +314,7 @@ def main(argv=None):
             # sum is the mean over the whole batch
             loss_sum = 0.0
             for micro in range(args.grad_accum):
-                idx = batch_indices(args.seed, step, micro, len(train), args.batch_size)
+                idx = batch_indices(train, args.seed, step, micro, args.batch_size, args.length_window)
                 x, y, m = (t.to(device, non_blocking=True) for t in train.batch(idx, pad_id))
                 with ctx:
                     loss = answer_loss(model, x, y, m) / args.grad_accum

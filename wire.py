@@ -6,7 +6,7 @@ text the model is trained on is byte-for-byte the text it sees at inference.
 
 An example is rendered as
 
-    <|tools|>{one line per tool}<|user|>{request}<|call|>name{"k":"v"}<|call|>...<|end|>
+    <|tools|>{one line per tool}<|user|>{request}<|call|>name<|arg|> key: value<|arg|> key2: 5<|end|>
 
 or, when no tool should be called,
 
@@ -14,11 +14,22 @@ or, when no tool should be called,
 
 The prompt is everything up to and including the request; the answer starts at
 the first <|call|> / <|nocall|> token (the model's first decision) and runs to
-<|end|>. Loss is computed on the answer only.
+<|end|>. Loss is computed on the answer only. Several calls follow each other,
+each starting with <|call|>.
+
+Why not JSON arguments: sentencepiece glues a word to the space before it, so
+"Paris" in "weather in Paris" is the piece "_Paris" but in {"city":"Paris"} it is
+"Paris", a different token. A small model would have to learn that mapping for
+every word before it could copy anything. Writing each value after ": " makes
+the value's tokens identical in the request and in the answer, so copying is a
+plain look-up. A string value is written raw (it runs to the next special token);
+any other value is JSON (5, 2.5, true, ["a","b"]) and the tool's schema decides
+how a value is read back. For the same reason, tool lines put a space before
+every argument name.
 
 A tool is rendered on one compact line, close to a function signature:
 
-    track_order(order_id: str "Order number.", carrier?: ups|fedex) Get the status of an order.
+    track_order( order_id: str "Order number.", carrier?: ups|fedex) Get the status of an order.
 
 `?` marks an optional argument; an enum is written as its values joined by `|`.
 This costs roughly half the tokens of the JSON schema it stands for.
@@ -37,10 +48,11 @@ from jsonschema.exceptions import SchemaError
 TOOLS = "<|tools|>"
 USER = "<|user|>"
 CALL = "<|call|>"
+ARG = "<|arg|>"
 NOCALL = "<|nocall|>"
 END = "<|end|>"
 PAD = "<|pad|>"
-SPECIAL_TOKENS = [TOOLS, USER, CALL, NOCALL, END, PAD]
+SPECIAL_TOKENS = [TOOLS, USER, CALL, ARG, NOCALL, END, PAD]
 
 # The reasons a no-call answer carries, so a caller can tell "ask the user for
 # the order id" from "decline". MISSING is followed by the argument's name.
@@ -174,7 +186,7 @@ def render_tool(tool):
         if p.get("description"):
             s += f' "{p["description"].strip()}"'
         args.append(s)
-    line = f"{tool['name']}({', '.join(args)})"
+    line = f"{tool['name']}({''.join(' ' + a + ',' for a in args)[:-1]})"
     if tool.get("description"):
         line += " " + tool["description"]
     return line.replace("\n", " ")
@@ -184,16 +196,27 @@ def render_tools(tools):
     return "\n".join(render_tool(t) for t in tools)
 
 
+def clean(text):
+    """User text may not contain our special tokens (no injected calls)."""
+    for tok in SPECIAL_TOKENS:
+        text = text.replace(tok, " ")
+    return text
+
+
 # -----------------------------------------------------------------------------
 # examples: prompt + answer text
 
 def render_prompt(tools, request):
     """The model's input: tools and request, ending right before the answer."""
-    return f"{TOOLS}{render_tools(tools)}{USER}{request.strip()}"
+    return f"{TOOLS}{clean(render_tools(tools))}{USER}{clean(request.strip())}"
+
+
+def render_value(v):
+    return clean(v) if isinstance(v, str) else json.dumps(v, ensure_ascii=False, separators=(",", ":"))
 
 
 def render_call(call):
-    args = json.dumps(call.get("arguments", {}), ensure_ascii=False, separators=(",", ":"))
+    args = "".join(f"{ARG} {k}: {render_value(v)}" for k, v in call.get("arguments", {}).items())
     return f"{CALL}{call['name']}{args}"
 
 
@@ -204,29 +227,51 @@ def render_answer(calls, reason=None):
     return f"{NOCALL}{reason or REASON_NO_TOOL}{END}"
 
 
-def parse_answer(text):
+def read_value(raw, prop):
+    """Raw value text -> Python value, guided by the argument's schema: a string
+    stays raw; anything else is read as JSON (and left raw if it is not, so that
+    validation reports the wrong type)."""
+    types = (prop or {}).get("type")
+    types = types if isinstance(types, list) else [types]
+    if "string" in types and len(types) == 1:
+        return raw
+    if prop and "enum" in prop and all(isinstance(e, str) for e in prop["enum"]):
+        return raw
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def parse_answer(text, tools=None):
     """Answer text (from the first <|call|>/<|nocall|> on, <|end|> optional)
-    -> {"calls": [...], "reason": str|None}. Raises AnswerError."""
+    -> {"calls": [...], "reason": str|None}. tools (bare form) give each value
+    its type; without them, values that read as JSON are taken as JSON.
+    Raises AnswerError."""
     text = text.split(END, 1)[0].strip()
     if text.startswith(NOCALL):
         reason = text[len(NOCALL):].strip()
-        if CALL in reason:
+        if CALL in reason or ARG in reason:
             raise AnswerError("no-call answer contains a call")
         return {"calls": [], "reason": reason}
     if not text.startswith(CALL):
         raise AnswerError("answer starts with neither <|call|> nor <|nocall|>")
+    by_name = {t["name"]: t for t in tools or []}
     calls = []
     for seg in text.split(CALL)[1:]:
-        brace = seg.find("{")
-        if brace <= 0:
-            raise AnswerError(f"call without a name or arguments: {seg[:40]!r}")
-        name = seg[:brace].strip()
-        try:
-            args = json.loads(seg[brace:])
-        except json.JSONDecodeError as e:
-            raise AnswerError(f"arguments of {name} are not valid JSON: {e.msg}") from None
-        if not isinstance(args, dict):
-            raise AnswerError(f"arguments of {name} are not a JSON object")
+        name, *parts = seg.split(ARG)
+        name = name.strip()
+        if not name:
+            raise AnswerError("call without a tool name")
+        props = by_name.get(name, {}).get("parameters", {}).get("properties", {})
+        args = {}
+        for part in parts:
+            if not part.startswith(" ") or ": " not in part:
+                raise AnswerError(f"argument of {name} is not ' key: value': {part[:40]!r}")
+            key, raw = part[1:].split(": ", 1)
+            if not key or key in args:
+                raise AnswerError(f"empty or repeated argument name in {name}: {key!r}")
+            args[key] = read_value(raw, props.get(key))
         calls.append({"name": name, "arguments": args})
     return {"calls": calls, "reason": None}
 

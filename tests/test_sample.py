@@ -1,0 +1,35 @@
+import json
+import os
+
+import pytest
+
+import wire
+from sample import Router
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def router(toy_ckpt):
+    return Router(toy_ckpt)
+
+
+def test_cached_and_uncached_greedy_give_the_same_tokens(router, toy_data):
+    items = [json.loads(l) for l in open(os.path.join(toy_data, "test.jsonl"))][:3]
+    for ex in items:
+        ids = router.encode_prompt(ex["tools"], ex["request"])
+        assert router.generate(ids, 20, use_cache=True) == router.generate(ids, 20, use_cache=False)
+
+
+def test_answer_reports_validity_and_latency(router):
+    tools = wire.load_tools(os.path.join(ROOT, "examples", "tools.json"))
+    res = router.answer(tools, "Where's my order ORD-1234?", max_new_tokens=16)
+    assert res["latency_ms"] > 0 and 0 < res["tokens"] <= 16
+    assert res["valid"] == (res["error"] is None)
+    with pytest.raises(ValueError, match="empty"):
+        router.answer(tools, "  ")
+
+
+def test_prompt_longer_than_context_is_refused(router):
+    with pytest.raises(ValueError, match="context"):
+        router.generate([5] * (router.model.config.block_size + 1))
