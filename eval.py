@@ -185,7 +185,7 @@ def main(argv=None):
         die(f"{test_file}: no items")
 
     rows, preds = [], []
-    for ex in tqdm(items, desc="eval", unit="item"):
+    for ex in tqdm(items, desc="eval", unit="item", mininterval=1 if sys.stderr.isatty() else 15):
         try:
             pred = router.answer(ex["tools"], ex["request"], args.max_new_tokens)
         except ValueError as e:   # prompt longer than the context: counted, not truncated

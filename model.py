@@ -38,6 +38,7 @@ class GPTConfig:
     dropout: float = 0.0      # dropout on attention weights and residual branches
     rope_theta: float = 10000.0  # RoPE base frequency
     attn_impl: str = "sdpa"   # "sdpa" (fused kernel) or "explicit" (written out below)
+    smear_keys: bool = False  # mix each key with the previous position's (see CausalSelfAttention)
 
 
 PRESETS = {
@@ -100,13 +101,15 @@ class KVCache:
         shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # the last position's key before smearing, per layer (for smear_keys)
+        self.last_k = torch.zeros(shape[:3] + (hs,), device=device, dtype=dtype)
         self.max_len = max_len
         self.pos = 0
 
     def clone(self):
         """An independent copy (used to keep a cached prompt prefix for reuse)."""
         other = KVCache.__new__(KVCache)
-        other.k, other.v = self.k.clone(), self.v.clone()
+        other.k, other.v, other.last_k = self.k.clone(), self.v.clone(), self.last_k.clone()
         other.max_len, other.pos = self.max_len, self.pos
         return other
 
@@ -122,6 +125,13 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.dropout = config.dropout
         self.attn_impl = config.attn_impl
+        # Smeared keys (Olsson et al. 2022, "In-context learning and induction
+        # heads"): key_t = (1 - s) * key_t + s * key_{t-1}, with a learned s per
+        # head. A key then also says which token came before it, which is what an
+        # induction (copy) head looks for; a plain transformer must first learn a
+        # previous-token head in an earlier layer to get that, and small models sit
+        # on a long loss plateau until it does.
+        self.smear = nn.Parameter(torch.zeros(self.n_head)) if config.smear_keys else None
 
     def forward(self, x, cos, sin, cache=None, layer=0):
         B, T, C = x.size()
@@ -130,6 +140,14 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        if self.smear is not None:
+            prev = torch.zeros_like(k[:, :, :1]) if cache is None or cache.pos == 0 \
+                else cache.last_k[layer, :B, :, None].clone().to(k.dtype)
+            if cache is not None:
+                cache.last_k[layer, :B] = k[:, :, -1]
+            k_prev = torch.cat([prev, k[:, :, :-1]], dim=2)        # key of position t-1
+            s = torch.sigmoid(self.smear).view(1, -1, 1, 1)         # (1, nh, 1, 1)
+            k = (1 - s) * k + s * k_prev
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         start = 0

@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--n_hidden", type=int)
     p.add_argument("--block_size", type=int)
     p.add_argument("--dropout", type=float)
+    p.add_argument("--smear_keys", action=argparse.BooleanOptionalAction, default=None,
+                   help="smeared keys (see model.py); default: the preset's choice")
     # optimisation
     p.add_argument("--batch_size", type=int, default=16, help="examples per micro-batch")
     p.add_argument("--length_window", type=int, default=256,
@@ -241,7 +243,8 @@ def main(argv=None):
 
     config = config_from_preset(args.preset, vocab_size=meta["vocab_size"], n_layer=args.n_layer,
                                 n_head=args.n_head, n_embd=args.n_embd, n_hidden=args.n_hidden,
-                                block_size=args.block_size, dropout=args.dropout)
+                                block_size=args.block_size, dropout=args.dropout,
+                                smear_keys=args.smear_keys)
     last_path = os.path.join(args.out_dir, "last.pt")
     step, best_val, ckpt = 0, float("inf"), None
     if args.resume:

@@ -25,10 +25,10 @@ def test_too_long_sequence_is_refused():
         model(torch.zeros(1, 9, dtype=torch.long))
 
 
-@pytest.mark.parametrize("impl", ["explicit", "sdpa"])
-def test_causality_future_tokens_do_not_change_past_logits(impl):
+@pytest.mark.parametrize("impl, smear", [("explicit", False), ("sdpa", False), ("sdpa", True)])
+def test_causality_future_tokens_do_not_change_past_logits(impl, smear):
     torch.manual_seed(0)
-    model = GPT(micro(attn_impl=impl)).eval()
+    model = GPT(micro(attn_impl=impl, smear_keys=smear)).eval()
     x = torch.randint(0, 97, (1, 20))
     y = x.clone()
     y[0, 12:] = (y[0, 12:] + 1) % 97
@@ -50,9 +50,13 @@ def test_explicit_and_sdpa_attention_agree_with_and_without_cache():
         assert torch.allclose(explicit(x[:, s:e], ce), fast(x[:, s:e], cf), atol=1e-5)
 
 
-def test_cached_logits_equal_uncached():
+@pytest.mark.parametrize("smear", [False, True])
+def test_cached_logits_equal_uncached(smear):
     torch.manual_seed(0)
-    model = GPT(micro()).eval()
+    model = GPT(micro(smear_keys=smear)).eval()
+    if smear:   # make the smear gates non-trivial so a cache bug would show
+        for blk in model.blocks:
+            blk.attn.smear.data.uniform_(-2, 2)
     x = torch.randint(0, 97, (1, 25))
     full = model(x)
     cache = KVCache(model.config, 1, 25, "cpu")
