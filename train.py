@@ -42,14 +42,16 @@ def parse_args(argv=None):
     p.add_argument("--n_hidden", type=int)
     p.add_argument("--block_size", type=int)
     p.add_argument("--dropout", type=float)
-    p.add_argument("--smear_keys", action=argparse.BooleanOptionalAction, default=None,
-                   help="smeared keys (see model.py); default: the preset's choice")
+    p.add_argument("--smear_keys", action="store_const", const=True, default=None,
+                   help="smeared keys (see model.py); the presets turn them on")
+    p.add_argument("--no_smear_keys", dest="smear_keys", action="store_const", const=False,
+                   help="plain keys, for A/B comparisons")
     # optimisation
     p.add_argument("--batch_size", type=int, default=16, help="examples per micro-batch")
     p.add_argument("--length_window", type=int, default=256,
                    help="draw each batch from this many examples of similar length (0: uniform)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--max_steps", type=int, default=2700)
+    p.add_argument("--max_steps", type=int, default=3200)
     p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate")
     p.add_argument("--min_lr", type=float, default=5e-4, help="learning rate at the end of the cosine")
     p.add_argument("--warmup_steps", type=int, default=100)

@@ -49,3 +49,19 @@ def test_lr_schedule_warms_up_then_decays():
     lrs = [train.get_lr(s, args) for s in range(101)]
     assert lrs[0] < lrs[9] == pytest.approx(1e-3)
     assert lrs[50] < lrs[10] and lrs[100] == pytest.approx(1e-4)
+
+
+def test_length_grouped_batches_are_deterministic_and_similar_in_length(toy_data):
+    split = train.Split(toy_data, "train", 512)
+    a = train.batch_indices(split, 1, 5, 0, 8, window=32)
+    assert (a == train.batch_indices(split, 1, 5, 0, 8, window=32)).all()
+    assert (a != train.batch_indices(split, 1, 6, 0, 8, window=32)).any()
+    # drawn from 32 neighbours in length order: the spread is far below the split's
+    spread = split.lens[a].max() - split.lens[a].min()
+    assert spread < (split.lens.max() - split.lens.min()) / 2
+
+
+def test_smear_keys_flag_reaches_the_checkpoint(toy_data, tmp_path):
+    out = str(tmp_path / "ns")
+    _run(toy_data, out, 1, ["--no_smear_keys"])
+    assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["model_config"]["smear_keys"] is False
