@@ -13,6 +13,8 @@ For each group of items (all / seen tools / unseen tools / no-call / multi-call)
     missed      gold has calls, the model declined
     exact       whole answer right: calls compared as a multiset (order-free)
     f1          call-level F1 (micro), over items with calls on either side
+    reason_acc  gold says no call: the model declined with the right kind of reason
+                (chit-chat / information request / missing argument / no tool fits)
 plus latency p50/p95 per request. Prints a table, writes JSON (and one line per
 item with the prediction, for error analysis).
 """
@@ -65,7 +67,7 @@ def matched_calls(pred, gold):
     return n
 
 
-def score_item(pred, gold_calls):
+def score_item(pred, gold_calls, gold_reason=None):
     """pred: Router.answer result; gold_calls: list. -> dict of per-item outcomes."""
     parsed = pred["error"] is None or not pred["error"].startswith("unparseable")
     pcalls = pred["calls"] if parsed else []
@@ -74,7 +76,10 @@ def score_item(pred, gold_calls):
     exact = parsed and m == len(pcalls) == len(gold_calls)
     return {"valid": pred["valid"], "parsed": parsed, "names_ok": names_ok, "exact": exact,
             "matched": m, "n_pred": len(pcalls), "n_gold": len(gold_calls),
-            "called": parsed and len(pcalls) > 0}
+            "called": parsed and len(pcalls) > 0,
+            # for gold no-calls: did the model decline for the right kind of reason?
+            "reason_ok": (not gold_calls and not pcalls and parsed
+                          and wire.reason_kind(pred["reason"]) == wire.reason_kind(gold_reason))}
 
 
 def summarize(rows):
@@ -101,6 +106,7 @@ def summarize(rows):
         "missed": rate([o["parsed"] and not o["called"] for o in gold_call], gold_call),
         "exact": rate([o["exact"] for o in outs], outs),
         "f1": f1,
+        "reason_acc": rate([o["reason_ok"] for o in gold_none], gold_none),
         "latency_p50_ms": float(np.percentile(lat, 50)) if lat else None,
         "latency_p95_ms": float(np.percentile(lat, 95)) if lat else None,
     }
@@ -114,7 +120,7 @@ GROUPS = {
     "multi-call": lambda ex: len(ex["calls"]) > 1,
 }
 COLUMNS = ["n", "valid", "tool_acc", "arg_acc", "false_call", "missed", "exact", "f1",
-           "latency_p50_ms", "latency_p95_ms"]
+           "reason_acc", "latency_p50_ms", "latency_p95_ms"]
 
 
 def format_table(groups):
@@ -191,7 +197,7 @@ def main(argv=None):
         except ValueError as e:   # prompt longer than the context: counted, not truncated
             pred = {"calls": [], "reason": None, "valid": False, "error": f"unparseable: {e}",
                     "text": "", "tokens": 0, "latency_ms": 0.0}
-        out = score_item(pred, ex["calls"])
+        out = score_item(pred, ex["calls"], ex.get("reason"))
         rows.append((ex, out, pred["latency_ms"]))
         preds.append({"request": ex["request"], "gold": ex["calls"], "gold_reason": ex.get("reason"),
                       "pred": pred["calls"], "pred_reason": pred["reason"], "text": pred["text"],

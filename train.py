@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--length_window", type=int, default=256,
                    help="draw each batch from this many examples of similar length (0: uniform)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--max_steps", type=int, default=3200)
+    p.add_argument("--max_steps", type=int, default=2900)
     p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate")
     p.add_argument("--min_lr", type=float, default=5e-4, help="learning rate at the end of the cosine")
     p.add_argument("--warmup_steps", type=int, default=100)
