@@ -108,13 +108,6 @@ class KVCache:
         self.max_len = max_len
         self.pos = 0
 
-    def clone(self):
-        """An independent copy (used to keep a cached prompt prefix for reuse)."""
-        other = KVCache.__new__(KVCache)
-        other.k, other.v, other.last_k = self.k.clone(), self.v.clone(), self.last_k.clone()
-        other.max_len, other.pos = self.max_len, self.pos
-        return other
-
 
 class CausalSelfAttention(nn.Module):
 
