@@ -3,6 +3,16 @@ Build a training set: tool catalogue -> examples -> sentencepiece tokenizer -> t
 
     python data.py                                  # data/demo, ~20k examples, ~1 min on a laptop CPU
     python data.py --out_dir data/big --n_train 200000 --vocab_size 8192
+    python data.py --tools my_tools.json --out_dir data/mine          # requests for your own tools
+    python data.py --teacher gemini --teacher_model gemini-2.5-flash  # labels from a cloud model
+    python data.py --import xlam.jsonl --import chats.jsonl           # add examples from datasets
+
+Examples come from three kinds of tools: the hand-written catalogue
+(assets/catalogue.json), tools invented from parts (invent.py; about half the
+training targets), and, with --tools, yours. The generator knows the right
+answer by construction; --teacher replaces it, for train and val, with a cloud
+model's answer (teacher.py: cached, resumable, validated). Test answers always
+stay the generator's, so the test measures against what the request says.
 
 Writes to --out_dir:
     tools.json                 the whole catalogue (bare {name, description, parameters} form)
@@ -12,6 +22,8 @@ Writes to --out_dir:
     {split}_mask.bin           uint8, 1 on answer tokens (where loss is computed)
     {split}_idx.npy            int64 offsets: example i is tokens[idx[i]:idx[i+1]]
     meta.json                  vocab size, special-token ids, counts, tokenizer hash, held-out tools
+    invented_tools.json        the invented tools of this build
+    data_card.json             statistics of the training split (also printed)
 
 The test split has two parts: "seen" (tools that appear in training) and "unseen"
 (a few tools held out of training entirely, not even shown as distractors).
@@ -30,7 +42,9 @@ from tqdm import tqdm
 
 import wire
 from model import file_sha256
-from synth import Generator, load_catalogue, load_json
+from imports import import_jsonl
+from invent import entry_from_tool, invent_tools
+from synth import CatalogueError, Generator, load_catalogue, load_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -44,8 +58,22 @@ def parse_args(argv=None):
     p.add_argument("--n_val", type=int, default=500)
     p.add_argument("--n_test", type=int, default=600, help="test examples over seen tools")
     p.add_argument("--n_test_unseen", type=int, default=300, help="test examples over held-out tools")
-    p.add_argument("--n_heldout", type=int, default=5, help="tools held out of training")
-    p.add_argument("--max_tools", type=int, default=6, help="most tools shown per example")
+    p.add_argument("--n_heldout", type=int, default=None,
+                   help="tools held out of training (default: those marked heldout in the catalogue)")
+    p.add_argument("--max_tools", type=int, default=10, help="most tools shown per example")
+    p.add_argument("--n_invented", type=int, default=1500, help="tools invented from parts (0: none)")
+    p.add_argument("--p_invented", type=float, default=0.5, help="share of training targets that are invented")
+    p.add_argument("--tools", default=None, help="your own tools (JSON list, OpenAI or bare form): "
+                   "generate requests for these instead of the hand-written catalogue")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="JSONL",
+                   help="add training examples from a JSONL dataset ({query, tools, answers} or OpenAI chat)")
+    p.add_argument("--teacher", choices=["gemini", "openai"], default=None,
+                   help="label train/val requests with a cloud model (default: the generator's answers)")
+    p.add_argument("--teacher_model", default=None)
+    p.add_argument("--teacher_base_url", default=None, help="endpoint (OpenAI-compatible servers, proxies)")
+    p.add_argument("--teacher_concurrency", type=int, default=4)
+    p.add_argument("--teacher_rps", type=float, default=5.0, help="most requests started per second")
+    p.add_argument("--teacher_cache", default=None, help="default: <out_dir>/teacher_cache.jsonl")
     p.add_argument("--vocab_size", type=int, default=4096)
     p.add_argument("--max_len", type=int, default=512, help="drop examples longer than this (tokens)")
     p.add_argument("--seed", type=int, default=1337)
@@ -159,37 +187,166 @@ def write_jsonl(path, rows):
 
 
 # -----------------------------------------------------------------------------
+# sources, teacher, data card
+
+def load_entries(args, rng):
+    """-> (all catalogue entries, held-out entries). The hand-written catalogue,
+    or with --tools the user's tools (request templates built by invent.py)."""
+    if args.tools:
+        try:
+            tools = wire.load_tools(args.tools)
+        except (OSError, ValueError) as e:
+            die(f"--tools: {e}")
+        entries = [entry_from_tool(t, rng) for t in tools]
+        n = args.n_heldout or 0
+    else:
+        entries = load_catalogue(args.catalogue)
+        marked = [e for e in entries if e["heldout"]]
+        n = len(marked) if args.n_heldout is None else args.n_heldout
+        if args.n_heldout is None or args.n_heldout == len(marked):
+            return entries, marked
+    if n >= len(entries):
+        die(f"--n_heldout {n} leaves no tools to train on ({len(entries)} tools)")
+    return entries, choose_heldout(entries, n, rng)
+
+
+def label_with_teacher(args, examples):
+    """Replace the generator's answers by the teacher's; drop what it got wrong
+    or could not answer. Prints how often the teacher agreed with the generator."""
+    import teacher as T
+    try:
+        t = T.make_teacher(args.teacher, model=args.teacher_model, base_url=args.teacher_base_url)
+    except T.TeacherError as e:
+        die(str(e))
+    cache = args.teacher_cache or os.path.join(args.out_dir, "teacher_cache.jsonl")
+    results, _ = T.label([{"tools": ex["tools"], "request": ex["request"]} for ex in examples], t, cache,
+                         concurrency=args.teacher_concurrency, rps=args.teacher_rps)
+    kept, agree = [], 0
+    for ex, r in zip(examples, results):
+        if r is None:
+            continue
+        agree += answer_key(r["calls"], r["reason"]) == answer_key(ex["calls"], ex["reason"])
+        kept.append({**ex, "calls": r["calls"], "reason": r["reason"], "label": t.id})
+    print(f"teacher {t.id}: kept {len(kept)}/{len(examples)}; agrees with the generator on "
+          f"{agree / max(1, len(kept)):.1%} of kept answers")
+    return kept
+
+
+def answer_key(calls, reason):
+    return (sorted(json.dumps(c, sort_keys=True) for c in calls), wire.reason_kind(reason))
+
+
+def pct(xs, q):
+    return int(np.percentile(xs, q)) if len(xs) else 0
+
+
+def data_card(examples, lens, invented_names):
+    """Statistics of a split: what a reader should know before training on it."""
+    n = max(1, len(examples))
+    n_tools = [len(ex["tools"]) for ex in examples]
+    n_calls = [len(ex["calls"]) for ex in examples]
+    nocall = {}
+    for ex in examples:
+        if not ex["calls"]:
+            k = wire.reason_kind(ex["reason"])
+            nocall[k] = nocall.get(k, 0) + 1
+    shown = {t["name"] for ex in examples for t in ex["tools"]}
+    targets = [c["name"] for ex in examples for c in ex["calls"]]
+    multi = [ex for ex in examples if len(ex["calls"]) > 1]
+    hist = lambda xs: {str(k): xs.count(k) for k in sorted(set(xs))}
+    return {
+        "examples": len(examples),
+        "tools_per_example": {"mean": round(float(np.mean(n_tools or [0])), 2), "hist": hist(n_tools)},
+        "calls_per_example": hist(n_calls),
+        "no_call_share": round(sum(nocall.values()) / n, 3),
+        "no_call_by_reason": {k: round(v / n, 3) for k, v in sorted(nocall.items())},
+        "multi_call_share": round(len(multi) / n, 3),
+        "multi_call_same_tool": sum(len({c["name"] for c in ex["calls"]}) == 1 for ex in multi),
+        "unique_tools_shown": len(shown),
+        "unique_tools_invented": len(shown & invented_names),
+        "unique_tools_other": len(shown - invented_names),
+        "call_targets_invented_share": round(sum(t in invented_names for t in targets) / max(1, len(targets)), 3),
+        "tokens_p50": pct(lens, 50), "tokens_p95": pct(lens, 95),
+        "domains": dict(sorted(_count(ex.get("domain", "?") for ex in examples).items())),
+        "sources": dict(sorted(_count(ex.get("source", "generator") for ex in examples).items())),
+    }
+
+
+def _count(xs):
+    out = {}
+    for x in xs:
+        out[x] = out.get(x, 0) + 1
+    return out
+
+
+def print_card(card):
+    print(f"data card (train): {card['examples']} examples; tools/example mean {card['tools_per_example']['mean']} "
+          f"(1..{max(map(int, card['tools_per_example']['hist']), default=0)}); "
+          f"tokens p50 {card['tokens_p50']}, p95 {card['tokens_p95']}")
+    print(f"  calls/example {card['calls_per_example']}; multi-call {card['multi_call_share']:.1%} "
+          f"({card['multi_call_same_tool']} same tool); no-call {card['no_call_share']:.1%} "
+          + ", ".join(f"{k} {v:.1%}" for k, v in card["no_call_by_reason"].items()))
+    print(f"  unique tools shown {card['unique_tools_shown']} (invented {card['unique_tools_invented']}, "
+          f"hand-written/yours/imported {card['unique_tools_other']}); invented share of calls "
+          f"{card['call_targets_invented_share']:.1%}; {len(card['domains'])} target domains; sources {card['sources']}")
+
+
+# -----------------------------------------------------------------------------
 
 def main(argv=None):
     args = parse_args(argv)
-    for path in (args.catalogue, args.values):
+    for path in [args.catalogue, args.values] + args.imports + ([args.tools] if args.tools else []):
         if not os.path.isfile(path):
             die(f"{path}: no such file")
     if not 0 < args.vocab_size < 65536:
         die("--vocab_size must be between 1 and 65535 (tokens are stored as uint16)")
+    if not 0 <= args.p_invented <= 1:
+        die("--p_invented must be between 0 and 1")
+    rng = random.Random(args.seed)
     try:
-        entries = load_catalogue(args.catalogue)
         pools = load_json(args.values)
+        entries, held = load_entries(args, rng)
     except (ValueError, KeyError) as e:
         die(f"bad catalogue or value file: {e}")
-    rng = random.Random(args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
 
-    held = choose_heldout(entries, args.n_heldout, rng)
     held_names = {e["tool"]["name"] for e in held}
     seen = [e for e in entries if e["tool"]["name"] not in held_names]
-    gen = Generator(entries, pools, max_tools=args.max_tools)
-    print(f"catalogue: {len(entries)} tools over {len({e['domain'] for e in entries})} domains; "
-          f"held out of training: {', '.join(sorted(held_names))}")
+    invented = invent_tools(args.n_invented, args.seed, {e["tool"]["name"] for e in entries})
+    p_inv = args.p_invented if invented else 0.0
+    gen = Generator(entries, pools, max_tools=args.max_tools)            # test: our tools only
+    train_gen = Generator(entries, pools, max_tools=args.max_tools, invented=invented, p_invented=p_inv)
+    print(f"catalogue: {len(entries)} tools over {len({e['domain'] for e in entries})} domains, "
+          f"{len(invented)} invented; held out of training: {', '.join(sorted(held_names)) or 'none'}")
 
     # Test examples are made first and their requests reserved, so no training
     # request repeats a test request word for word.
     reserved = set()
     splits = {}
-    splits["test"] = (generate(gen, rng, args.n_test, seen, seen, reserved, "test (seen)", "seen")
-                      + generate(gen, rng, args.n_test_unseen, held, entries, reserved, "test (unseen)", "unseen"))
-    splits["val"] = generate(gen, rng, args.n_val, seen, seen, reserved, "val", "seen")
-    splits["train"] = generate(gen, rng, args.n_train, seen, seen, reserved, "train", "seen")
+    try:
+        splits["test"] = generate(gen, rng, args.n_test, seen, seen, reserved, "test (seen)", "seen")
+        if held:
+            splits["test"] += generate(gen, rng, args.n_test_unseen, held, entries, reserved, "test (unseen)", "unseen")
+        splits["val"] = generate(train_gen, rng, args.n_val, seen, seen, reserved, "val", "seen")
+        splits["train"] = generate(train_gen, rng, args.n_train, seen, seen, reserved, "train", "seen")
+    except CatalogueError as e:
+        die(str(e))
+    domain_of = {e["tool"]["name"]: e["domain"] for e in entries + invented}
+    for exs in splits.values():
+        for ex in exs:
+            names = [c["name"] for c in ex["calls"]]
+            ex["domain"] = domain_of.get(names[0], "?") if names else "no call"
+    if args.teacher:
+        splits["train"] = label_with_teacher(args, splits["train"])
+        splits["val"] = label_with_teacher(args, splits["val"])
+    for path in args.imports:
+        imported, counts = import_jsonl(path)
+        for ex in imported:
+            ex["split"], ex["domain"] = "seen", "imported"
+        splits["train"] += imported
+        bad = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k != "ok") or "none"
+        print(f"imported {counts['ok']} examples from {path}; skipped lines: {bad}")
+    rng.shuffle(splits["train"])
 
     print(f"training tokenizer (BPE, vocab {args.vocab_size}) ...")
     sp = train_tokenizer(splits["train"], [e["tool"] for e in entries], args.vocab_size, args.out_dir)
@@ -203,14 +360,17 @@ def main(argv=None):
     for split, examples in splits.items():
         kept, n_tok, lens = write_tokens(sp, examples, args.out_dir, split, args.max_len)
         write_jsonl(os.path.join(args.out_dir, f"{split}.jsonl"), kept)
-        kinds = {}
-        for ex in kept:
-            kinds[ex["kind"]] = kinds.get(ex["kind"], 0) + 1
         meta["splits"][split] = {"examples": len(kept), "dropped_too_long": len(examples) - len(kept),
-                                 "tokens": n_tok, "tokens_p50": int(np.percentile(lens, 50)),
-                                 "tokens_p95": int(np.percentile(lens, 95)), "kinds": kinds}
+                                 "tokens": n_tok, "tokens_p50": pct(lens, 50),
+                                 "tokens_p95": pct(lens, 95), "kinds": _count(ex["kind"] for ex in kept)}
+        if split == "train":
+            card = data_card(kept, lens, {e["tool"]["name"] for e in invented})
     with open(os.path.join(args.out_dir, "tools.json"), "w", encoding="utf-8") as f:
         json.dump([e["tool"] for e in entries], f, indent=1, ensure_ascii=False)
+    with open(os.path.join(args.out_dir, "invented_tools.json"), "w", encoding="utf-8") as f:
+        json.dump([e["tool"] for e in invented], f, indent=1, ensure_ascii=False)
+    with open(os.path.join(args.out_dir, "data_card.json"), "w", encoding="utf-8") as f:
+        json.dump(card, f, indent=1, ensure_ascii=False)
     with open(os.path.join(args.out_dir, "meta.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1, ensure_ascii=False)
 
@@ -219,6 +379,7 @@ def main(argv=None):
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(s["kinds"].items()))
         print(f"  {split:5s} {s['examples']:6d} examples {s['tokens']:9,d} tokens "
               f"(p50 {s['tokens_p50']}, p95 {s['tokens_p95']}, dropped {s['dropped_too_long']}): {kinds}")
+    print_card(card)
 
 
 if __name__ == "__main__":

@@ -19,14 +19,15 @@ import json
 import random
 import re
 
+from invent import noisy, number_words, rephrase_tool
 from wire import (REASON_CHITCHAT, REASON_INFO, REASON_MISSING, REASON_NO_TOOL,
                   normalize_tool)
 
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August",
           "September", "October", "November", "December"]
-KIND_SHARES = {"single": 0.68, "multi": 0.15, "chitchat": 0.04, "info": 0.04,
-               "missing": 0.05, "notool": 0.04}
+KIND_SHARES = {"single": 0.60, "multi": 0.24, "chitchat": 0.04, "info": 0.04,
+               "missing": 0.05, "notool": 0.03}
 
 
 class CatalogueError(ValueError):
@@ -49,7 +50,8 @@ def load_catalogue(path):
         if missing_slots:
             raise CatalogueError(f"tool '{tool['name']}': no slot kind for {sorted(missing_slots)}")
         entries.append({"domain": t["domain"], "tool": tool, "slots": t["slots"],
-                        "requests": t["requests"], "missing": t.get("missing", {})})
+                        "requests": t["requests"], "missing": t.get("missing", {}),
+                        "heldout": bool(t.get("heldout", False))})
     return entries
 
 
@@ -69,6 +71,8 @@ class ValueMaker:
         if kind.startswith("int:"):
             lo, hi = map(int, kind.split(":")[1:])
             v = rng.randint(lo, hi)
+            if v < 100 and rng.random() < 0.15:   # "twenty-five minutes"
+                return number_words(v), v
             return str(v), v
         if kind.startswith("number:"):
             lo, hi = map(float, kind.split(":")[1:])
@@ -79,6 +83,10 @@ class ValueMaker:
             v = rng.choice([rng.randint(1, 500), round(rng.uniform(1, 2000), 2)])
             v = int(v) if v == int(v) else v
             return (f"{v:.2f}" if isinstance(v, float) else str(v)), v
+        if kind.startswith("list:"):
+            items = list(dict.fromkeys(rng.sample(p[kind[5:]], rng.randint(1, 3))))
+            text = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+            return text, items
         text = self._text(kind, rng, c, p)
         if prop.get("type") == "array":
             return text[0], text[1]
@@ -124,7 +132,11 @@ class ValueMaker:
             return c([f"{mon} {day}", f"{day} {mon}", f"2026-{MONTHS.index(mon) + 1:02d}-{day:02d}"])
         if kind == "day":
             return c(p["days"])
-        if kind in ("song", "album", "playlist", "movie", "podcast"):
+        if kind == "url":
+            host = re.sub(r"[^a-z0-9]", "", c(p["title_nouns"]).lower()) or "site"
+            return f"{c(['https://', 'http://', 'www.', ''])}{host}.{c(['com', 'org', 'io', 'net', 'dev'])}" \
+                   + c(["", "", f"/{c(p['words']).lower()}"])
+        if kind in ("song", "album", "playlist", "movie", "podcast", "title"):
             title = f"{c(p['title_adjectives'])} {c(p['title_nouns'])}"
             if rng.random() < 0.3:
                 title = c(["The ", "My ", "Our "]) + title
@@ -139,6 +151,8 @@ class ValueMaker:
                   "ticker": "tickers", "language": "languages", "word": "words"}
         if kind in simple:
             return c(p[simple[kind]])
+        if kind in p:   # any other kind names a pool of values.json directly
+            return c(p[kind])
         if kind == "list_of_product":
             items = rng.sample(p["products"], rng.randint(1, 3))
             text = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
@@ -207,30 +221,65 @@ COMMON_STARTS = {"set", "send", "text", "play", "what's", "what", "add", "turn",
 
 class Generator:
     """Makes examples from a catalogue; `tools_allowed` restricts which tools may
-    appear (held-out tools never appear in training, not even as distractors)."""
+    appear (held-out tools never appear in training, not even as distractors).
 
-    def __init__(self, entries, pools, min_tools=1, max_tools=6):
+    invented: entries made by invent.py; with probability p_invented the target
+    (and each distractor) comes from them. noise: typos and spoken fillers in
+    some requests, reworded tool descriptions, same-domain (near-duplicate)
+    distractors; on for every split, so the test measures the same thing."""
+
+    def __init__(self, entries, pools, min_tools=1, max_tools=10, invented=(), p_invented=0.0,
+                 noise=True):
         self.entries = entries
         self.by_name = {e["tool"]["name"]: e for e in entries}
         self.pools = pools
         self.maker = ValueMaker(pools)
         self.min_tools, self.max_tools = min_tools, max_tools
+        self.invented, self.p_invented = list(invented), p_invented
+        self.noise = noise
 
     def _toolset(self, rng, targets, allowed, exclude_domains=()):
-        """targets + random distractors, shuffled; 1..max_tools in total."""
+        """targets + distractors, shuffled; min_tools..max_tools in total.
+        A third of the time the distractors come from the targets' own domains
+        first, so near-duplicate tools sit side by side."""
         n = rng.randint(max(self.min_tools, len(targets)), max(self.max_tools, len(targets)))
         names = {t["tool"]["name"] for t in targets}
-        pool = [e for e in allowed if e["tool"]["name"] not in names and e["domain"] not in exclude_domains]
-        chosen = list(targets) + rng.sample(pool, min(len(pool), n - len(targets)))
+        ok = lambda e: e["tool"]["name"] not in names and e["domain"] not in exclude_domains
+        pool = [e for e in allowed if ok(e)]
+        k = n - len(targets)
+        chosen = list(targets)
+        if self.noise and rng.random() < 0.33:
+            domains = {t["domain"] for t in targets} - {"invented"}
+            near = [e for e in pool if e["domain"] in domains]
+            chosen += rng.sample(near, min(len(near), k))
+            pool = [e for e in pool if e not in chosen]
+        if self.invented and self.p_invented:
+            k_inv = sum(rng.random() < self.p_invented for _ in range(n - len(chosen)))
+            objs = {t.get("object") for t in targets} - {None}
+            inv = [e for e in rng.sample(self.invented, min(len(self.invented), k_inv + len(targets)))
+                   if ok(e) and e["object"] not in objs]
+            chosen += inv[:k_inv]
+        chosen += rng.sample(pool, min(len(pool), n - len(chosen)))
         rng.shuffle(chosen)
+        if self.noise:
+            chosen = [rephrase_tool(e, rng) if rng.random() < 0.3 else e for e in chosen]
         return [e["tool"] for e in chosen]
+
+    def _template(self, templates, rng):
+        t = rng.choice(templates)
+        return noisy(t, rng) if self.noise else t
 
     def _call(self, entry, rng):
         for _ in range(20):
-            request, args = fill(rng.choice(entry["requests"]), entry, self.maker, rng)
+            request, args = fill(self._template(entry["requests"], rng), entry, self.maker, rng)
             if grounded(request, args):
                 return request, {"name": entry["tool"]["name"], "arguments": args}
         raise CatalogueError(f"tool '{entry['tool']['name']}': could not make a grounded request")
+
+    def _target(self, rng, pool):
+        if self.invented and rng.random() < self.p_invented:
+            return rng.choice(self.invented)
+        return rng.choice(pool)
 
     def make(self, rng, kind, targets, allowed):
         """One example of the given kind. targets: entries the request is about
@@ -241,7 +290,10 @@ class Generator:
         if kind == "multi":
             reqs, calls = zip(*(self._call(e, rng) for e in targets))
             uniq = list({e["tool"]["name"]: e for e in targets}.values())
-            return self._ex(kind, self._toolset(rng, uniq, allowed), join_requests(list(reqs), rng), list(calls))
+            text = join_requests(list(reqs), rng)
+            if not all(grounded(text, c["arguments"]) for c in calls):   # a value ended in "!" or "?"
+                text = " ".join(reqs)
+            return self._ex(kind, self._toolset(rng, uniq, allowed), text, list(calls))
         if kind == "chitchat":
             return self._ex(kind, self._toolset(rng, [], allowed), vary(rng.choice(self.pools["chitchat"]), rng),
                             [], REASON_CHITCHAT)
@@ -252,7 +304,7 @@ class Generator:
         if kind == "missing":
             e = targets[0]
             arg = rng.choice(sorted(e["missing"]))
-            request, _ = fill(rng.choice(e["missing"][arg]), e, self.maker, rng)
+            request, _ = fill(self._template(e["missing"][arg], rng), e, self.maker, rng)
             return self._ex(kind, self._toolset(rng, [e], allowed), vary(request, rng), [],
                             REASON_MISSING + arg)
         if kind == "notool":
@@ -272,17 +324,19 @@ class Generator:
         return {"kind": kind, "tools": tools, "request": request, "calls": calls, "reason": reason}
 
     def sample(self, rng, targets_pool, allowed, shares=KIND_SHARES):
-        """Draw a kind by its share, targets from targets_pool, make the example."""
+        """Draw a kind by its share, targets from targets_pool (or the invented
+        tools), make the example."""
         kind = rng.choices(list(shares), weights=list(shares.values()))[0]
+        first = self._target(rng, targets_pool)
         if kind == "missing":
-            cands = [e for e in targets_pool if e["missing"]]
-            return self.make(rng, kind, [rng.choice(cands)], allowed)
+            while not first["missing"]:
+                first = self._target(rng, targets_pool)
         if kind == "multi":
-            first = rng.choice(targets_pool)
             n = rng.choice([2, 2, 2, 3])
             if rng.random() < 0.3:   # the same tool several times
                 targets = [first] * n
             else:
-                targets = [first] + rng.sample([e for e in allowed if e is not first], n - 1)
+                others = [self._target(rng, allowed) for _ in range(n - 1)]
+                targets = [first] + [e for e in others if e is not first]
             return self.make(rng, kind, targets, allowed)
-        return self.make(rng, kind, [rng.choice(targets_pool)], allowed)
+        return self.make(rng, kind, [first], allowed)

@@ -7,6 +7,7 @@ import sentencepiece as spm
 
 import data
 import wire
+from invent import invent_tools
 from synth import Generator, grounded, load_catalogue, load_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +23,7 @@ def test_catalogue_is_big_and_varied_enough():
 
 def _examples(seed, n=300):
     entries = load_catalogue(CATALOGUE)
-    gen = Generator(entries, load_json(VALUES))
+    gen = Generator(entries, load_json(VALUES), invented=invent_tools(200, seed), p_invented=0.5)
     rng = random.Random(seed)
     return [gen.sample(rng, entries, entries) for _ in range(n)]
 
@@ -36,13 +37,14 @@ def test_examples_are_valid_grounded_and_mixed():
     exs = _examples(5, 600)
     kinds = [e["kind"] for e in exs]
     for ex in exs:
-        assert 1 <= len(ex["tools"]) <= 6
+        assert 1 <= len(ex["tools"]) <= 10
+        assert len({t["name"] for t in ex["tools"]}) == len(ex["tools"])
         answer = {"calls": ex["calls"], "reason": ex["reason"]}
         assert wire.validate_answer(answer, ex["tools"]) is None, ex
         assert all(grounded(ex["request"], c["arguments"]) for c in ex["calls"]), ex
     nocall = sum(not e["calls"] for e in exs) / len(exs)
     multi = sum(len(e["calls"]) > 1 for e in exs) / len(exs)
-    assert 0.08 < nocall < 0.25 and 0.08 < multi < 0.25
+    assert 0.10 <= nocall <= 0.20 and multi >= 0.20
     assert {"single", "multi", "chitchat", "info", "missing", "notool"} <= set(kinds)
 
 

@@ -1,0 +1,140 @@
+"""
+Examples from other people's datasets, turned into ours.
+
+Two JSONL forms are read, one example per line, detected per line:
+
+    {query, tools, answers}      xLAM / APIGen style: answers is a list of
+                                 {name, arguments}; tools and answers may be JSON
+                                 strings; parameters may be JSON Schema or the
+                                 xLAM dialect {"p": {"type": "str, optional", ...}}
+    {messages, tools}            OpenAI chat: the last user message before the first
+                                 assistant message is the request; that assistant
+                                 message's tool_calls are the answer
+
+A line that cannot be used is counted under a reason and skipped; a bad line
+never stops the import. Every imported call is validated against its tools.
+"""
+
+import json
+
+import wire
+
+XLAM_TYPES = {"str": "string", "string": "string", "int": "integer", "integer": "integer",
+              "float": "number", "number": "number", "bool": "boolean", "boolean": "boolean",
+              "dict": "object", "object": "object", "list": "array", "array": "array"}
+
+
+class Skip(Exception):
+    """A line we cannot use; the message is the reason it is counted under."""
+
+
+def _maybe_json(v):
+    return json.loads(v) if isinstance(v, str) else v
+
+
+def xlam_param(spec):
+    """{'type': 'List[str], optional', 'description': ..., 'default': ...} ->
+    (JSON Schema property, required?)"""
+    t = str(spec.get("type", "string"))
+    optional = "optional" in t.lower() or "default" in spec
+    t = t.split(",")[0].strip()
+    prop = {}
+    inner = None
+    if t.lower().startswith(("list[", "array[")):
+        inner = XLAM_TYPES.get(t[t.index("[") + 1:-1].strip().lower())
+        t = "list"
+    jt = XLAM_TYPES.get(t.lower())
+    if jt is None:
+        raise ValueError(f"unknown parameter type {t!r}")
+    prop["type"] = jt
+    if jt == "array" and inner:
+        prop["items"] = {"type": inner}
+    if spec.get("description"):
+        prop["description"] = str(spec["description"])
+    if "enum" in spec:
+        prop["enum"] = spec["enum"]
+    return prop, not optional
+
+
+def to_schema_tool(tool):
+    """A tool in either dialect -> our bare form (wire.normalize_tool checks it)."""
+    tool = tool.get("function", tool) if tool.get("type") == "function" else tool
+    params = tool.get("parameters") or {}
+    if params.get("type") in ("object", "dict") or "properties" in params:
+        params = {**params, "type": "object"}
+    else:   # xLAM dialect: {param: {type, description, default}}
+        props, req = {}, []
+        for k, spec in params.items():
+            props[k], is_req = xlam_param(spec if isinstance(spec, dict) else {"type": spec})
+            if is_req:
+                req.append(k)
+        params = {"type": "object", "properties": props, "required": req}
+    # JSON Schema spells the xLAM/BFCL type names differently
+    for p in params.get("properties", {}).values():
+        if isinstance(p, dict) and p.get("type") in XLAM_TYPES:
+            p["type"] = XLAM_TYPES[p["type"]]
+    return wire.normalize_tool({"name": tool.get("name"), "description": tool.get("description", ""),
+                                "parameters": params})
+
+
+def from_xlam(row):
+    tools = [to_schema_tool(t) for t in _maybe_json(row["tools"])]
+    answers = _maybe_json(row["answers"])
+    calls = [{"name": a["name"], "arguments": _maybe_json(a.get("arguments", {})) or {}} for a in answers]
+    return tools, row["query"], calls, None
+
+
+def from_openai_chat(row):
+    tools = [to_schema_tool(t) for t in row["tools"]]
+    request, msgs = None, row["messages"]
+    for m in msgs:
+        if m.get("role") == "user":
+            request = m.get("content")
+            if isinstance(request, list):   # content parts
+                request = " ".join(p.get("text", "") for p in request if isinstance(p, dict))
+        elif m.get("role") == "assistant" and request is not None:
+            calls = [{"name": tc["function"]["name"], "arguments": _maybe_json(tc["function"].get("arguments")) or {}}
+                     for tc in m.get("tool_calls") or []]
+            reason = None
+            if not calls:
+                reason = (m.get("content") or "").strip().lower().rstrip(".")
+                if wire.reason_kind(reason) in (None, "other"):
+                    raise Skip("no_call_reason")
+            return tools, request, calls, reason
+    raise Skip("no_assistant_turn")
+
+
+def import_jsonl(path):
+    """-> (examples, counts). counts: ok plus one entry per reason a line was skipped."""
+    examples, counts = [], {"ok": 0}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise TypeError
+                conv = from_openai_chat if "messages" in row else from_xlam
+                tools, request, calls, reason = conv(row)
+                if not isinstance(request, str) or not request.strip():
+                    raise Skip("empty_request")
+                answer = {"calls": calls, "reason": reason}
+                err = wire.validate_answer(answer, tools)
+                if err:
+                    raise Skip("invalid_call")
+            except Skip as e:
+                why = str(e)
+            except json.JSONDecodeError:
+                why = "not_json"
+            except wire.ToolError:
+                why = "bad_tool"
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+                why = "bad_shape"
+            else:
+                why = "ok"
+                examples.append({"kind": "multi" if len(calls) > 1 else "single" if calls else "imported_nocall",
+                                 "tools": tools, "request": request, "calls": calls, "reason": reason,
+                                 "source": "import"})
+            counts[why] = counts.get(why, 0) + 1
+    return examples, counts
