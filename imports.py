@@ -69,12 +69,29 @@ def to_schema_tool(tool):
             if is_req:
                 req.append(k)
         params = {"type": "object", "properties": props, "required": req}
-    # JSON Schema spells the xLAM/BFCL type names differently
-    for p in params.get("properties", {}).values():
-        if isinstance(p, dict) and p.get("type") in XLAM_TYPES:
-            p["type"] = XLAM_TYPES[p["type"]]
+    params["properties"] = {k: fix_types(p) for k, p in params.get("properties", {}).items()}
     return wire.normalize_tool({"name": tool.get("name"), "description": tool.get("description", ""),
                                 "parameters": params})
+
+
+def fix_types(schema):
+    """JSON Schema spells the xLAM/BFCL type names differently ('dict', 'float',
+    'tuple', 'any'); rename them, all the way down."""
+    if isinstance(schema, list):
+        return [fix_types(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: fix_types(v) if k in ("properties", "items", "anyOf", "oneOf") else v for k, v in schema.items()}
+    if "properties" in out and isinstance(out["properties"], dict):
+        out["properties"] = {k: fix_types(v) for k, v in schema["properties"].items()}
+    t = out.get("type")
+    if t == "any":
+        del out["type"]
+    elif t == "tuple":
+        out["type"] = "array"
+    elif isinstance(t, str) and t in XLAM_TYPES:
+        out["type"] = XLAM_TYPES[t]
+    return out
 
 
 def from_xlam(row):

@@ -286,7 +286,9 @@ class Generator:
         (ignored for chitchat/info); allowed: entries usable as distractors."""
         if kind == "single":
             request, call = self._call(targets[0], rng)
-            return self._ex(kind, self._toolset(rng, targets[:1], allowed), vary(request, rng), [call])
+            text = vary(request, rng)
+            text = text if grounded(text, call["arguments"]) else request   # "p.m." lost its dot
+            return self._ex(kind, self._toolset(rng, targets[:1], allowed), text, [call])
         if kind == "multi":
             reqs, calls = zip(*(self._call(e, rng) for e in targets))
             uniq = list({e["tool"]["name"]: e for e in targets}.values())
