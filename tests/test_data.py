@@ -90,3 +90,77 @@ def test_no_test_request_in_training(toy_data):
     def reqs(split):
         return {json.loads(l)["request"].lower() for l in open(os.path.join(toy_data, f"{split}.jsonl"))}
     assert not reqs("test") & reqs("train")
+
+
+# -----------------------------------------------------------------------------
+# sources: your own tools, imports, a teacher (through a local fake server)
+
+SMALL = ["--n_train", "150", "--n_val", "10", "--n_test", "10", "--n_test_unseen", "10", "--vocab_size", "400",
+         "--n_invented", "20", "--seed", "3"]
+
+
+def _rows(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_own_tools_and_imports_and_data_card(tmp_path, capsys):
+    imp = tmp_path / "extra.jsonl"
+    imp.write_text(json.dumps({"query": "weather in Oslo", "answers": [{"name": "w", "arguments": {"city": "Oslo"}}],
+                               "tools": [{"name": "w", "description": "weather",
+                                          "parameters": {"city": {"type": "str"}}}]}) + "\nnot json\n")
+    out = str(tmp_path / "d")
+    data.main(["--out_dir", out, "--tools", os.path.join(ROOT, "examples", "tools.json"),
+               "--import", str(imp), *SMALL])
+    printed = capsys.readouterr().out
+    assert "imported 1 examples" in printed and "not_json 1" in printed and "data card" in printed
+    mine = {t["name"] for t in wire.load_tools(os.path.join(ROOT, "examples", "tools.json"))}
+    train = _rows(os.path.join(out, "train.jsonl"))
+    targets = {c["name"] for ex in train for c in ex["calls"]}
+    assert mine <= targets and "w" in targets
+    assert targets - mine - {"w"}, "invented tools are mixed in"
+    test = _rows(os.path.join(out, "test.jsonl"))
+    assert {c["name"] for ex in test for c in ex["calls"]} <= mine
+    card = json.load(open(os.path.join(out, "data_card.json")))
+    assert card["examples"] == len(train) and card["sources"]["import"] == 1
+    assert 0 < card["call_targets_invented_share"] < 1 and card["tokens_p95"] >= card["tokens_p50"] > 0
+
+
+def test_teacher_labels_train_and_val_and_resumes_from_cache(tmp_path, monkeypatch, capsys):
+    from fake_servers import Fake
+    fake = Fake("openai")
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    out = str(tmp_path / "d")
+    argv = ["--out_dir", out, "--teacher", "openai", "--teacher_base_url", fake.url,
+            "--teacher_rps", "1000", *SMALL]
+    try:
+        data.main(argv)
+        sent = sum(fake.counts.values())
+        data.main(argv)                      # a re-run pays for nothing
+        assert sum(fake.counts.values()) == sent
+    finally:
+        fake.close()
+    printed = capsys.readouterr().out
+    assert "teacher openai:gpt-4o-mini: kept" in printed
+    train = _rows(os.path.join(out, "train.jsonl"))
+    assert train and all(ex["label"] == "openai:gpt-4o-mini" for ex in train)
+    # the fake teacher calls nothing unless asked for the weather, so its no-calls win
+    assert sum(not ex["calls"] for ex in train) > 0.8 * len(train)
+    assert all(ex["reason"] == "chit-chat" for ex in train if not ex["calls"])
+    assert sent == 150 + 10   # every train and val example asked exactly once
+    assert not any("label" in ex for ex in _rows(os.path.join(out, "test.jsonl")))
+
+
+def test_bad_sources_fail_with_one_line(tmp_path, capsys, monkeypatch):
+    import pytest
+    monkeypatch.delenv("GEMINI_API_KEY", raising=False)
+    monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
+    bad = tmp_path / "tools.json"
+    bad.write_text('[{"description": "no name"}]')
+    for argv in (["--tools", str(bad)], ["--import", str(tmp_path / "missing.jsonl")],
+                 ["--teacher", "gemini"]):
+        with pytest.raises(SystemExit) as e:
+            data.main(["--out_dir", str(tmp_path / "d"), *SMALL, *argv])
+        assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--tools" in err and "missing.jsonl: no such file" in err and "GEMINI_API_KEY" in err
