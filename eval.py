@@ -17,6 +17,17 @@ For each group of items (all / seen tools / unseen tools / no-call / multi-call)
                 (chit-chat / information request / missing argument / no tool fits)
 plus latency p50/p95 per request. Prints a table, writes JSON (and one line per
 item with the prediction, for error analysis).
+
+External sets (evaluation only, never trained on):
+    python eval.py --ckpt out/demo/best.pt --when2call ../shared/eval/when2call/when2call_test_llm_judge.jsonl
+
+When2Call asks for a decision: call a tool, ask for missing information, or
+decline. A call is "tool_call", a no-call whose reason is "missing argument" is
+"request_for_info", any other no-call is "cannot_answer"; decision accuracy
+compares that with the item's label, and exact call match is scored on its
+tool_call items. Tools in its BFCL dialect are converted to JSON Schema
+(imports.to_schema_tool); items that cannot be converted, and prompts longer
+than the model's context, are counted and reported, not silently dropped.
 """
 
 import argparse
@@ -29,6 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 import wire
+from imports import to_schema_tool
 from model import CheckpointError
 from sample import Router
 
@@ -119,6 +131,60 @@ GROUPS = {
     "no-call": lambda ex: not ex["calls"],
     "multi-call": lambda ex: len(ex["calls"]) > 1,
 }
+DECISIONS = ["tool_call", "request_for_info", "cannot_answer"]
+for _d in DECISIONS:
+    GROUPS[_d] = lambda ex, d=_d: ex.get("decision") == d
+
+
+def decision_of(pred):
+    """A prediction -> call / ask / decline (When2Call's three labels), or unparseable."""
+    if pred["error"] and pred["error"].startswith("unparseable"):
+        return "unparseable"
+    if pred["calls"]:
+        return "tool_call"
+    return "request_for_info" if wire.reason_kind(pred["reason"]) == "missing argument" else "cannot_answer"
+
+
+def decision_report(rows, preds):
+    """Accuracy of the call / ask / decline decision, per class, and the confusions."""
+    pairs = [(ex["decision"], p["decision"]) for (ex, _, _), p in zip(rows, preds) if "decision" in ex]
+    if not pairs:
+        return None
+    confusion = {g: dict(Counter(p for gg, p in pairs if gg == g)) for g in DECISIONS}
+    per_class = {g: (confusion[g].get(g, 0) / sum(confusion[g].values())) if confusion[g] else None
+                 for g in DECISIONS}
+    return {"n": len(pairs), "accuracy": sum(g == p for g, p in pairs) / len(pairs),
+            "per_class": per_class, "confusion": confusion,
+            "too_long": sum(p["too_long"] for p in preds)}
+
+
+def load_when2call(path):
+    """When2Call JSONL -> (our test items, {reason: count} of items that could not be used)."""
+    items, skipped = [], Counter()
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                decision = row["correct_answer"]
+                if decision not in DECISIONS:
+                    raise KeyError(decision)
+                tools = [to_schema_tool(json.loads(t) if isinstance(t, str) else t) for t in row["tools"]]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: not a When2Call item ({type(e).__name__}: {e})") from None
+            except (wire.ToolError, ValueError) as e:
+                skipped[f"tool not convertible: {str(e)[:70]}"] += 1
+                continue
+            calls = [json.loads(row["answers"]["tool_call"])] if decision == "tool_call" else []
+            if calls and wire.validate_answer({"calls": calls, "reason": None}, tools):
+                skipped["expected call does not validate against its own tools"] += 1
+                continue
+            reason = {"request_for_info": wire.REASON_MISSING + "?",
+                      "cannot_answer": wire.REASON_NO_TOOL}.get(decision)
+            items.append({"tools": tools, "request": row["question"], "calls": calls, "reason": reason,
+                          "kind": decision, "decision": decision, "split": "when2call"})
+    return items, skipped
 COLUMNS = ["n", "valid", "tool_acc", "arg_acc", "false_call", "missed", "exact", "f1",
            "reason_acc", "latency_p50_ms", "latency_p95_ms"]
 
@@ -163,6 +229,8 @@ def main(argv=None):
     p.add_argument("--ckpt", default="out/demo/best.pt")
     p.add_argument("--data_dir", default=None, help="default: the checkpoint's")
     p.add_argument("--test_file", default=None, help="default: <data_dir>/test.jsonl")
+    p.add_argument("--when2call", default=None, metavar="JSONL",
+                   help="score the When2Call set (when2call_test_llm_judge.jsonl) instead")
     p.add_argument("--limit", type=int, default=0, help="score only the first N items")
     p.add_argument("--out", default=None, help="result JSON (default: next to the checkpoint)")
     p.add_argument("--max_new_tokens", type=int, default=128)
@@ -178,11 +246,12 @@ def main(argv=None):
     except CheckpointError as e:
         die(str(e))
     data_dir = args.data_dir or router.ckpt["data_dir"]
-    test_file = args.test_file or os.path.join(data_dir, "test.jsonl")
+    test_file = args.when2call or args.test_file or os.path.join(data_dir, "test.jsonl")
     if not os.path.isfile(test_file):
         die(f"{test_file}: no such test file")
+    skipped = Counter()
     try:
-        items = load_items(test_file)
+        items, skipped = load_when2call(test_file) if args.when2call else (load_items(test_file), skipped)
     except ValueError as e:
         die(str(e))
     if args.limit:
@@ -196,13 +265,14 @@ def main(argv=None):
             pred = router.answer(ex["tools"], ex["request"], args.max_new_tokens)
         except ValueError as e:   # prompt longer than the context: counted, not truncated
             pred = {"calls": [], "reason": None, "valid": False, "error": f"unparseable: {e}",
-                    "text": "", "tokens": 0, "latency_ms": 0.0}
+                    "text": "", "tokens": 0, "latency_ms": 0.0, "too_long": True}
         out = score_item(pred, ex["calls"], ex.get("reason"))
         rows.append((ex, out, pred["latency_ms"]))
         preds.append({"request": ex["request"], "gold": ex["calls"], "gold_reason": ex.get("reason"),
                       "pred": pred["calls"], "pred_reason": pred["reason"], "text": pred["text"],
                       "error": pred["error"], "exact": out["exact"], "split": ex.get("split"),
-                      "kind": ex.get("kind")})
+                      "kind": ex.get("kind"), "decision": decision_of(pred),
+                      "too_long": pred.get("too_long", False)})
 
     groups = {}
     for g, keep in GROUPS.items():
@@ -211,10 +281,20 @@ def main(argv=None):
             groups[g] = summarize(sel)
     print(f"\n{args.ckpt} on {test_file} ({len(items)} items)\n")
     print(format_table(groups))
+    decisions = decision_report(rows, preds)
+    if decisions:
+        print(f"\ndecision (call / ask / decline) accuracy {decisions['accuracy']:.1%} on {decisions['n']} items; "
+              + ", ".join(f"{g} {v:.1%}" for g, v in decisions["per_class"].items() if v is not None)
+              + f"; prompts longer than the context: {decisions['too_long']}")
+        for g, row in decisions["confusion"].items():
+            print(f"  gold {g:17s} -> " + ", ".join(f"{p} {n}" for p, n in sorted(row.items())))
+    for why, n in skipped.items():
+        print(f"skipped {n} items: {why}")
 
     out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".",
                                    f"eval_{os.path.splitext(os.path.basename(test_file))[0]}.json")
-    result = {"ckpt": args.ckpt, "test_file": test_file, "n_items": len(items), "groups": groups}
+    result = {"ckpt": args.ckpt, "test_file": test_file, "n_items": len(items), "groups": groups,
+              "decisions": decisions, "skipped": dict(skipped)}
     with open(out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     with open(os.path.splitext(out)[0] + "_predictions.jsonl", "w", encoding="utf-8") as f:

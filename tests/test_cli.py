@@ -35,6 +35,25 @@ def test_eval_writes_report(toy_ckpt, tmp_path):
     assert len(open(out.replace(".json", "_predictions.jsonl")).readlines()) == 12
 
 
+def test_eval_when2call_reports_decisions(toy_ckpt, tmp_path):
+    tool = {"name": "play", "description": "Play a song.", "parameters": {
+        "type": "dict", "required": ["song"], "properties": {"song": {"type": "string"}}}}
+    rows = [{"question": "play Yesterday", "correct_answer": "tool_call", "tools": [json.dumps(tool)],
+             "answers": {"tool_call": json.dumps({"name": "play", "arguments": {"song": "Yesterday"}})}},
+            {"question": "play something", "correct_answer": "request_for_info", "tools": [json.dumps(tool)],
+             "answers": {}},
+            {"question": "paint my house " * 200, "correct_answer": "cannot_answer", "tools": [], "answers": {}}]
+    src = tmp_path / "w2c.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows))
+    out = str(tmp_path / "w.json")
+    r = run("eval.py", "--ckpt", toy_ckpt, "--when2call", str(src), "--max_new_tokens", "24", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "decision (call / ask / decline) accuracy" in r.stdout
+    res = json.load(open(out))
+    assert res["decisions"]["n"] == 3 and res["decisions"]["too_long"] == 1
+    assert set(res["groups"]) >= {"tool_call", "request_for_info", "cannot_answer"}
+
+
 def _one_clear_line(r):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr

@@ -1,8 +1,11 @@
 """The scoring rules, each with a case that must fail."""
 
+import json
+
 import pytest
 
-from eval import matched_calls, score_item, summarize, values_equal
+from eval import (decision_of, decision_report, load_when2call, matched_calls, score_item,
+                  summarize, values_equal)
 
 
 def call(name, **args):
@@ -54,3 +57,46 @@ def test_summary_rates():
     assert m["arg_acc"] == pytest.approx(1 / 2)         # of the two with the right tool
     assert m["valid"] == pytest.approx(4 / 5)
     assert m["latency_p50_ms"] == 30.0
+
+
+# -----------------------------------------------------------------------------
+# When2Call: loader and the call / ask / decline decision
+
+def w2c_row(decision, tools, call=None, q="play Yesterday in the kitchen"):
+    return {"question": q, "correct_answer": decision, "tools": [json.dumps(t) for t in tools],
+            "answers": {"tool_call": json.dumps(call) if call else "{}"}}
+
+
+PLAY = {"name": "Music_PlayMedia", "description": "Play a track.",
+        "parameters": {"type": "dict", "required": ["track"],
+                       "properties": {"track": {"type": "string"}, "volume": {"type": "float"}}}}
+
+
+def test_when2call_loader_converts_and_counts_what_it_cannot(tmp_path):
+    rows = [w2c_row("tool_call", [PLAY], {"name": "Music_PlayMedia", "arguments": {"track": "Yesterday"}}),
+            w2c_row("request_for_info", [PLAY]),
+            w2c_row("cannot_answer", []),
+            w2c_row("cannot_answer", [{"name": "f", "parameters": {"type": "dict", "properties": {"x": {}}}}]),
+            w2c_row("tool_call", [PLAY], {"name": "Music_PlayMedia", "arguments": {"track": 5}})]
+    p = tmp_path / "w2c.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows))
+    items, skipped = load_when2call(str(p))
+    assert [it["decision"] for it in items] == ["tool_call", "request_for_info", "cannot_answer"]
+    assert items[0]["tools"][0]["parameters"]["properties"]["volume"]["type"] == "number"
+    assert items[0]["calls"] == [{"name": "Music_PlayMedia", "arguments": {"track": "Yesterday"}}]
+    assert sum(skipped.values()) == 2
+    p.write_text(json.dumps({"question": "x"}))
+    with pytest.raises(ValueError, match="not a When2Call item"):
+        load_when2call(str(p))
+
+
+def test_decisions_from_predictions():
+    assert decision_of(pred([call("t")])) == "tool_call"
+    assert decision_of(pred([], "missing argument: city")) == "request_for_info"
+    assert decision_of(pred([], "no tool fits")) == "cannot_answer"
+    assert decision_of(pred([], "chit-chat")) == "cannot_answer"
+    assert decision_of(pred([], None, False, "unparseable: junk")) == "unparseable"
+    rows = [({"decision": "tool_call"}, None, 0), ({"decision": "cannot_answer"}, None, 0)]
+    preds = [{"decision": "tool_call", "too_long": False}, {"decision": "tool_call", "too_long": True}]
+    rep = decision_report(rows, preds)
+    assert rep["accuracy"] == 0.5 and rep["per_class"]["cannot_answer"] == 0.0 and rep["too_long"] == 1
