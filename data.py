@@ -21,6 +21,7 @@ Writes to --out_dir:
     {split}.bin                uint16 token ids, all examples back to back
     {split}_mask.bin           uint8, 1 on answer tokens (where loss is computed)
     {split}_idx.npy            int64 offsets: example i is tokens[idx[i]:idx[i+1]]
+    {split}_group.npy          int64 group id per example: a group shares one tool list
     meta.json                  vocab size, special-token ids, counts, tokenizer hash, held-out tools
     invented_tools.json        the invented tools of this build
     data_card.json             statistics of the training split (also printed)
@@ -76,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--teacher_cache", default=None, help="default: <out_dir>/teacher_cache.jsonl")
     p.add_argument("--vocab_size", type=int, default=4096)
     p.add_argument("--max_len", type=int, default=512, help="drop examples longer than this (tokens)")
+    p.add_argument("--group", type=int, default=4,
+                   help="training examples per shared tool list (for train.py --share_prefix; 1: none)")
     p.add_argument("--seed", type=int, default=1337)
     return p.parse_args(argv)
 
@@ -98,31 +101,56 @@ def choose_heldout(entries, n, rng):
     return held
 
 
-def generate(gen, rng, n, targets_pool, allowed, reserved, desc, split):
+def generate(gen, rng, n, targets_pool, allowed, reserved, desc, split, group=1):
     """n distinct examples. Exact duplicates (same request, same tools) are removed
     within the split, and no request may repeat one in `reserved` (the requests of
     the splits made before: test, then val), so test requests never reach training.
-    The split's own requests are added to `reserved` at the end."""
+    The split's own requests are added to `reserved` at the end.
+
+    group > 1: examples come in groups of up to `group` that share one tool list
+    (same tools, same order, same wording), numbered by ex["group"], so training
+    can run the tool prefix once per group (train.py --share_prefix)."""
     out, seen, mine = [], set(), set()
     bar = tqdm(total=n, desc=desc, unit="ex", leave=False, disable=n < 2000)
-    tries = 0
+    tries, gid = 0, 0
     while len(out) < n:
-        tries += 1
-        if tries > 20 * n + 1000:
-            die(f"could only make {len(out)} distinct {desc} examples; lower the count")
-        ex = gen.sample(rng, targets_pool, allowed)
-        req = ex["request"].lower()
-        key = (req, tuple(sorted(t["name"] for t in ex["tools"])))
-        if req in reserved or key in seen:
-            continue
-        seen.add(key)
-        mine.add(req)
-        ex["split"] = split
-        out.append(ex)
-        bar.update(1)
+        first = None
+        for _ in range(group):
+            tries += 1
+            if tries > 20 * n + 1000:
+                die(f"could only make {len(out)} distinct {desc} examples; lower the count")
+            ex = gen.sample(rng, targets_pool, allowed) if first is None \
+                else gen.sibling(rng, first["_entries"], allowed)
+            req = ex["request"].lower()
+            key = (req, tuple(sorted(t["name"] for t in ex["tools"])))
+            if req in reserved or key in seen:
+                if first is None:
+                    break
+                continue
+            seen.add(key)
+            mine.add(req)
+            first = first or ex
+            ex["split"], ex["group"] = split, gid
+            out.append(ex)
+            bar.update(1)
+            if len(out) == n:
+                break
+        gid += first is not None
     bar.close()
+    for ex in out:
+        del ex["_entries"]
     reserved |= mine
     return out
+
+
+def shuffle_groups(examples, rng):
+    """Shuffle the order of groups, keeping each group's examples together."""
+    groups = {}
+    for ex in examples:
+        groups.setdefault(ex["group"], []).append(ex)
+    order = list(groups.values())
+    rng.shuffle(order)
+    return [ex for g in order for ex in g]
 
 
 # -----------------------------------------------------------------------------
@@ -177,6 +205,8 @@ def write_tokens(sp, examples, out_dir, split, max_len):
     np.array(ids, dtype=np.uint16).tofile(os.path.join(out_dir, f"{split}.bin"))
     np.array(mask, dtype=np.uint8).tofile(os.path.join(out_dir, f"{split}_mask.bin"))
     np.save(os.path.join(out_dir, f"{split}_idx.npy"), np.array(offsets, dtype=np.int64))
+    groups = [ex.get("group", i) for i, ex in enumerate(kept)]
+    np.save(os.path.join(out_dir, f"{split}_group.npy"), np.array(groups, dtype=np.int64))
     return kept, len(ids), np.diff(offsets)
 
 
@@ -328,7 +358,8 @@ def main(argv=None):
         if held:
             splits["test"] += generate(gen, rng, args.n_test_unseen, held, entries, reserved, "test (unseen)", "unseen")
         splits["val"] = generate(train_gen, rng, args.n_val, seen, seen, reserved, "val", "seen")
-        splits["train"] = generate(train_gen, rng, args.n_train, seen, seen, reserved, "train", "seen")
+        splits["train"] = generate(train_gen, rng, args.n_train, seen, seen, reserved, "train", "seen",
+                                   group=max(1, args.group))
     except CatalogueError as e:
         die(str(e))
     domain_of = {e["tool"]["name"]: e["domain"] for e in entries + invented}
@@ -339,14 +370,16 @@ def main(argv=None):
     if args.teacher:
         splits["train"] = label_with_teacher(args, splits["train"])
         splits["val"] = label_with_teacher(args, splits["val"])
+    gid = 1 + max((ex["group"] for ex in splits["train"]), default=0)
     for path in args.imports:
         imported, counts = import_jsonl(path)
-        for ex in imported:
-            ex["split"], ex["domain"] = "seen", "imported"
+        for i, ex in enumerate(imported):
+            ex["split"], ex["domain"], ex["group"] = "seen", "imported", gid + i
+        gid += len(imported)
         splits["train"] += imported
         bad = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k != "ok") or "none"
         print(f"imported {counts['ok']} examples from {path}; skipped lines: {bad}")
-    rng.shuffle(splits["train"])
+    splits["train"] = shuffle_groups(splits["train"], rng)
 
     print(f"training tokenizer (BPE, vocab {args.vocab_size}) ...")
     sp = train_tokenizer(splits["train"], [e["tool"] for e in entries], args.vocab_size, args.out_dir)

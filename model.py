@@ -21,6 +21,7 @@ import hashlib
 import math
 import os
 from dataclasses import dataclass, asdict, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -94,6 +95,19 @@ def apply_rope(x, cos, sin):
     return torch.stack((y1, y2), dim=-1).flatten(-2).type_as(x)
 
 
+class Layout(NamedTuple):
+    """How the tokens of a packed training row relate (train.py --share_prefix):
+    one tool prefix followed by several requests, each of which sees the prefix
+    and itself but not the others, at the positions it would have alone.
+        pos   (B, T) long   RoPE position of each token
+        mask  (B, 1, T, T)  bool, True where query t may attend to key s
+        prev  (B, T) long   index of the token before t in its own sequence (-1: none)
+    """
+    pos: torch.Tensor
+    mask: torch.Tensor
+    prev: torch.Tensor
+
+
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, preallocated to
     max_len so decoding appends in place. pos = number of cached positions."""
@@ -128,7 +142,7 @@ class CausalSelfAttention(nn.Module):
         # on a long loss plateau until it does.
         self.smear = nn.Parameter(torch.zeros(self.n_head)) if config.smear_keys else None
 
-    def forward(self, x, cos, sin, cache=None, layer=0):
+    def forward(self, x, cos, sin, cache=None, layer=0, layout=None):
         B, T, C = x.size()
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
@@ -136,11 +150,17 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         if self.smear is not None:
-            prev = torch.zeros_like(k[:, :, :1]) if cache is None or cache.pos == 0 \
-                else cache.last_k[layer, :B, :, None].clone().to(k.dtype)
-            if cache is not None:
-                cache.last_k[layer, :B] = k[:, :, -1]
-            k_prev = torch.cat([prev, k[:, :, :-1]], dim=2)        # key of position t-1
+            if layout is not None:
+                # packed rows: the previous token is given per position (-1: none)
+                prev_idx = layout.prev[:, None, :, None]
+                k_prev = k.gather(2, prev_idx.clamp(min=0).expand(B, self.n_head, T, self.head_dim))
+                k_prev = k_prev * (prev_idx >= 0).to(k.dtype)
+            else:
+                prev = torch.zeros_like(k[:, :, :1]) if cache is None or cache.pos == 0 \
+                    else cache.last_k[layer, :B, :, None].clone().to(k.dtype)
+                if cache is not None:
+                    cache.last_k[layer, :B] = k[:, :, -1]
+                k_prev = torch.cat([prev, k[:, :, :-1]], dim=2)        # key of position t-1
             s = torch.sigmoid(self.smear).view(1, -1, 1, 1)         # (1, nh, 1, 1)
             k = (1 - s) * k + s * k_prev
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -159,13 +179,16 @@ class CausalSelfAttention(nn.Module):
         if self.attn_impl == "explicit":
             # query i sits at absolute position start+i and may see keys 0..start+i
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T, S)
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            mask = layout.mask if layout is not None \
+                else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start)
             att = att.masked_fill(~mask, float("-inf"))
             att = F.softmax(att.float(), dim=-1).type_as(q)
             att = F.dropout(att, p=p, training=self.training)
             y = att @ v                                  # (B, nh, T, hs)
         else:
-            if start == 0:
+            if layout is not None:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask, dropout_p=p)
+            elif start == 0:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
             elif T == 1:
                 # one new token attends to every cached position: no mask needed
@@ -199,8 +222,8 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, cache=None, layer=0):
-        x = x + self.attn(self.norm1(x), cos, sin, cache, layer)
+    def forward(self, x, cos, sin, cache=None, layer=0, layout=None):
+        x = x + self.attn(self.norm1(x), cos, sin, cache, layer, layout)
         x = x + self.mlp(self.norm2(x))
         return x
 
@@ -249,17 +272,23 @@ class GPT(nn.Module):
         projection is a third of a tiny model's compute, and prompt logits are unused."""
         return F.linear(h, self.embed.weight).float()   # tied with the input embedding
 
-    def hidden(self, idx, cache=None):
-        """idx: (B, T) -> final normalised hidden states (B, T, C)."""
+    def hidden(self, idx, cache=None, layout=None):
+        """idx: (B, T) -> final normalised hidden states (B, T, C).
+        layout (training on packed rows, see Layout): per-token positions,
+        attention mask and previous-token index instead of one plain sequence."""
         B, T = idx.size()
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-        cos = self.rope_cos[start:start + T]
-        sin = self.rope_sin[start:start + T]
+        if layout is not None:
+            cos = self.rope_cos[layout.pos].unsqueeze(1)   # (B, 1, T, hs/2)
+            sin = self.rope_sin[layout.pos].unsqueeze(1)
+        else:
+            cos = self.rope_cos[start:start + T]
+            sin = self.rope_sin[start:start + T]
         x = self.embed(idx)                           # (B, T, C)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, i)
+            x = block(x, cos, sin, cache, i, layout)
         if cache is not None:
             cache.pos = start + T
         return self.norm(x)

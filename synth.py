@@ -263,7 +263,7 @@ class Generator:
         rng.shuffle(chosen)
         if self.noise:
             chosen = [rephrase_tool(e, rng) if rng.random() < 0.3 else e for e in chosen]
-        return [e["tool"] for e in chosen]
+        return chosen
 
     def _template(self, templates, rng):
         t = rng.choice(templates)
@@ -281,49 +281,85 @@ class Generator:
             return rng.choice(self.invented)
         return rng.choice(pool)
 
-    def make(self, rng, kind, targets, allowed):
+    def make(self, rng, kind, targets, allowed, fixed=None):
         """One example of the given kind. targets: entries the request is about
-        (ignored for chitchat/info); allowed: entries usable as distractors."""
+        (ignored for chitchat/info); allowed: entries usable as distractors;
+        fixed: use exactly these entries as the tool list (see sibling())."""
         if kind == "single":
             request, call = self._call(targets[0], rng)
             text = vary(request, rng)
             text = text if grounded(text, call["arguments"]) else request   # "p.m." lost its dot
-            return self._ex(kind, self._toolset(rng, targets[:1], allowed), text, [call])
+            return self._ex(kind, self._tools(fixed, rng, targets[:1], allowed), text, [call])
         if kind == "multi":
             reqs, calls = zip(*(self._call(e, rng) for e in targets))
             uniq = list({e["tool"]["name"]: e for e in targets}.values())
             text = join_requests(list(reqs), rng)
             if not all(grounded(text, c["arguments"]) for c in calls):   # a value ended in "!" or "?"
                 text = " ".join(reqs)
-            return self._ex(kind, self._toolset(rng, uniq, allowed), text, list(calls))
+            return self._ex(kind, self._tools(fixed, rng, uniq, allowed), text, list(calls))
         if kind == "chitchat":
-            return self._ex(kind, self._toolset(rng, [], allowed), vary(rng.choice(self.pools["chitchat"]), rng),
+            return self._ex(kind, self._tools(fixed, rng, [], allowed), vary(rng.choice(self.pools["chitchat"]), rng),
                             [], REASON_CHITCHAT)
         if kind == "info":
             # a search tool could answer a general question, so none is offered
-            tools = self._toolset(rng, [], allowed, exclude_domains={"search"})
+            tools = self._tools(fixed, rng, [], allowed, exclude_domains={"search"})
             return self._ex(kind, tools, vary(rng.choice(self.pools["info_requests"]), rng), [], REASON_INFO)
         if kind == "missing":
             e = targets[0]
             arg = rng.choice(sorted(e["missing"]))
             request, _ = fill(self._template(e["missing"][arg], rng), e, self.maker, rng)
-            return self._ex(kind, self._toolset(rng, [e], allowed), vary(request, rng), [],
+            return self._ex(kind, self._tools(fixed, rng, [e], allowed), vary(request, rng), [],
                             REASON_MISSING + arg)
         if kind == "notool":
             # either an action no catalogue tool does, or a catalogue request whose
             # tool (and every tool of its domain) is absent from the list
             if rng.random() < 0.5:
-                tools = self._toolset(rng, [], allowed)
+                tools = self._tools(fixed, rng, [], allowed)
                 return self._ex(kind, tools, rng.choice(self.pools["out_of_scope"]), [], REASON_NO_TOOL)
             e = targets[0]
             request, _ = self._call(e, rng)
-            tools = self._toolset(rng, [], allowed, exclude_domains={e["domain"]})
+            tools = self._tools(fixed, rng, [], allowed, exclude_domains={e["domain"]})
             return self._ex(kind, tools, vary(request, rng), [], REASON_NO_TOOL)
         raise ValueError(f"unknown example kind {kind!r}")
 
+    def _tools(self, fixed, rng, *args, **kw):
+        return list(fixed) if fixed is not None else self._toolset(rng, *args, **kw)
+
     @staticmethod
-    def _ex(kind, tools, request, calls, reason=None):
-        return {"kind": kind, "tools": tools, "request": request, "calls": calls, "reason": reason}
+    def _ex(kind, entries, request, calls, reason=None):
+        # _entries: the tool list as catalogue entries, for sibling(); data.py drops it
+        return {"kind": kind, "tools": [e["tool"] for e in entries], "request": request, "calls": calls,
+                "reason": reason, "_entries": entries}
+
+    def sibling(self, rng, entries, allowed, shares=KIND_SHARES):
+        """Another example over exactly the same tool list (train.py can then run
+        the shared tool prefix once for several requests, see --share_prefix)."""
+        kind = rng.choices(list(shares), weights=list(shares.values()))[0]
+        domains = {e["domain"] for e in entries}
+        if kind == "missing":
+            cands = [e for e in entries if e["missing"]]
+            if not cands:
+                kind = "single"
+        if kind == "info" and "search" in domains:
+            kind = "chitchat"
+        if kind == "single":
+            return self.make(rng, kind, [rng.choice(entries)], allowed, entries)
+        if kind == "multi":
+            first = rng.choice(entries)
+            n = rng.choice([2, 2, 2, 3])
+            targets = [first] * n if rng.random() < 0.3 or len(entries) == 1 \
+                else [first] + rng.sample([e for e in entries if e is not first], min(n - 1, len(entries) - 1))
+            return self.make(rng, kind, targets, allowed, entries)
+        if kind == "missing":
+            return self.make(rng, kind, [rng.choice(cands)], allowed, entries)
+        if kind == "notool":
+            others = [e for e in allowed if e["domain"] not in domains]
+            if others and rng.random() < 0.5:
+                e = rng.choice(others)
+                request, _ = self._call(e, rng)
+                return self._ex(kind, entries, vary(request, rng), [], REASON_NO_TOOL)
+            return self._ex(kind, entries, rng.choice(self.pools["out_of_scope"]), [], REASON_NO_TOOL)
+        return self.make(rng, kind, [], allowed, entries)
 
     def sample(self, rng, targets_pool, allowed, shares=KIND_SHARES):
         """Draw a kind by its share, targets from targets_pool (or the invented

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import GPT, PRESETS, config_from_preset, config_dict, load_checkpoint, save_checkpoint, CheckpointError
+from model import (GPT, PRESETS, CheckpointError, Layout, config_dict, config_from_preset, load_checkpoint,
+                   save_checkpoint)
 
 
 def parse_args(argv=None):
@@ -47,10 +48,13 @@ def parse_args(argv=None):
     p.add_argument("--no_smear_keys", dest="smear_keys", action="store_const", const=False,
                    help="plain keys, for A/B comparisons")
     # optimisation
-    p.add_argument("--batch_size", type=int, default=16, help="examples per micro-batch")
+    p.add_argument("--batch_size", type=int, default=16,
+                   help="rows per micro-batch: an example each, or a group with --share_prefix")
     p.add_argument("--length_window", type=int, default=256,
                    help="draw each batch from this many examples of similar length (0: uniform)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--share_prefix", action="store_true",
+                   help="train on rows of examples that share one tool prefix (data.py --group)")
     p.add_argument("--max_steps", type=int, default=2900)
     p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate")
     p.add_argument("--min_lr", type=float, default=5e-4, help="learning rate at the end of the cosine")
@@ -127,9 +131,16 @@ def load_meta(data_dir):
 
 
 class Split:
-    """One split's token files, memory-mapped; examples are kept whole."""
+    """One split's token files, memory-mapped; examples are kept whole.
 
-    def __init__(self, data_dir, split, block_size):
+    Training draws rows, not examples. A row is one example, or with
+    share_prefix a group of examples that share a tool list (data.py --group):
+    the tool prefix once, then each example's request and answer. Each request
+    sees the prefix and itself only, at the positions it would have alone
+    (model.Layout), so the model learns exactly what it would from the
+    examples one by one, while the prefix (most of the tokens) runs once."""
+
+    def __init__(self, data_dir, split, block_size, share_prefix=False, user_id=None):
         base = os.path.join(data_dir, split)
         for suffix in (".bin", "_mask.bin", "_idx.npy"):
             if not os.path.isfile(base + suffix):
@@ -140,29 +151,99 @@ class Split:
         lens = np.diff(offsets)
         # an example longer than the context cannot be trained on whole: skip it
         keep = lens <= block_size
-        self.starts, self.lens = offsets[:-1][keep], lens[keep]
+        self.starts, self.lens = offsets[:-1], lens
         self.n_dropped = int((~keep).sum())
-        self.by_length = np.argsort(self.lens, kind="stable")   # for length-grouped batches
-        if len(self.starts) == 0:
+        self.n_examples = int(keep.sum())
+        if share_prefix and not os.path.isfile(base + "_group.npy"):
+            die(f"{base}_group.npy: missing; --share_prefix needs data from data.py --group N")
+        groups = np.load(base + "_group.npy") if share_prefix else np.arange(len(lens))
+        self.rows, self.prefix = [], []   # example indices per row; tokens of shared prefix
+        i = 0
+        while i < len(lens):
+            j = i
+            while j + 1 < len(lens) and groups[j + 1] == groups[i]:
+                j += 1
+            members = [k for k in range(i, j + 1) if keep[k]]
+            i = j + 1
+            if share_prefix and len(members) > 1:
+                self._add_group(members, block_size, user_id)
+            else:
+                for k in members:
+                    self.rows.append([k])
+                    self.prefix.append(0)
+        self.row_lens = np.array([self._row_len(r, p) for r, p in zip(self.rows, self.prefix)])
+        self.by_length = np.argsort(self.row_lens, kind="stable")   # for length-grouped batches
+        if not self.rows:
             die(f"{base}: no example fits block_size {block_size}")
 
+    def _row_len(self, row, p):
+        return p + sum(int(self.lens[k]) - p for k in row)
+
+    def _add_group(self, members, block_size, user_id):
+        """Rows for one group: the common prefix (up to the <|user|> token) once,
+        then as many members as fit in block_size; the rest start a new row."""
+        first = self.tokens[self.starts[members[0]]:self.starts[members[0]] + self.lens[members[0]]]
+        where = np.flatnonzero(first == user_id)
+        p = int(where[0]) if len(where) else 0
+        same = [k for k in members if p and np.array_equal(self.tokens[self.starts[k]:self.starts[k] + p], first[:p])]
+        for k in members:
+            if k not in same:           # a different prefix (should not happen): a row of its own
+                self.rows.append([k])
+                self.prefix.append(0)
+        row = []
+        for k in same:
+            if row and self._row_len(row + [k], p) > block_size:
+                self.rows.append(row)
+                self.prefix.append(p)
+                row = []
+            row.append(k)
+        if row:
+            self.rows.append(row)
+            self.prefix.append(p if len(row) > 1 else 0)
+
     def __len__(self):
-        return len(self.starts)
+        return len(self.rows)
 
     def batch(self, idx, pad_id):
-        """Examples idx -> x, y, m of shape (B, L), right-padded to the longest.
+        """Rows idx -> x, y, m of shape (B, L), right-padded to the longest, and a
+        model.Layout if any row packs several examples (else None: plain causal).
         y is x shifted by one; m is 1 where y is an answer token. Right padding
         needs no attention mask: under the causal mask no real token sees a pad."""
-        L = int(self.lens[idx].max()) - 1
-        x = np.full((len(idx), L), pad_id, dtype=np.int64)
-        y = np.full((len(idx), L), pad_id, dtype=np.int64)
-        m = np.zeros((len(idx), L), dtype=np.float32)
-        for r, i in enumerate(idx):
-            s, n = self.starts[i], self.lens[i]
-            x[r, :n - 1] = self.tokens[s:s + n - 1]
-            y[r, :n - 1] = self.tokens[s + 1:s + n]
-            m[r, :n - 1] = self.mask[s + 1:s + n]
-        return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(m)
+        L = int(self.row_lens[idx].max()) - 1
+        B = len(idx)
+        x = np.full((B, L), pad_id, dtype=np.int64)
+        y = np.full((B, L), pad_id, dtype=np.int64)
+        m = np.zeros((B, L), dtype=np.float32)
+        packed = any(len(self.rows[r]) > 1 for r in idx)
+        pos = np.tile(np.arange(L), (B, 1))
+        seg = np.full((B, L), -1, dtype=np.int64)         # 0: shared prefix, k: k-th example
+        prev = np.tile(np.arange(L) - 1, (B, 1))
+        for b, r in enumerate(idx):
+            p, row = self.prefix[r], self.rows[r]
+            s0 = self.starts[row[0]]
+            toks, msk = [self.tokens[s0:s0 + p]], [self.mask[s0:s0 + p]]
+            ps, sg, pv = [np.arange(p)], [np.zeros(p, dtype=np.int64)], [np.arange(p) - 1]
+            at = p
+            for k_i, k in enumerate(row, 1):
+                s, n = self.starts[k], int(self.lens[k])
+                toks.append(self.tokens[s + p:s + n])
+                msk.append(self.mask[s + p:s + n])
+                ps.append(np.arange(p, n))
+                sg.append(np.full(n - p, k_i))
+                # the first token after the prefix follows the prefix's last token
+                pv.append(np.concatenate([[p - 1], np.arange(at, at + n - p - 1)]))
+                at += n - p
+            t, mk = np.concatenate(toks), np.concatenate(msk)
+            n = len(t) - 1
+            x[b, :n], y[b, :n], m[b, :n] = t[:-1], t[1:], mk[1:]
+            pos[b, :n], seg[b, :n], prev[b, :n] = np.concatenate(ps)[:-1], np.concatenate(sg)[:-1], np.concatenate(pv)[:-1]
+        out = torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(m)
+        if not packed:
+            return out + (None,)
+        seg_t = torch.from_numpy(seg)
+        q, k = seg_t[:, :, None], seg_t[:, None, :]
+        mask = ((k == 0) | (k == q)) & torch.ones(L, L, dtype=torch.bool).tril()
+        return out + (Layout(torch.from_numpy(pos), mask[:, None], torch.from_numpy(prev)),)
 
 
 def batch_indices(split, seed, step, micro, batch_size, window=0):
@@ -177,10 +258,10 @@ def batch_indices(split, seed, step, micro, batch_size, window=0):
     return split.by_length[lo + rng.integers(0, window, batch_size)]
 
 
-def answer_loss(model, x, y, m, reduction="mean"):
+def answer_loss(model, x, y, m, layout=None, reduction="mean"):
     """Cross-entropy on answer tokens only (m == 1); the vocab projection runs
     on those positions alone. x, y, m: (B, L)."""
-    h = model.hidden(x)                       # (B, L, C)
+    h = model.hidden(x, layout=layout)        # (B, L, C)
     sel = m.bool()
     logits = model.head(h[sel])               # (N_answer, V) float32
     return F.cross_entropy(logits, y[sel], reduction=reduction)
@@ -193,12 +274,19 @@ def evaluate_loss(model, split, args, pad_id, device, ctx):
     total, count = 0.0, 0.0
     for i in range(args.eval_batches):
         idx = batch_indices(split, args.seed + 1, i, 0, args.batch_size)
-        x, y, m = (t.to(device) for t in split.batch(idx, pad_id))
+        x, y, m, layout = to_device(split.batch(idx, pad_id), device)
         with ctx:
-            total += answer_loss(model, x, y, m, reduction="sum").item()
+            total += answer_loss(model, x, y, m, layout, reduction="sum").item()
         count += m.sum().item()
     model.train()
     return total / max(count, 1)
+
+
+def to_device(batch, device):
+    x, y, m, layout = batch
+    if layout is not None:
+        layout = Layout(*(t.to(device, non_blocking=True) for t in layout))
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True), m.to(device, non_blocking=True), layout
 
 
 def get_lr(step, args):
@@ -273,13 +361,15 @@ def main(argv=None):
         model.hidden = torch.compile(model.hidden)
     ctx = autocast_ctx(device, dtype)
 
-    train = Split(args.data_dir, "train", config.block_size)
+    train = Split(args.data_dir, "train", config.block_size, args.share_prefix, meta["special_tokens"]["<|user|>"])
     val = Split(args.data_dir, "val", config.block_size)
     n_params = model.num_params()
     print(f"device: {device} ({device_why}); dtype: {dtype} ({dtype_why})")
     print(f"model: {args.preset}, {n_params / 1e6:.2f}M parameters, {json.dumps(config_dict(config))}")
-    print(f"data: {args.data_dir}: {len(train)} train / {len(val)} val examples"
-          + (f" ({train.n_dropped} longer than block_size skipped)" if train.n_dropped else ""))
+    print(f"data: {args.data_dir}: {train.n_examples} train / {len(val)} val examples"
+          + (f" ({train.n_dropped} longer than block_size skipped)" if train.n_dropped else "")
+          + (f"; {len(train)} rows sharing tool prefixes, {train.row_lens.sum() / train.lens[train.lens <= config.block_size].sum():.0%} "
+             "of the tokens" if args.share_prefix else ""))
     print(f"config: {json.dumps(vars(args))}")
     if step:
         log(f"resumed from {last_path} at step {step}")
@@ -297,7 +387,7 @@ def main(argv=None):
 
     model.train()
     t0 = time.time()
-    tokens_since, steps_since = 0, 0
+    tokens_since, steps_since, examples_since = 0, 0, 0
     try:
         while step < args.max_steps:
             if args.stop_at and step >= args.stop_at:
@@ -320,12 +410,13 @@ def main(argv=None):
             loss_sum = 0.0
             for micro in range(args.grad_accum):
                 idx = batch_indices(train, args.seed, step, micro, args.batch_size, args.length_window)
-                x, y, m = (t.to(device, non_blocking=True) for t in train.batch(idx, pad_id))
+                x, y, m, layout = to_device(train.batch(idx, pad_id), device)
                 with ctx:
-                    loss = answer_loss(model, x, y, m) / args.grad_accum
+                    loss = answer_loss(model, x, y, m, layout) / args.grad_accum
                 scaler.scale(loss).backward()
                 loss_sum += loss.item()
                 tokens_since += x.numel()
+                examples_since += sum(len(train.rows[r]) for r in idx)
             if args.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -343,8 +434,9 @@ def main(argv=None):
                 # ~6 FLOPs per parameter per token for forward + backward
                 gflops = 6 * n_params * tps / 1e9
                 log(f"step {step} | loss {loss_sum:.4f} | lr {lr:.2e} | "
-                    f"dt {1000 * dt / steps_since:.0f}ms | tok/s {tps:,.0f} | {gflops:.1f} GFLOP/s")
-                t0, tokens_since, steps_since = time.time(), 0, 0
+                    f"dt {1000 * dt / steps_since:.0f}ms | tok/s {tps:,.0f} | ex/s {examples_since / dt:.1f} | "
+                    f"{gflops:.1f} GFLOP/s")
+                t0, tokens_since, steps_since, examples_since = time.time(), 0, 0, 0
     except KeyboardInterrupt:
         checkpoint(last_path)
         log(f"interrupted at step {step}; saved {last_path} (continue with --resume)")

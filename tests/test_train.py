@@ -5,6 +5,7 @@ import torch
 
 import train
 from conftest import MICRO
+from model import GPT, GPTConfig
 
 
 def _run(data_dir, out, steps, extra=()):
@@ -57,11 +58,48 @@ def test_length_grouped_batches_are_deterministic_and_similar_in_length(toy_data
     assert (a == train.batch_indices(split, 1, 5, 0, 8, window=32)).all()
     assert (a != train.batch_indices(split, 1, 6, 0, 8, window=32)).any()
     # drawn from 32 neighbours in length order: the spread is far below the split's
-    spread = split.lens[a].max() - split.lens[a].min()
-    assert spread < (split.lens.max() - split.lens.min()) / 2
+    spread = split.row_lens[a].max() - split.row_lens[a].min()
+    assert spread < (split.row_lens.max() - split.row_lens.min()) / 2
 
 
 def test_smear_keys_flag_reaches_the_checkpoint(toy_data, tmp_path):
     out = str(tmp_path / "ns")
     _run(toy_data, out, 1, ["--no_smear_keys"])
     assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["model_config"]["smear_keys"] is False
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "explicit"])
+def test_shared_prefix_rows_give_the_same_loss_as_examples_one_by_one(toy_data, impl):
+    """--share_prefix is a speed-up only: each request sees the tool prefix and
+    itself at its own positions, so the summed loss equals the unpacked one."""
+    import json
+    meta = json.load(open(os.path.join(toy_data, "meta.json")))
+    pad, user = meta["special_tokens"]["<|pad|>"], meta["special_tokens"]["<|user|>"]
+    packed = train.Split(toy_data, "train", 512, share_prefix=True, user_id=user)
+    plain = train.Split(toy_data, "train", 512)
+    assert packed.row_lens.sum() < 0.7 * plain.row_lens.sum()
+    rows = [r for r in range(len(packed)) if len(packed.rows[r]) > 1][:3]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=meta["vocab_size"], n_layer=2, n_head=2, n_embd=32, n_hidden=64,
+                          attn_impl=impl, smear_keys=True))
+    with torch.no_grad():
+        for b in model.blocks:
+            b.attn.smear.fill_(0.7)   # make the previous-token path matter
+    x, y, m, layout = packed.batch(rows, pad)
+    assert layout is not None
+    a = train.answer_loss(model, x, y, m, layout, reduction="sum")
+    x2, y2, m2, none = plain.batch([k for r in rows for k in packed.rows[r]], pad)
+    b = train.answer_loss(model, x2, y2, m2, none, reduction="sum")
+    assert m.sum() == m2.sum() > 0
+    assert torch.allclose(a, b, rtol=1e-5), (a.item(), b.item())
+    # and a wrong layout (requests seeing each other) would change it
+    wrong = layout._replace(mask=torch.ones_like(layout.mask).tril())
+    with torch.no_grad():
+        diff = (model.hidden(x, layout=wrong) - model.hidden(x, layout=layout)).abs().amax()
+    assert diff > 1e-3
+
+
+def test_share_prefix_training_runs(toy_data, tmp_path):
+    out = str(tmp_path / "sp")
+    _run(toy_data, out, 3, ["--share_prefix"])
+    assert "ex/s" in open(os.path.join(out, "log.txt")).read()
