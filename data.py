@@ -249,8 +249,13 @@ def label_with_teacher(args, examples):
     except T.TeacherError as e:
         die(str(e))
     cache = args.teacher_cache or os.path.join(args.out_dir, "teacher_cache.jsonl")
-    results, _ = T.label([{"tools": ex["tools"], "request": ex["request"]} for ex in examples], t, cache,
-                         concurrency=args.teacher_concurrency, rps=args.teacher_rps)
+    try:
+        results, _ = T.label([{"tools": ex["tools"], "request": ex["request"]} for ex in examples], t, cache,
+                             concurrency=args.teacher_concurrency, rps=args.teacher_rps)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: every answer received so far is in {cache}; "
+              "run the same command again to continue from there", file=sys.stderr)
+        sys.exit(130)
     kept, agree = [], 0
     for ex, r in zip(examples, results):
         if r is None:

@@ -53,8 +53,11 @@ def parse_args(argv=None):
     p.add_argument("--length_window", type=int, default=256,
                    help="draw each batch from this many examples of similar length (0: uniform)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--share_prefix", action="store_true",
-                   help="train on rows of examples that share one tool prefix (data.py --group)")
+    p.add_argument("--share_prefix", action="store_const", const=True, default=None,
+                   help="train on rows of examples that share one tool prefix (default: on when "
+                   "the data dir has groups, see data.py --group)")
+    p.add_argument("--no_share_prefix", dest="share_prefix", action="store_const", const=False,
+                   help="one example per row")
     p.add_argument("--max_steps", type=int, default=2900)
     p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate")
     p.add_argument("--min_lr", type=float, default=5e-4, help="learning rate at the end of the cosine")
@@ -361,6 +364,8 @@ def main(argv=None):
         model.hidden = torch.compile(model.hidden)
     ctx = autocast_ctx(device, dtype)
 
+    if args.share_prefix is None:
+        args.share_prefix = os.path.isfile(os.path.join(args.data_dir, "train_group.npy"))
     train = Split(args.data_dir, "train", config.block_size, args.share_prefix, meta["special_tokens"]["<|user|>"])
     val = Split(args.data_dir, "val", config.block_size)
     n_params = model.num_params()
