@@ -20,6 +20,8 @@ Writes to --out_dir:
     tok.model, tok.vocab       sentencepiece BPE with the special tokens as single pieces
     {split}.bin                uint16 token ids, all examples back to back
     {split}_mask.bin           uint8, 1 on answer tokens (where loss is computed)
+    {split}_cls.bin            uint8 class of each token: 0 prompt, then wire.TOKEN_CLASSES
+                               (struct, tool name, argument key, argument value, reason)
     {split}_idx.npy            int64 offsets: example i is tokens[idx[i]:idx[i+1]]
     {split}_group.npy          int64 group id per example: a group shares one tool list
     meta.json                  vocab size, special-token ids, counts, tokenizer hash, held-out tools
@@ -183,27 +185,51 @@ def train_tokenizer(examples, tools, vocab_size, out_dir):
     return sp
 
 
-def encode_example(sp, ex):
-    """-> (token ids, loss mask). The answer is encoded separately so the mask
-    boundary falls exactly on the first answer token."""
+def piece_lengths(sp):
+    """Bytes of text each token id stands for (byte-fallback pieces: one)."""
+    return np.array([1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+                     for i in range(sp.get_piece_size())], dtype=np.int64)
+
+
+def token_classes(ids, spans, nbytes):
+    """Class of each answer token (wire.TOKEN_CLASSES): the class of the span its
+    last byte falls in, so a piece like "_Paris" that starts on the space after
+    "city:" counts as value. spans: wire.answer_spans(); nbytes: piece_lengths()."""
+    bounds, classes, at = [], [], 0
+    for text, cls in spans:
+        at += len(text.encode("utf-8"))
+        bounds.append(at)
+        classes.append(wire.TOKEN_CLASSES[cls])
+    last = np.cumsum(nbytes[ids]) - 1
+    return [classes[min(int(np.searchsorted(bounds, b, side="right")), len(classes) - 1)] for b in last]
+
+
+def encode_example(sp, ex, nbytes):
+    """-> (token ids, per-token class: 0 on the prompt, else the answer part it
+    belongs to). The answer is encoded separately so the boundary falls exactly
+    on the first answer token."""
     prompt = sp.encode(wire.render_prompt(ex["tools"], ex["request"]))
-    answer = sp.encode(wire.render_answer(ex["calls"], ex["reason"]))
-    return prompt + answer, [0] * len(prompt) + [1] * len(answer)
+    spans = wire.answer_spans(ex["calls"], ex["reason"])
+    answer = sp.encode("".join(t for t, _ in spans))
+    return prompt + answer, [0] * len(prompt) + token_classes(answer, spans, nbytes)
 
 
 def write_tokens(sp, examples, out_dir, split, max_len):
     """Token files for one split; examples over max_len are dropped and counted."""
-    ids, mask, offsets, kept = [], [], [0], []
+    ids, cls, offsets, kept = [], [], [0], []
+    nbytes = piece_lengths(sp)
     for ex in examples:
-        x, m = encode_example(sp, ex)
+        x, c = encode_example(sp, ex, nbytes)
         if len(x) > max_len:
             continue
         ids.extend(x)
-        mask.extend(m)
+        cls.extend(c)
         offsets.append(len(ids))
         kept.append(ex)
+    cls = np.array(cls, dtype=np.uint8)
     np.array(ids, dtype=np.uint16).tofile(os.path.join(out_dir, f"{split}.bin"))
-    np.array(mask, dtype=np.uint8).tofile(os.path.join(out_dir, f"{split}_mask.bin"))
+    (cls > 0).astype(np.uint8).tofile(os.path.join(out_dir, f"{split}_mask.bin"))
+    cls.tofile(os.path.join(out_dir, f"{split}_cls.bin"))
     np.save(os.path.join(out_dir, f"{split}_idx.npy"), np.array(offsets, dtype=np.int64))
     groups = [ex.get("group", i) for i, ex in enumerate(kept)]
     np.save(os.path.join(out_dir, f"{split}_group.npy"), np.array(groups, dtype=np.int64))

@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -29,10 +30,12 @@ import torch.nn.functional as F
 
 from model import (GPT, PRESETS, CheckpointError, Layout, config_dict, config_from_preset, load_checkpoint,
                    save_checkpoint)
+from wire import TOKEN_CLASSES
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arg_parser(doc=__doc__):
+    """train.py's flags; distill.py adds its own to the same parser."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", default="data/demo")
     p.add_argument("--out_dir", default="out/demo")
     p.add_argument("--preset", default="tiny", choices=list(PRESETS))
@@ -49,7 +52,8 @@ def parse_args(argv=None):
                    help="plain keys, for A/B comparisons")
     # optimisation
     p.add_argument("--batch_size", type=int, default=16,
-                   help="rows per micro-batch: an example each, or a group with --share_prefix")
+                   help="examples per micro-batch (with --share_prefix: rows of a group each, "
+                   "as many as hold about this many examples)")
     p.add_argument("--length_window", type=int, default=256,
                    help="draw each batch from this many examples of similar length (0: uniform)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -58,6 +62,11 @@ def parse_args(argv=None):
                    "the data dir has groups, see data.py --group)")
     p.add_argument("--no_share_prefix", dest="share_prefix", action="store_const", const=False,
                    help="one example per row")
+    p.add_argument("--class_weights", type=parse_class_weights, default=None, metavar="CLASS=W,...",
+                   help="loss weight per answer-token class, e.g. name=2,value=3 "
+                   "(classes: struct, name, key, value, reason; others stay 1; default: all 1)")
+    p.add_argument("--max_examples", type=int, default=0,
+                   help="train on the first N training examples only (0: all), for fixed-data comparisons")
     p.add_argument("--max_steps", type=int, default=2900)
     p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate")
     p.add_argument("--min_lr", type=float, default=5e-4, help="learning rate at the end of the cosine")
@@ -78,7 +87,26 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start)")
     p.add_argument("--seed", type=int, default=1337)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return arg_parser().parse_args(argv)
+
+
+def parse_class_weights(text):
+    """'name=2,value=3' -> weights indexed by wire.TOKEN_CLASSES (prompt 0, rest 1)."""
+    w = [0.0] + [1.0] * (len(TOKEN_CLASSES) - 1)
+    for part in filter(None, text.split(",")):
+        cls, _, val = part.partition("=")
+        if cls.strip() not in TOKEN_CLASSES or cls.strip() == "prompt":
+            raise argparse.ArgumentTypeError(
+                f"unknown token class {cls.strip()!r}; choose from {', '.join(list(TOKEN_CLASSES)[1:])}")
+        try:
+            w[TOKEN_CLASSES[cls.strip()]] = float(val)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r}: the weight must be a number") from None
+    return w
 
 
 def die(msg):
@@ -143,19 +171,29 @@ class Split:
     (model.Layout), so the model learns exactly what it would from the
     examples one by one, while the prefix (most of the tokens) runs once."""
 
-    def __init__(self, data_dir, split, block_size, share_prefix=False, user_id=None):
+    def __init__(self, data_dir, split, block_size, share_prefix=False, user_id=None, class_weights=None,
+                 max_examples=0):
         base = os.path.join(data_dir, split)
         for suffix in (".bin", "_mask.bin", "_idx.npy"):
             if not os.path.isfile(base + suffix):
                 die(f"{base + suffix}: missing; run data.py --out_dir {data_dir}")
         self.tokens = np.memmap(base + ".bin", dtype=np.uint16, mode="r")
         self.mask = np.memmap(base + "_mask.bin", dtype=np.uint8, mode="r")
+        # per-token loss weight by class (prompt 0, struct, name, key, value, reason)
+        self.weights = None
+        if class_weights is not None:
+            if not os.path.isfile(base + "_cls.bin"):
+                die(f"{base}_cls.bin: missing; --class_weights needs data from a newer data.py")
+            self.mask = np.memmap(base + "_cls.bin", dtype=np.uint8, mode="r")
+            self.weights = np.asarray(class_weights, dtype=np.float32)
         offsets = np.load(base + "_idx.npy")
         lens = np.diff(offsets)
         # an example longer than the context cannot be trained on whole: skip it
         keep = lens <= block_size
+        if max_examples:
+            keep &= np.arange(len(lens)) < max_examples
         self.starts, self.lens = offsets[:-1], lens
-        self.n_dropped = int((~keep).sum())
+        self.n_dropped = int((lens > block_size).sum())
         self.n_examples = int(keep.sum())
         if share_prefix and not os.path.isfile(base + "_group.npy"):
             die(f"{base}_group.npy: missing; --share_prefix needs data from data.py --group N")
@@ -237,6 +275,8 @@ class Split:
                 pv.append(np.concatenate([[p - 1], np.arange(at, at + n - p - 1)]))
                 at += n - p
             t, mk = np.concatenate(toks), np.concatenate(msk)
+            if self.weights is not None:   # mk holds classes: turn them into weights
+                mk = self.weights[mk]
             n = len(t) - 1
             x[b, :n], y[b, :n], m[b, :n] = t[:-1], t[1:], mk[1:]
             pos[b, :n], seg[b, :n], prev[b, :n] = np.concatenate(ps)[:-1], np.concatenate(sg)[:-1], np.concatenate(pv)[:-1]
@@ -262,12 +302,15 @@ def batch_indices(split, seed, step, micro, batch_size, window=0):
 
 
 def answer_loss(model, x, y, m, layout=None, reduction="mean"):
-    """Cross-entropy on answer tokens only (m == 1); the vocab projection runs
-    on those positions alone. x, y, m: (B, L)."""
+    """Cross-entropy on answer tokens only (m > 0), weighted by m (1 everywhere
+    unless --class_weights); the vocab projection runs on those positions alone.
+    x, y, m: (B, L). "mean" is the weighted mean, "sum" the weighted sum."""
     h = model.hidden(x, layout=layout)        # (B, L, C)
-    sel = m.bool()
+    sel = m > 0
     logits = model.head(h[sel])               # (N_answer, V) float32
-    return F.cross_entropy(logits, y[sel], reduction=reduction)
+    w = m[sel]
+    ce = F.cross_entropy(logits, y[sel], reduction="none") * w
+    return ce.sum() if reduction == "sum" else ce.sum() / w.sum()
 
 
 @torch.no_grad()
@@ -324,20 +367,17 @@ class Logger:
 
 # -----------------------------------------------------------------------------
 
-def main(argv=None):
-    args = parse_args(argv)
-    meta = load_meta(args.data_dir)
-    device, device_why = pick_device(args.device)
-    dtype, dtype_why = pick_dtype(args.dtype, device)
-    torch.manual_seed(args.seed)
-    os.makedirs(args.out_dir, exist_ok=True)
-    log = Logger(args.out_dir)
-    pad_id = meta["special_tokens"]["<|pad|>"]
+def model_config(args, meta):
+    return config_from_preset(args.preset, vocab_size=meta["vocab_size"], n_layer=args.n_layer,
+                              n_head=args.n_head, n_embd=args.n_embd, n_hidden=args.n_hidden,
+                              block_size=args.block_size, dropout=args.dropout, smear_keys=args.smear_keys)
 
-    config = config_from_preset(args.preset, vocab_size=meta["vocab_size"], n_layer=args.n_layer,
-                                n_head=args.n_head, n_embd=args.n_embd, n_hidden=args.n_hidden,
-                                block_size=args.block_size, dropout=args.dropout,
-                                smear_keys=args.smear_keys)
+
+def setup_run(args, meta, device, dtype, log, name="model"):
+    """Everything a training loop needs before its first step, shared by train.py
+    and distill.py: the model (fresh, or from last.pt with --resume), optimizer,
+    grad scaler, autocast context and the train/val splits. Prints what it built."""
+    config = model_config(args, meta)
     last_path = os.path.join(args.out_dir, "last.pt")
     step, best_val, ckpt = 0, float("inf"), None
     if args.resume:
@@ -362,33 +402,56 @@ def main(argv=None):
     if args.compile:
         # compile the forward pass in place; state_dict keys stay free of "_orig_mod."
         model.hidden = torch.compile(model.hidden)
-    ctx = autocast_ctx(device, dtype)
 
     if args.share_prefix is None:
         args.share_prefix = os.path.isfile(os.path.join(args.data_dir, "train_group.npy"))
-    train = Split(args.data_dir, "train", config.block_size, args.share_prefix, meta["special_tokens"]["<|user|>"])
+    train = Split(args.data_dir, "train", config.block_size, args.share_prefix, meta["special_tokens"]["<|user|>"],
+                  args.class_weights, args.max_examples)
     val = Split(args.data_dir, "val", config.block_size)
-    n_params = model.num_params()
-    print(f"device: {device} ({device_why}); dtype: {dtype} ({dtype_why})")
-    print(f"model: {args.preset}, {n_params / 1e6:.2f}M parameters, {json.dumps(config_dict(config))}")
+    # --batch_size counts examples; a shared-prefix row holds several
+    rows_per_batch = max(1, round(args.batch_size * len(train) / train.n_examples))
+    print(f"{name}: {args.preset}, {model.num_params() / 1e6:.2f}M parameters, {json.dumps(config_dict(config))}")
     print(f"data: {args.data_dir}: {train.n_examples} train / {len(val)} val examples"
           + (f" ({train.n_dropped} longer than block_size skipped)" if train.n_dropped else "")
           + (f"; {len(train)} rows sharing tool prefixes, {train.row_lens.sum() / train.lens[train.lens <= config.block_size].sum():.0%} "
-             "of the tokens" if args.share_prefix else ""))
+             f"of the tokens, {rows_per_batch} rows per batch" if args.share_prefix else ""))
     print(f"config: {json.dumps(vars(args))}")
     if step:
         log(f"resumed from {last_path} at step {step}")
     else:
         open(log.path, "w").close()   # a fresh run starts a fresh log (best/last are replaced too)
+    return SimpleNamespace(config=config, model=model, optimizer=optimizer, scaler=scaler, step=step,
+                           best_val=best_val, train=train, val=val, rows_per_batch=rows_per_batch,
+                           last_path=last_path, ctx=autocast_ctx(device, dtype))
+
+
+def save_run(run, args, meta, path, step, best_val, **extra):
+    save_checkpoint({
+        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(), "model_config": config_dict(run.config),
+        "step": step, "best_val": best_val, "args": vars(args), "data_dir": args.data_dir,
+        "tokenizer_sha256": meta["tokenizer_sha256"], "vocab_size": meta["vocab_size"], **extra,
+    }, path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    meta = load_meta(args.data_dir)
+    device, device_why = pick_device(args.device)
+    dtype, dtype_why = pick_dtype(args.dtype, device)
+    torch.manual_seed(args.seed)
+    os.makedirs(args.out_dir, exist_ok=True)
+    log = Logger(args.out_dir)
+    pad_id = meta["special_tokens"]["<|pad|>"]
+    print(f"device: {device} ({device_why}); dtype: {dtype} ({dtype_why})")
+    run = setup_run(args, meta, device, dtype, log)
+    model, optimizer, scaler, ctx = run.model, run.optimizer, run.scaler, run.ctx
+    train, val, last_path = run.train, run.val, run.last_path
+    step, best_val = run.step, run.best_val
+    n_params = model.num_params()
 
     def checkpoint(path):
-        save_checkpoint({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "model_config": config_dict(config),
-            "step": step, "best_val": best_val, "args": vars(args),
-            "data_dir": args.data_dir,
-            "tokenizer_sha256": meta["tokenizer_sha256"], "vocab_size": meta["vocab_size"],
-        }, path)
+        save_run(run, args, meta, path, step, best_val)
 
     model.train()
     t0 = time.time()
@@ -414,7 +477,7 @@ def main(argv=None):
             # sum is the mean over the whole batch
             loss_sum = 0.0
             for micro in range(args.grad_accum):
-                idx = batch_indices(train, args.seed, step, micro, args.batch_size, args.length_window)
+                idx = batch_indices(train, args.seed, step, micro, run.rows_per_batch, args.length_window)
                 x, y, m, layout = to_device(train.batch(idx, pad_id), device)
                 with ctx:
                     loss = answer_loss(model, x, y, m, layout) / args.grad_accum

@@ -215,16 +215,29 @@ def render_value(v):
     return clean(v) if isinstance(v, str) else json.dumps(v, ensure_ascii=False, separators=(",", ":"))
 
 
+# What each part of an answer is, for per-class loss weights and analysis.
+TOKEN_CLASSES = {"prompt": 0, "struct": 1, "name": 2, "key": 3, "value": 4, "reason": 5}
+
+
+def answer_spans(calls, reason=None):
+    """The answer as (text, class) spans; their texts joined are render_answer()."""
+    if not calls:
+        return [(NOCALL, "struct"), (reason or REASON_NO_TOOL, "reason"), (END, "struct")]
+    spans = []
+    for c in calls:
+        spans += [(CALL, "struct"), (c["name"], "name")]
+        for k, v in c.get("arguments", {}).items():
+            spans += [(ARG, "struct"), (f" {k}", "key"), (": ", "struct"), (render_value(v), "value")]
+    return spans + [(END, "struct")]
+
+
 def render_call(call):
-    args = "".join(f"{ARG} {k}: {render_value(v)}" for k, v in call.get("arguments", {}).items())
-    return f"{CALL}{call['name']}{args}"
+    return "".join(text for text, _ in answer_spans([call])[:-1])
 
 
 def render_answer(calls, reason=None):
     """calls: list of {name, arguments}. An empty list needs a no-call reason."""
-    if calls:
-        return "".join(render_call(c) for c in calls) + END
-    return f"{NOCALL}{reason or REASON_NO_TOOL}{END}"
+    return "".join(text for text, _ in answer_spans(calls, reason))
 
 
 def read_value(raw, prop):
