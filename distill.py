@@ -36,7 +36,7 @@ from tqdm import tqdm
 import wire
 from model import CheckpointError, load_checkpoint
 from train import (Logger, arg_parser, batch_indices, die, evaluate_loss, get_lr, load_meta, model_config,
-                   pick_device, pick_dtype, save_run, setup_run, to_device)
+                   pick_device, pick_dtype, save_run, setup_run, stop_on_sigterm, to_device)
 
 
 def parse_args(argv=None):
@@ -199,10 +199,14 @@ def main(argv=None):
         save_run(run, args, meta, path, step, best_val, distill=kd)
 
     model.train()
-    t0 = time.time()
+    stop_on_sigterm()
+    t0 = start_time = time.time()
     tokens_since, steps_since, examples_since = 0, 0, 0
     try:
         while step < args.max_steps:
+            if args.max_minutes and time.time() - start_time > 60 * args.max_minutes:
+                log(f"time budget of {args.max_minutes:g} min reached at step {step}")
+                break
             if args.stop_at and step >= args.stop_at:
                 checkpoint(last_path)
                 log(f"stopped at step {step} (--stop_at); continue with --resume")

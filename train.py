@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -68,6 +69,8 @@ def arg_parser(doc=__doc__):
     p.add_argument("--max_examples", type=int, default=0,
                    help="train on the first N training examples only (0: all), for fixed-data comparisons")
     p.add_argument("--max_steps", type=int, default=2900)
+    p.add_argument("--max_minutes", type=float, default=0,
+                   help="also stop (final eval, best.pt, last.pt) once training has run this long (0: no limit)")
     p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate")
     p.add_argument("--min_lr", type=float, default=5e-4, help="learning rate at the end of the cosine")
     p.add_argument("--warmup_steps", type=int, default=100)
@@ -107,6 +110,13 @@ def parse_class_weights(text):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{part!r}: the weight must be a number") from None
     return w
+
+
+def stop_on_sigterm():
+    """A scheduler's SIGTERM is handled like Ctrl-C: save last.pt, then exit."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, handler)
 
 
 def die(msg):
@@ -454,10 +464,14 @@ def main(argv=None):
         save_run(run, args, meta, path, step, best_val)
 
     model.train()
-    t0 = time.time()
+    stop_on_sigterm()
+    t0 = start_time = time.time()
     tokens_since, steps_since, examples_since = 0, 0, 0
     try:
         while step < args.max_steps:
+            if args.max_minutes and time.time() - start_time > 60 * args.max_minutes:
+                log(f"time budget of {args.max_minutes:g} min reached at step {step}")
+                break
             if args.stop_at and step >= args.stop_at:
                 checkpoint(last_path)
                 log(f"stopped at step {step} (--stop_at); continue with --resume")

@@ -103,3 +103,31 @@ def test_share_prefix_training_runs(toy_data, tmp_path):
     out = str(tmp_path / "sp")
     _run(toy_data, out, 3, ["--share_prefix"])
     assert "ex/s" in open(os.path.join(out, "log.txt")).read()
+
+
+def test_time_budget_stops_with_a_final_eval(toy_data, tmp_path):
+    out = str(tmp_path / "tb")
+    _run(toy_data, out, 1000, ["--max_minutes", "0.0001"])
+    log = open(os.path.join(out, "log.txt")).read()
+    assert "time budget of 0.0001 min reached" in log and "val step" in log
+    assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["step"] < 1000
+
+
+def test_sigterm_saves_last_checkpoint(toy_data, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = str(tmp_path / "term")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.Popen([sys.executable, "train.py", "--data_dir", toy_data, "--out_dir", out, "--preset", "tiny",
+                          *MICRO, "--max_steps", "100000", "--batch_size", "4", "--eval_interval", "100000",
+                          "--log_interval", "1"], cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = os.path.join(out, "log.txt")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(log) and "step 2 |" in open(log).read()):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=60) == 130, p.stderr.read()
+    assert "interrupted at step" in open(log).read()
+    assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["step"] >= 2
