@@ -148,6 +148,8 @@ def decision_of(pred):
 def decision_report(rows, preds):
     """Accuracy of the call / ask / decline decision, per class, and the confusions."""
     pairs = [(ex["decision"], p["decision"]) for (ex, _, _), p in zip(rows, preds) if "decision" in ex]
+    fit = [(ex["decision"], p["decision"]) for (ex, _, _), p in zip(rows, preds)
+           if "decision" in ex and not p["too_long"]]
     if not pairs:
         return None
     confusion = {g: dict(Counter(p for gg, p in pairs if gg == g)) for g in DECISIONS}
@@ -155,7 +157,9 @@ def decision_report(rows, preds):
                  for g in DECISIONS}
     return {"n": len(pairs), "accuracy": sum(g == p for g, p in pairs) / len(pairs),
             "per_class": per_class, "confusion": confusion,
-            "too_long": sum(p["too_long"] for p in preds)}
+            "too_long": sum(p["too_long"] for p in preds),
+            # the same, over the items whose prompt fits the model's context
+            "accuracy_fitting": sum(g == p for g, p in fit) / len(fit) if fit else None, "n_fitting": len(fit)}
 
 
 def load_when2call(path):
@@ -285,11 +289,13 @@ def main(argv=None):
     if decisions:
         print(f"\ndecision (call / ask / decline) accuracy {decisions['accuracy']:.1%} on {decisions['n']} items; "
               + ", ".join(f"{g} {v:.1%}" for g, v in decisions["per_class"].items() if v is not None)
-              + f"; prompts longer than the context: {decisions['too_long']}")
+              + f"; prompts longer than the context: {decisions['too_long']}"
+              + (f"; on the {decisions['n_fitting']} that fit: {decisions['accuracy_fitting']:.1%}"
+                 if decisions["n_fitting"] else ""))
         for g, row in decisions["confusion"].items():
             print(f"  gold {g:17s} -> " + ", ".join(f"{p} {n}" for p, n in sorted(row.items())))
     for why, n in skipped.items():
-        print(f"skipped {n} items: {why}")
+        print(f"skipped {n} item{'s' * (n != 1)}: {why}")
 
     out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".",
                                    f"eval_{os.path.splitext(os.path.basename(test_file))[0]}.json")
