@@ -349,7 +349,9 @@ def print_card(card):
           + ", ".join(f"{k} {v:.1%}" for k, v in card["no_call_by_reason"].items()))
     print(f"  unique tools shown {card['unique_tools_shown']} (invented {card['unique_tools_invented']}, "
           f"hand-written/yours/imported {card['unique_tools_other']}); invented share of calls "
-          f"{card['call_targets_invented_share']:.1%}; {len(card['domains'])} target domains; sources {card['sources']}")
+          f"{card['call_targets_invented_share']:.1%}; calls into "
+          f"{len(set(card['domains']) - {'invented', 'no call', 'imported', '?'})} hand-written domains; "
+          f"sources {card['sources']}")
 
 
 # -----------------------------------------------------------------------------
