@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make demo   virtual env + install + the whole pipeline on the tiny default (CPU, ~12 min)
+#   make demo   virtual env + install + the whole pipeline on the tiny default (CPU, ~17 min)
 #   make test   virtual env + install + the test suite (CPU, a few minutes)
 
 PYTHON ?= python3
