@@ -165,8 +165,14 @@ def test_interrupted_run_resumes_and_pays_once(fake, tmp_path):
             signal.pthread_kill(main, signal.SIGINT)  # a real Ctrl-C to the main thread
 
     fake.on_request = ctrl_c_after_four
-    with pytest.raises(KeyboardInterrupt):
-        run(fake, reqs, tmp_path, concurrency=2, rps=50.0)
+    # a process started in the background (nohup, some CI runners) ignores SIGINT;
+    # Ctrl-C must raise here whatever the parent did
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(fake, reqs, tmp_path, concurrency=2, rps=50.0)
+    finally:
+        signal.signal(signal.SIGINT, old)
     fake.on_request = None
     answered = len(cache_lines(tmp_path))
     assert 4 <= answered < len(reqs)  # everything the server answered is on disk
