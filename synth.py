@@ -16,7 +16,6 @@ Example kinds (shares are the defaults of make_example):
 """
 
 import json
-import random
 import re
 
 from invent import noisy, number_words, rephrase_tool
