@@ -3,6 +3,10 @@ Score a model on a test set: the four-number report and more.
 
     python eval.py --ckpt out/demo/best.pt                   # data dir's test.jsonl, ~1 min for the tiny model
     python eval.py --ckpt out/demo/best.pt --test_file my_set.jsonl --out my_eval.json
+    python eval.py --ckpt out/demo/best.pt --no_constrain    # the raw model, without the answer grammar
+
+Decoding is constrained by default (sample.py), so valid is 100% by construction;
+--no_constrain measures what the model itself gets right.
 
 For each group of items (all / seen tools / unseen tools / no-call / multi-call):
     valid       output parses; its calls name catalogue tools with schema-valid
@@ -16,7 +20,10 @@ For each group of items (all / seen tools / unseen tools / no-call / multi-call)
     reason_acc  gold says no call: the model declined with the right kind of reason
                 (chit-chat / information request / missing argument / no tool fits)
 plus latency p50/p95 per request. Prints a table, writes JSON (and one line per
-item with the prediction, for error analysis).
+item with the prediction, for error analysis). Constrained answers carry a
+confidence: its calibration (accuracy per confidence bin, expected calibration
+error) and the accuracy left when the model abstains below a threshold are
+printed too.
 
 External sets (evaluation only, never trained on):
     python eval.py --ckpt out/demo/best.pt --when2call ../shared/eval/when2call/when2call_test_llm_judge.jsonl
@@ -189,6 +196,34 @@ def load_when2call(path):
             items.append({"tools": tools, "request": row["question"], "calls": calls, "reason": reason,
                           "kind": decision, "decision": decision, "split": "when2call"})
     return items, skipped
+
+
+def calibration(confs, correct, n_bins=10):
+    """Reliability of the confidence: items binned by confidence, each bin's mean
+    confidence against its accuracy; ECE = the size-weighted mean gap (Guo et al. 2017)."""
+    bins = []
+    for b in range(n_bins):
+        lo, hi = b / n_bins, (b + 1) / n_bins
+        sel = [(c, ok) for c, ok in zip(confs, correct) if lo <= c < hi or (b == n_bins - 1 and c == 1.0)]
+        if sel:
+            bins.append({"lo": lo, "hi": hi, "n": len(sel), "confidence": sum(c for c, _ in sel) / len(sel),
+                         "accuracy": sum(ok for _, ok in sel) / len(sel)})
+    n = len(confs)
+    ece = sum(b["n"] / n * abs(b["accuracy"] - b["confidence"]) for b in bins) if n else None
+    return {"bins": bins, "ece": ece}
+
+
+def abstention(confs, correct, thresholds=(0.0, 0.3, 0.5, 0.7, 0.9)):
+    """Answer only when confidence >= t: what share is answered (coverage) and how
+    many of those are right."""
+    rows = []
+    for t in thresholds:
+        kept = [ok for c, ok in zip(confs, correct) if c >= t]
+        rows.append({"threshold": t, "coverage": len(kept) / len(confs) if confs else None,
+                     "accuracy": sum(kept) / len(kept) if kept else None})
+    return rows
+
+
 COLUMNS = ["n", "valid", "tool_acc", "arg_acc", "false_call", "missed", "exact", "f1",
            "reason_acc", "latency_p50_ms", "latency_p95_ms"]
 
@@ -239,6 +274,8 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="result JSON (default: next to the checkpoint)")
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no_constrain", action="store_true", help="score the raw model, without the answer grammar")
+    p.add_argument("--quantize", choices=["int8"], default=None, help="int8 linear layers (CPU)")
     args = p.parse_args(argv)
 
     def die(msg):
@@ -246,8 +283,8 @@ def main(argv=None):
         sys.exit(2)
 
     try:
-        router = Router(args.ckpt, args.data_dir, args.device)
-    except CheckpointError as e:
+        router = Router(args.ckpt, args.data_dir, args.device, args.quantize)
+    except (CheckpointError, ValueError) as e:
         die(str(e))
     data_dir = args.data_dir or router.ckpt["data_dir"]
     test_file = args.when2call or args.test_file or os.path.join(data_dir, "test.jsonl")
@@ -266,17 +303,19 @@ def main(argv=None):
     rows, preds = [], []
     for ex in tqdm(items, desc="eval", unit="item", mininterval=1 if sys.stderr.isatty() else 15):
         try:
-            pred = router.answer(ex["tools"], ex["request"], args.max_new_tokens)
+            pred = router.answer(ex["tools"], ex["request"], args.max_new_tokens, not args.no_constrain)
         except ValueError as e:   # prompt longer than the context: counted, not truncated
             pred = {"calls": [], "reason": None, "valid": False, "error": f"unparseable: {e}",
-                    "text": "", "tokens": 0, "latency_ms": 0.0, "too_long": True}
+                    "text": "", "tokens": 0, "latency_ms": 0.0, "too_long": True,
+                    "confidence": None, "truncated": False}
         out = score_item(pred, ex["calls"], ex.get("reason"))
         rows.append((ex, out, pred["latency_ms"]))
         preds.append({"request": ex["request"], "gold": ex["calls"], "gold_reason": ex.get("reason"),
                       "pred": pred["calls"], "pred_reason": pred["reason"], "text": pred["text"],
                       "error": pred["error"], "exact": out["exact"], "split": ex.get("split"),
                       "kind": ex.get("kind"), "decision": decision_of(pred),
-                      "too_long": pred.get("too_long", False)})
+                      "too_long": pred.get("too_long", False), "confidence": pred["confidence"],
+                      "truncated": pred["truncated"]})
 
     groups = {}
     for g, keep in GROUPS.items():
@@ -296,11 +335,29 @@ def main(argv=None):
             print(f"  gold {g:17s} -> " + ", ".join(f"{p} {n}" for p, n in sorted(row.items())))
     for why, n in skipped.items():
         print(f"skipped {n} item{'s' * (n != 1)}: {why}")
+    scored = [p for p in preds if p["confidence"] is not None]
+    calib = abstain = None
+    if scored:
+        confs, correct = [p["confidence"] for p in scored], [p["exact"] for p in scored]
+        calib, abstain = calibration(confs, correct), abstention(confs, correct)
+        print(f"\nconfidence: expected calibration error {calib['ece']:.3f} over {len(scored)} items "
+              f"(exact match vs confidence, 10 bins)")
+        print("  bin        n   confidence  accuracy")
+        for b in calib["bins"]:
+            print(f"  {b['lo']:.1f}-{b['hi']:.1f} {b['n']:5d} {100 * b['confidence']:10.1f}% {100 * b['accuracy']:8.1f}%")
+        print("  abstain below: " + ", ".join(
+            f"{r['threshold']:.1f} -> answers {100 * r['coverage']:.0f}% at {100 * r['accuracy']:.1f}% exact"
+            for r in abstain if r["accuracy"] is not None))
+        n_cut = sum(p["truncated"] for p in preds)
+        if n_cut:
+            print(f"  {n_cut} answers ran out of tokens and were cut back to their last complete point")
 
     out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".",
                                    f"eval_{os.path.splitext(os.path.basename(test_file))[0]}.json")
     result = {"ckpt": args.ckpt, "test_file": test_file, "n_items": len(items), "groups": groups,
-              "decisions": decisions, "skipped": dict(skipped)}
+              "decisions": decisions, "skipped": dict(skipped), "constrained": not args.no_constrain,
+              "quantize": args.quantize, "calibration": calib, "abstention": abstain,
+              "truncated": sum(p["truncated"] for p in preds)}
     with open(out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     with open(os.path.splitext(out)[0] + "_predictions.jsonl", "w", encoding="utf-8") as f:

@@ -1,13 +1,32 @@
 """
-Answer one request with a trained model: greedy decoding with a KV cache.
+Answer one request with a trained model: greedy decoding with a KV cache,
+constrained so that the answer is always a valid call (or a no-call).
 
     python sample.py --ckpt out/demo/best.pt --tools data/demo/tools.json "Where's my order ORD-1234?"
     python sample.py --ckpt out/demo/best.pt --tools my_tools.json --json "turn off the porch light"
+    python sample.py ... --no_constrain        # the raw model, which may answer anything
+    python sample.py ... --quantize int8       # int8 weights for the linear layers (CPU)
 
-Prints the call(s) as JSON, or the no-call reason. --tools takes OpenAI function
-definitions or bare {name, description, parameters} objects, as a JSON list.
-The tokenizer is the one in the checkpoint's data dir (or --data_dir), and must
-be the one the checkpoint was trained with.
+Prints the call(s) as JSON, or the no-call reason; --json adds the confidence and
+timing. --tools takes OpenAI function definitions or bare {name, description,
+parameters} objects, as a JSON list. The tokenizer is the one in the checkpoint's
+data dir (or --data_dir), and must be the one the checkpoint was trained with.
+
+What makes it fast (each is measured in bench.py):
+    KV cache        the prompt runs once; each step feeds only the new tokens
+    forced spans    text the grammar fixes (the rest of a tool name once its
+                    prefix is unique, a key that is the only one left, a special
+                    token that is the only one allowed) is appended without asking
+                    the model and run through it in the same forward pass as the
+                    token before it, instead of one pass per token
+    prefix cache    the KV cache of the rendered catalogue (<|tools|>...<|user|>) is
+                    kept, so the next request with the same tools runs only its own
+                    tokens through the model
+    --quantize int8 dynamic int8 quantization of every nn.Linear (CPU only)
+
+Confidence: the smallest probability the model gave a token it chose freely,
+under the constrained distribution (forced tokens do not count). eval.py
+reports how well it is calibrated.
 """
 
 import argparse
@@ -15,17 +34,31 @@ import json
 import os
 import sys
 import time
+import warnings
+from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 
+import grammar
 import wire
 from model import KVCache, CheckpointError, check_tokenizer, load_checkpoint
+
+MIN_ANSWER_TOKENS = 16     # a prompt must leave at least this much room in the context
+
+
+def quantize_int8(model):
+    """Dynamic int8 quantization of the linear layers: weights stored as int8,
+    activations quantized on the fly. CPU only; the tied embedding/head stays fp32."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")        # torch.ao.quantization announces its successor
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 class Router:
     """A loaded model + tokenizer that turns (tools, request) into an answer."""
 
-    def __init__(self, ckpt_path, data_dir=None, device="cpu"):
+    def __init__(self, ckpt_path, data_dir=None, device="cpu", quantize=None):
         import sentencepiece as spm
         self.model, self.ckpt = load_checkpoint(ckpt_path, device)
         data_dir = data_dir or self.ckpt.get("data_dir", "")
@@ -38,24 +71,75 @@ class Router:
         check_tokenizer(self.ckpt, self.meta["tokenizer_sha256"], ckpt_path)
         self.sp = spm.SentencePieceProcessor(model_file=os.path.join(data_dir, "tok.model"))
         self.device = device
+        if quantize == "int8":
+            if torch.device(device).type != "cpu":
+                raise ValueError("--quantize int8 runs on the CPU only")
+            self.model = quantize_int8(self.model)
+        elif quantize:
+            raise ValueError(f"unknown quantization {quantize!r}; the choice is int8")
         ids = self.meta["special_tokens"]
         self.end_id, self.call_id, self.nocall_id = ids[wire.END], ids[wire.CALL], ids[wire.NOCALL]
+        self.vocab = grammar.Vocab(self.sp, ids)
+        self.grammars = OrderedDict()      # catalogue -> Grammar, most recent last
+        self.prefixes = OrderedDict()      # prefix token ids -> (KVCache, its last_k)
+
+    # -- prompts and catalogues
+
+    def encode_prefix(self, tools):
+        """Token ids of <|tools|>...<|user|>: the part shared by every request to a catalogue."""
+        return self.sp.encode(f"{wire.TOOLS}{wire.clean(wire.render_tools(tools))}{wire.USER}")
 
     def encode_prompt(self, tools, request):
-        return self.sp.encode(wire.render_prompt(tools, request))
+        # the request follows a special token, so it is tokenized on its own either way
+        return self.encode_prefix(tools) + self.sp.encode(wire.clean(request.strip()))
+
+    def grammar(self, tools):
+        key = json.dumps(tools, sort_keys=True)
+        g = self.grammars.pop(key, None) or grammar.Grammar(tools)
+        self.grammars[key] = g
+        while len(self.grammars) > 32:
+            self.grammars.popitem(last=False)
+        return g
+
+    def _prefill(self, prefix, rest, use_prefix_cache):
+        """Run the prompt -> (cache, logits of its last position)."""
+        cfg = self.model.config
+        if not use_prefix_cache:
+            cache = KVCache(cfg, 1, cfg.block_size, self.device)
+            return cache, self.model(self._tensor(prefix + rest), cache)[0, -1]
+        key = tuple(prefix)
+        entry = self.prefixes.pop(key, None)
+        if entry is None:
+            cache = KVCache(cfg, 1, cfg.block_size, self.device)
+            self.model(self._tensor(prefix), cache)
+            entry = (cache, cache.last_k.clone())
+        self.prefixes[key] = entry
+        while len(self.prefixes) > 4:
+            self.prefixes.popitem(last=False)
+        cache, last_k = entry
+        # rewind to the end of the catalogue: what a previous request appended is
+        # overwritten as this one runs (smeared keys also need the last raw key back)
+        cache.pos = len(prefix)
+        cache.last_k.copy_(last_k)
+        return cache, self.model(self._tensor(rest), cache)[0, -1]
+
+    def _tensor(self, ids):
+        return torch.tensor([ids], dtype=torch.long, device=self.device)
+
+    # -- decoding
 
     @torch.no_grad()
     def generate(self, prompt_ids, max_new_tokens=128, use_cache=True):
-        """Greedy decoding -> list of new token ids (ending at <|end|> if reached).
-        With the cache, the prompt runs once and each step feeds one token;
-        without it, every step re-runs the whole sequence (for tests and timing)."""
+        """Unconstrained greedy decoding -> list of new token ids (ending at
+        <|end|> if reached): the raw model. With the cache, the prompt runs once and
+        each step feeds one token; without it, every step re-runs the whole sequence."""
         model = self.model
         budget = model.config.block_size - len(prompt_ids)
         if budget <= 0:
             raise ValueError(f"prompt is {len(prompt_ids)} tokens; the model's context is "
                              f"{model.config.block_size}")
         max_new_tokens = min(max_new_tokens, budget)
-        idx = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+        idx = self._tensor(prompt_ids)
         out = []
         if use_cache:
             cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens, self.device)
@@ -65,7 +149,7 @@ class Router:
                 out.append(nxt)
                 if nxt == self.end_id:
                     break
-                logits = model(torch.tensor([[nxt]], device=self.device), cache)
+                logits = model(self._tensor([nxt]), cache)
         else:
             for _ in range(max_new_tokens):
                 logits = model(idx)
@@ -73,18 +157,112 @@ class Router:
                 out.append(nxt)
                 if nxt == self.end_id:
                     break
-                idx = torch.cat([idx, torch.tensor([[nxt]], device=self.device)], dim=1)
+                idx = torch.cat([idx, self._tensor([nxt])], dim=1)
         return out
 
-    def answer(self, tools, request, max_new_tokens=128):
-        """-> dict: calls, reason, valid, error, text, tokens, latency_ms."""
+    @torch.no_grad()
+    def generate_constrained(self, tools, request, max_new_tokens=128, use_cache=True,
+                             forced_spans=True, prefix_cache=True, pick=None):
+        """Greedy decoding under the answer grammar -> (token ids, info).
+        info: confidence, forward passes, truncated (the token budget ran out
+        and the answer was cut back to its last complete point).
+        use_cache / forced_spans / prefix_cache switch the speed-ups off one by one
+        (the tokens are the same, bench.py times them). pick(logits, allowed ids,
+        tokens so far) -> id replaces the argmax (bench.py follows a fixed answer)."""
+        g, vocab = self.grammar(tools), self.vocab
+        prefix = self.encode_prefix(tools)
+        rest = self.sp.encode(wire.clean(request.strip()))
+        n_prompt = len(prefix) + len(rest)
+        budget = min(max_new_tokens, self.model.config.block_size - n_prompt)
+        if budget < MIN_ANSWER_TOKENS:
+            raise ValueError(f"prompt is {n_prompt} tokens; the model's context is "
+                             f"{self.model.config.block_size}, which leaves too little room for an answer")
+        passes = 1
+        if use_cache:
+            cache, logits = self._prefill(prefix, rest, prefix_cache)
+        else:
+            seq = prefix + rest
+            logits = self.model(self._tensor(seq))[0, -1]
+
+        out, pending = [], []       # tokens chosen; tokens not yet run through the model
+        state, conf, end_at = g.start(), 1.0, None
+        while state.phase != "done":
+            if g.step(state, wire.END) is not None:
+                end_at = len(out)                  # the answer could close here
+            toks = self._forced(g, state)
+            if toks is None:
+                allowed = vocab.allowed(g, state)
+                if len(allowed) == 1:
+                    toks = [int(allowed[0])]
+                else:
+                    if pending:                    # the model must see them before it chooses
+                        passes += 1
+                        if use_cache:
+                            logits = self.model(self._tensor(pending), cache)[0, -1]
+                        else:
+                            seq += pending
+                            logits = self.model(self._tensor(seq))[0, -1]
+                        pending = []
+                    sub = logits[allowed]
+                    j = int(sub.argmax()) if pick is None else                         int((allowed == pick(logits, allowed, out)).nonzero()[0])
+                    conf = min(conf, float(F.softmax(sub, dim=-1)[j]))
+                    toks = [int(allowed[j])]
+            if len(out) + len(toks) > budget:
+                out = self._cut(out, end_at)
+                return out, {"confidence": conf, "passes": passes, "truncated": True}
+            for t in toks:
+                state = vocab.advance(g, state, t)
+                assert state is not None, "the grammar rejected its own forced tokens"
+            out += toks
+            pending += toks
+            if not forced_spans and state.phase != "done":
+                for t in pending:                  # one forward pass per token
+                    passes += 1
+                    if use_cache:
+                        logits = self.model(self._tensor([t]), cache)[0, -1]
+                    else:
+                        seq.append(t)
+                        logits = self.model(self._tensor(seq))[0, -1]
+                pending = []
+        return out, {"confidence": conf, "passes": passes, "truncated": False}
+
+    def _forced(self, g, state):
+        """Token ids for the text the grammar determines next, or None."""
+        text = g.determined_text(state)
+        if not text:
+            return None
+        ids = self.vocab.encode_text(text)
+        if not ids:
+            return None
+        s = state
+        for t in ids:                      # a tokenization the grammar would not take
+            s = self.vocab.advance(g, s, t)  # (it always should) leaves the choice to the model
+            if s is None:
+                return None
+        return ids
+
+    def _cut(self, out, end_at):
+        """Out of tokens: keep the answer up to its last complete point, or decline."""
+        if end_at is not None:
+            return out[:end_at] + [self.end_id]
+        reason = self.sp.encode(wire.REASON_NO_TOOL)
+        return [self.nocall_id] + reason + [self.end_id]
+
+    def answer(self, tools, request, max_new_tokens=128, constrain=True):
+        """-> dict: calls, reason, valid, error, text, tokens, latency_ms,
+        confidence (None unconstrained), truncated."""
         if not request or not request.strip():
             raise ValueError("empty request")
         t0 = time.perf_counter()
-        ids = self.generate(self.encode_prompt(tools, request), max_new_tokens)
+        info = {"confidence": None, "truncated": False}
+        if constrain:
+            ids, info = self.generate_constrained(tools, request, max_new_tokens)
+        else:
+            ids = self.generate(self.encode_prompt(tools, request), max_new_tokens)
         text = self.sp.decode(ids)
         latency = 1000 * (time.perf_counter() - t0)
         result = {"text": text, "tokens": len(ids), "latency_ms": latency,
+                  "confidence": info["confidence"], "truncated": info["truncated"],
                   "calls": [], "reason": None, "valid": False, "error": None}
         try:
             parsed = wire.parse_answer(text, tools)
@@ -106,6 +284,8 @@ def main(argv=None):
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print the full result as one JSON object")
+    p.add_argument("--no_constrain", action="store_true", help="the raw model, without the answer grammar")
+    p.add_argument("--quantize", choices=["int8"], default=None, help="int8 linear layers (CPU)")
     args = p.parse_args(argv)
 
     def die(msg):
@@ -121,8 +301,8 @@ def main(argv=None):
     if not tools:
         die(f"{args.tools}: the tool list is empty")
     try:
-        router = Router(args.ckpt, args.data_dir, args.device)
-        result = router.answer(tools, args.request, args.max_new_tokens)
+        router = Router(args.ckpt, args.data_dir, args.device, args.quantize)
+        result = router.answer(tools, args.request, args.max_new_tokens, not args.no_constrain)
     except (CheckpointError, ValueError) as e:
         die(str(e))
     if args.json:

@@ -1,0 +1,522 @@
+"""
+Constrained decoding: the answer grammar as a byte-level automaton, and the
+token masks it implies.
+
+sample.py lets the model pick only tokens that keep the answer on a path to a
+valid one (wire.py's format):
+
+    <|call|>name<|arg|> key: value<|arg|> key2: 5<|end|>      or
+    <|nocall|>missing argument: order_id<|end|>
+
+    - the first token is <|call|> or <|nocall|>: the no-call path is always open
+    - a tool name only from the catalogue
+    - argument keys only from the chosen tool's schema, each at most once; the
+      call closes (<|call|> or <|end|>) only once every required key is present
+    - a value is what its schema allows: an enum value, a JSON integer / number /
+      boolean / null, a JSON array of well-typed items, a JSON object with its
+      declared keys, or free text for a plain string (raw in the wire format,
+      ended by the next special token, so it needs no quotes or escapes; strings
+      inside arrays are JSON strings, quoted and escaped)
+    - a no-call reason is one of the four kinds; "missing argument: " is
+      followed by an argument name from the catalogue
+
+How it works. The grammar is an automaton over bytes (a normal token is the
+UTF-8 bytes of its piece) and special tokens. A state is an immutable tuple, so
+the set of tokens allowed in a state can be memoised: the vocabulary is stored
+once as a byte trie (Vocab), and walking that trie with the automaton, pruning
+every branch it rejects, gives the allowed tokens. Free text short-circuits to
+"every normal token". Structural states (a name or key half written) are few
+per catalogue and are memoised per Grammar; value states do not depend on the
+catalogue and are memoised per Vocab. After the first requests, a step costs a
+dictionary look-up plus stepping the automaton over one token's bytes.
+
+Not enforced (the validator still checks them): string pattern / format /
+length limits, numeric ranges, unions that mix "string" with other types (read
+as free text). Keys containing ":" cannot be written in the wire format, so the
+grammar leaves them out (a tool that requires one is left out too).
+"""
+
+import json
+from typing import NamedTuple
+
+import torch
+
+import wire
+
+MAX_CALLS = 8    # calls in one answer
+MAX_DEPTH = 6    # nesting of JSON arrays / objects inside one value
+
+SPECIALS = (wire.CALL, wire.ARG, wire.NOCALL, wire.END)
+REASONS = (wire.REASON_CHITCHAT, wire.REASON_INFO, wire.REASON_NO_TOOL)
+
+
+def _json(v):
+    return json.dumps(v, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+# -----------------------------------------------------------------------------
+# one argument's value: schema -> node -> stack automaton
+#
+# A node is a hashable tuple saying what a value may be:
+#   ("raw",)                 free text (a top-level plain string)
+#   ("lit", options)         one of these byte strings (enum, boolean, null)
+#   ("num", int_only)        a JSON number (integer if int_only)
+#   ("str",)                 a JSON string
+#   ("arr", item_node)       a JSON array
+#   ("obj", props, required) a JSON object: props = ((key bytes, node), ...)
+#   ("any",)                 any JSON value
+#   ("alt", nodes)           any one of these (a union type)
+# While reading, a value is a stack of frames (the innermost last); a state is a
+# frozenset of such stacks, because a union or a number that may or may not go on
+# can be read more than one way at once.
+
+RAW = ("raw",)
+ANY = ("any",)
+BOOL = ("lit", (b"false", b"true"))
+NULL = ("lit", (b"null",))
+_SCALAR = {"integer": ("num", True), "number": ("num", False), "boolean": BOOL, "null": NULL}
+
+
+def value_node(prop, top=True):
+    """JSON Schema of one argument -> node. top: the argument's own value (a plain
+    string is raw text there); inside arrays and objects everything is JSON."""
+    if not isinstance(prop, dict):
+        return ANY
+    if "enum" in prop:
+        vals = prop["enum"]
+        if top and all(isinstance(v, str) for v in vals):
+            opts = {wire.render_value(v).encode() for v in vals}   # read back raw (wire.read_value)
+        else:
+            opts = {_json(v) for v in vals}
+        opts.discard(b"")
+        return ("lit", tuple(sorted(opts))) if opts else ANY
+    t = prop.get("type")
+    types = t if isinstance(t, list) else [t]
+    if top and "string" in types:
+        return RAW
+    nodes = []
+    for t in types:
+        if t == "string":
+            nodes.append(("str",))
+        elif t in _SCALAR:
+            nodes.append(_SCALAR[t])
+        elif t == "array":
+            items = prop.get("items")
+            nodes.append(("arr", value_node(items, top=False) if isinstance(items, dict) else ANY))
+        elif t == "object":
+            props = prop.get("properties")
+            if isinstance(props, dict) and props:
+                req = frozenset(_json(k) for k in prop.get("required", []) if k in props)
+                nodes.append(("obj", tuple(sorted((_json(k), value_node(p, top=False))
+                                                  for k, p in props.items())), req))
+            else:
+                nodes.append(("obj", None, frozenset()))
+        else:
+            nodes.append(ANY)
+    return nodes[0] if len(nodes) == 1 else ("alt", tuple(nodes))
+
+
+def _start(node):
+    """The frames a value of this node may open with."""
+    kind = node[0]
+    if kind == "alt":
+        return [f for n in node[1] for f in _start(n)]
+    if kind == "any":
+        return [("obj", None, frozenset(), 0, frozenset(), b""), ("arr", ANY, 0), ("str", 0),
+                ("num", False, "s"), ("lit", (b"false", b"null", b"true"), b"")]
+    if kind == "raw":
+        return [("raw", 0)]
+    if kind == "lit":
+        return [("lit", node[1], b"")]
+    if kind == "num":
+        return [("num", node[1], "s")]
+    if kind == "str":
+        return [("str", 0)]
+    if kind == "arr":
+        return [("arr", node[1], 0)]
+    if kind == "obj":                     # (obj, props, required, phase, used, key so far)
+        return [("obj", node[1], node[2], 0, frozenset(), b"")]
+    raise ValueError(f"unknown node {node!r}")
+
+
+_DIGITS = frozenset(b"0123456789")
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+# number phases: s start, - after minus, 0 leading zero, i integer digits, . after
+# the dot, f fraction digits, e after e/E, E after the exponent sign, x exponent digits
+_NUM_DONE = frozenset("0ifx")
+
+
+def _accepting(frame):
+    """Can this frame end here (the next byte then belongs to its parent)?"""
+    kind = frame[0]
+    if kind == "raw":
+        return frame[1] == 1
+    if kind == "lit":
+        return frame[2] in frame[1]
+    if kind == "num":
+        return frame[2] in _NUM_DONE
+    return False
+
+
+def _num(int_only, phase, b):
+    """Next number phase after byte b, or None."""
+    digit = b in _DIGITS
+    if phase == "s":
+        return "-" if b == 45 else "0" if b == 48 else "i" if digit else None
+    if phase == "-":
+        return "0" if b == 48 else "i" if digit else None
+    if phase in "0i":
+        if phase == "i" and digit:
+            return "i"
+        if int_only:
+            return None
+        return "." if b == 46 else "e" if b in (101, 69) else None
+    if phase == ".":
+        return "f" if digit else None
+    if phase == "f":
+        return "f" if digit else "e" if b in (101, 69) and not int_only else None
+    if phase == "e":
+        return "E" if b in (43, 45) else "x" if digit else None
+    if phase in "Ex":
+        return "x" if digit else None
+    return None
+
+
+def _advance(frame, b, depth):
+    """Frame consumes byte b -> list of replacements for it (tuples of frames:
+    () when the frame is complete, a child frame last when one opens)."""
+    kind = frame[0]
+    if kind == "sp":
+        return [()] if b == 32 else []
+    if kind == "raw":
+        return [(("raw", 1),)]
+    if kind == "lit":
+        prefix = frame[2] + bytes([b])
+        opts = frame[1]
+        if not any(o.startswith(prefix) for o in opts):
+            return []
+        longer = any(len(o) > len(prefix) and o.startswith(prefix) for o in opts)
+        return [(("lit", opts, prefix),)] if longer else [()]
+    if kind == "num":
+        nxt = _num(frame[1], frame[2], b)
+        return [] if nxt is None else [(("num", frame[1], nxt),)]
+    if kind == "str":
+        phase = frame[1]
+        if phase == 0:                                    # expect the opening quote
+            return [(("str", 1),)] if b == 34 else []
+        if phase == 1:                                    # inside
+            if b == 34:
+                return [()]
+            if b == 92:
+                return [(("str", 2),)]
+            return [] if b < 32 else [(("str", 1),)]      # control characters must be escaped
+        if phase == 2:                                    # after a backslash
+            if b == 117:
+                return [(("str", 6),)]                    # \u: four hex digits follow
+            return [(("str", 1),)] if b in b'"\\/bfnrt' else []
+        if b in _HEX:                                     # phases 3..6: hex digits left
+            return [(("str", 1 if phase == 3 else phase - 1),)]
+        return []
+    if kind == "arr":
+        item, phase = frame[1], frame[2]
+        if phase == 0:
+            return [(("arr", item, 1),)] if b == 91 else []
+        if phase == 2:                                    # after an item
+            return [(("arr", item, 3),)] if b == 44 else [()] if b == 93 else []
+        out = [()] if phase == 1 and b == 93 else []      # "[]"
+        if depth < MAX_DEPTH:                             # an item opens with b
+            for f in _start(item):
+                out += [(("arr", item, 2),) + r for r in _advance(f, b, depth + 1)]
+        return out
+    if kind == "obj":
+        return _advance_obj(frame, b, depth)
+    raise ValueError(f"unknown frame {frame!r}")
+
+
+def _advance_obj(frame, b, depth):
+    _, props, req, phase, used, key = frame
+    free = props is None                       # any keys, any values
+    if phase == 0:                             # expect "{"
+        return [(("obj", props, req, 1, used, b""),)] if b == 123 else []
+    if phase in (1, 5):                        # a key opens (or "}" right after "{")
+        if b == 125 and phase == 1 and req <= used:
+            return [()]
+        if b != 34:
+            return []
+        if free:                               # the key is any JSON string; ":" comes next
+            return [(("obj", props, req, 3, used, b""), ("str", 1))]
+        phase, key = 2, b""
+    if phase == 2:                             # a declared key, matched as its JSON bytes '"key"'
+        key += bytes([b])
+        cands = [k for k, _ in props if k not in used and k.startswith(key)]
+        if not cands:
+            return []
+        return [(("obj", props, req, 3 if key in cands else 2, used, key),)]
+    if phase == 3:                             # expect ":" then the value
+        if b != 58 or depth >= MAX_DEPTH:
+            return []
+        node = ANY if free else dict(props)[key]
+        parent = ("obj", props, req, 4, used if free else used | {key}, b"")
+        return [(parent, f) for f in _start(node)]
+    if phase == 4:                             # after a value
+        if b == 44:
+            return [(("obj", props, req, 5, used, b""),)]
+        return [()] if b == 125 and req <= used else []
+    return []
+
+
+def _step_stack(stack, b):
+    """All the ways the stack can read byte b -> list of stacks."""
+    if not stack:
+        return []
+    top, rest = stack[-1], stack[:-1]
+    out = [rest + r for r in _advance(top, b, len(rest))]
+    if _accepting(top):                        # the top may end here; the parent reads b
+        out += _step_stack(rest, b)
+    return out
+
+
+def value_start(node):
+    """The value state right after " key:": a space, then the value."""
+    return frozenset((f, ("sp",)) for f in _start(node))
+
+
+def value_step(vstate, b):
+    """Value state after byte b, or None if no reading survives."""
+    nxt = frozenset(s for stack in vstate for s in _step_stack(stack, b))
+    return nxt or None
+
+
+def value_done(vstate):
+    return any(all(_accepting(f) for f in stack) for stack in vstate)
+
+
+RAW_STATES = (frozenset({(("raw", 0),)}), frozenset({(("raw", 1),)}))   # free text: any byte
+
+
+# -----------------------------------------------------------------------------
+# the whole answer
+
+class State(NamedTuple):
+    phase: str                   # start | reason | name | key | value | done
+    text: bytes = b""            # the reason / name / " key:" bytes written so far
+    tool: str = None             # the tool being called
+    used: frozenset = frozenset()  # its keys written so far (including the current one)
+    value: frozenset = None      # the value automaton's state
+    calls: int = 0               # calls opened so far
+
+
+class Grammar:
+    """The answer grammar for one catalogue (tools in wire.normalize_tool form)."""
+
+    def __init__(self, tools):
+        self.tools = {}          # name bytes -> {"name", "keys": {b" key:": (key, node)}, "required"}
+        arg_names = set()
+        for t in tools:
+            props = t["parameters"].get("properties", {})
+            required = set(t["parameters"].get("required", []))
+            keys = {f" {k}:".encode(): (k, value_node(p)) for k, p in props.items()
+                    if k and ":" not in k and wire.clean(k) == k}
+            if required - {k for k, _ in keys.values()}:
+                continue                       # a required key the wire format cannot write
+            self.tools[t["name"].encode()] = {"name": t["name"], "keys": keys, "required": required}
+            arg_names.update(k for k, _ in keys.values())
+        reasons = list(REASONS) + [wire.REASON_MISSING + k for k in sorted(arg_names)]
+        self.reasons = tuple(r.encode() for r in reasons)
+        self.memo = {}           # structural byte-key -> allowed normal token ids
+
+    def start(self):
+        return State("start")
+
+    # -- stepping
+
+    def step(self, s, sym):
+        """State after symbol sym (a byte 0..255, or a special token string), or None."""
+        if isinstance(sym, str):
+            return self._special(s, sym)
+        if s.phase == "value":
+            v = value_step(s.value, sym)
+            return None if v is None else s._replace(value=v)
+        if s.phase in ("name", "reason", "key"):
+            text = s.text + bytes([sym])
+            cands = self._candidates(s._replace(text=text))
+            if not cands:
+                return None
+            if s.phase == "key" and text in cands:          # " key:" complete: its value next
+                key, node = self.tools[s.tool]["keys"][text]
+                return s._replace(phase="value", text=b"", used=s.used | {key}, value=value_start(node))
+            return s._replace(text=text)
+        return None
+
+    def _candidates(self, s):
+        """The names / reasons / key strings that s.text is a prefix of."""
+        if s.phase == "name":
+            pool = self.tools
+        elif s.phase == "reason":
+            pool = self.reasons
+        else:
+            pool = [k for k, (name, _) in self.tools[s.tool]["keys"].items() if name not in s.used]
+        return [c for c in pool if c.startswith(s.text)]
+
+    def _special(self, s, sym):
+        if s.phase == "start":
+            if sym == wire.CALL:
+                return State("name", calls=1)
+            return State("reason") if sym == wire.NOCALL else None
+        if s.phase == "reason":
+            return State("done") if sym == wire.END and s.text in self.reasons else None
+        if s.phase == "name":
+            if s.text not in self.tools:
+                return None
+            s = s._replace(tool=s.text, used=frozenset())
+        elif s.phase != "value" or not value_done(s.value):
+            return None
+        tool = self.tools[s.tool]
+        if sym == wire.ARG:
+            left = [k for k, _ in tool["keys"].values() if k not in s.used]
+            return State("key", tool=s.tool, used=s.used, calls=s.calls) if left else None
+        if not tool["required"] <= s.used:
+            return None
+        if sym == wire.END:
+            return State("done", calls=s.calls)
+        if sym == wire.CALL and s.calls < MAX_CALLS:
+            return State("name", calls=s.calls + 1)
+        return None
+
+    # -- what the decoder needs
+
+    def byte_key(self, s):
+        """What the set of allowed normal tokens depends on (the memo key)."""
+        if s.phase == "value":
+            return s.value
+        if s.phase == "key":
+            return ("key", s.tool, s.used, s.text)
+        return (s.phase, s.text)
+
+    def determined_text(self, s):
+        """Bytes that must come next whatever the model prefers: the rest of a
+        name, key or reason once only one fits (b"" if nothing is determined)."""
+        if s.phase not in ("name", "reason", "key"):
+            return b""
+        cands = self._candidates(s)
+        if len(cands) != 1:
+            return b""
+        return cands[0][len(s.text):]
+
+
+# -----------------------------------------------------------------------------
+# the vocabulary as a byte trie
+
+class _Node:
+    __slots__ = ("ids", "children", "all_ids")
+
+    def __init__(self):
+        self.ids = []           # tokens whose bytes end here
+        self.children = {}      # byte -> _Node
+        self.all_ids = None     # every token in this subtree (filled on first use)
+
+
+class Vocab:
+    """A sentencepiece tokenizer's tokens as bytes, a trie over them, and the
+    memo of allowed tokens per value state (catalogue independent)."""
+
+    def __init__(self, sp, special_ids):
+        self.sp = sp
+        self.size = sp.get_piece_size()
+        self.special_id = {s: special_ids[s] for s in SPECIALS}
+        self.id_special = {i: s for s, i in self.special_id.items()}
+        self.token_bytes = [None] * self.size
+        specials = set(special_ids.values())
+        for i in range(self.size):
+            if i in specials or sp.is_unknown(i) or sp.is_control(i):
+                continue
+            piece = sp.id_to_piece(i)
+            if sp.is_byte(i):
+                self.token_bytes[i] = bytes([int(piece[3:5], 16)])     # <0xAB>
+            else:
+                self.token_bytes[i] = piece.replace("\u2581", " ").encode("utf-8")
+        self.root = _Node()
+        for i, tb in enumerate(self.token_bytes):
+            if not tb:
+                continue
+            node = self.root
+            for b in tb:
+                node = node.children.setdefault(b, _Node())
+            node.ids.append(i)
+        self.normal_ids = torch.tensor([i for i, tb in enumerate(self.token_bytes) if tb])
+        self.value_memo = {}
+
+    def symbols(self, token_id):
+        """A token as grammar symbols: its bytes, or the special token's string."""
+        if token_id in self.id_special:
+            return [self.id_special[token_id]]
+        tb = self.token_bytes[token_id]
+        if tb is None:
+            return None                         # pad, unk, <|tools|>, <|user|>: never allowed
+        return list(tb)
+
+    def advance(self, grammar, s, token_id):
+        """State after a whole token, or None if the grammar rejects it."""
+        syms = self.symbols(token_id)
+        if syms is None:
+            return None
+        for sym in syms:
+            s = grammar.step(s, sym)
+            if s is None:
+                return None
+        return s
+
+    def encode_text(self, b):
+        """Determined bytes -> token ids, tokenized the way the training data is
+        (a name or key directly after a special token); None if b is not UTF-8."""
+        try:
+            text = b.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        return self.sp.encode(text)
+
+    def _subtree(self, node):
+        if node.all_ids is None:
+            ids = list(node.ids)
+            for child in node.children.values():
+                ids += self._subtree(child)
+            node.all_ids = ids
+        return node.all_ids
+
+    def allowed(self, grammar, s):
+        """Token ids the grammar allows in state s: a long tensor (normal tokens
+        memoised per state, then the allowed special tokens)."""
+        if s.phase in ("start", "done"):
+            normal = self.normal_ids[:0]
+        else:
+            memo = self.value_memo if s.phase == "value" else grammar.memo
+            key = grammar.byte_key(s)
+            normal = memo.get(key)
+            if normal is None:
+                normal = self._walk(grammar, s)
+                if len(memo) > 50_000:          # bound the memory of long-running servers
+                    memo.clear()
+                memo[key] = normal
+        specials = [i for sym, i in self.special_id.items() if grammar.step(s, sym) is not None]
+        if not specials:
+            return normal
+        return torch.cat([normal, torch.tensor(specials, dtype=torch.long)])
+
+    def _walk(self, grammar, s):
+        """Walk the trie with the automaton, pruning rejected branches."""
+        if s.phase == "value" and s.value in RAW_STATES:
+            return self.normal_ids
+        ids, todo = [], [(self.root, s)]
+        while todo:
+            node, st = todo.pop()
+            for b, child in node.children.items():
+                st2 = grammar.step(st, b)
+                if st2 is None:
+                    continue
+                if st2.phase == "value" and st2.value in RAW_STATES:
+                    ids += self._subtree(child)          # free text below: everything
+                    continue
+                ids += child.ids
+                if child.children:
+                    todo.append((child, st2))
+        return torch.tensor(sorted(ids), dtype=torch.long)
