@@ -116,14 +116,17 @@ def value_node(prop, top=True):
     return nodes[0] if len(nodes) == 1 else ("alt", tuple(nodes))
 
 
-def _start(node):
-    """The frames a value of this node may open with."""
+def _start(node, depth=0):
+    """The frames a value of this node may open with (depth: containers around it;
+    a free-form value stops nesting at MAX_DEPTH, declared schemas are finite)."""
     kind = node[0]
     if kind == "alt":
-        return [f for n in node[1] for f in _start(n)]
+        return [f for n in node[1] for f in _start(n, depth)]
     if kind == "any":
-        return [("obj", None, frozenset(), 0, frozenset(), b""), ("arr", ANY, 0), ("str", 0),
-                ("num", False, "s"), ("lit", (b"false", b"null", b"true"), b"")]
+        scalars = [("str", 0), ("num", False, "s"), ("lit", (b"false", b"null", b"true"), b"")]
+        if depth >= MAX_DEPTH:
+            return scalars
+        return [("obj", None, frozenset(), 0, frozenset(), b""), ("arr", ANY, 0)] + scalars
     if kind == "raw":
         return [("raw", 0)]
     if kind == "lit":
@@ -189,7 +192,11 @@ def _advance(frame, b, depth):
     if kind == "sp":
         return [()] if b == 32 else []
     if kind == "raw":
-        return [(("raw", 1),)]
+        # the answer's end is stripped when it is read back, so a value that is all
+        # white space would vanish: it is complete only once it has a visible character
+        # (an ASCII one, or the first byte of one that is not a Unicode space)
+        visible = 33 <= b <= 126 or (b >= 0xC3 and b not in (0xE1, 0xE2, 0xE3))
+        return [(("raw", 1 if visible or frame[1] == 1 else 0),)]
     if kind == "lit":
         prefix = frame[2] + bytes([b])
         opts = frame[1]
@@ -224,9 +231,8 @@ def _advance(frame, b, depth):
         if phase == 2:                                    # after an item
             return [(("arr", item, 3),)] if b == 44 else [()] if b == 93 else []
         out = [()] if phase == 1 and b == 93 else []      # "[]"
-        if depth < MAX_DEPTH:                             # an item opens with b
-            for f in _start(item):
-                out += [(("arr", item, 2),) + r for r in _advance(f, b, depth + 1)]
+        for f in _start(item, depth + 1):                 # an item opens with b
+            out += [(("arr", item, 2),) + r for r in _advance(f, b, depth + 1)]
         return out
     if kind == "obj":
         return _advance_obj(frame, b, depth)
@@ -253,13 +259,13 @@ def _advance_obj(frame, b, depth):
             return []
         return [(("obj", props, req, 3 if key in cands else 2, used, key),)]
     if phase == 3:                             # expect ":" then the value
-        if b != 58 or depth >= MAX_DEPTH:
+        if b != 58:
             return []
         node = ANY if free else dict(props)[key]
         parent = ("obj", props, req, 4, used if free else used | {key}, b"")
-        return [(parent, f) for f in _start(node)]
+        return [(parent, f) for f in _start(node, depth + 1)]
     if phase == 4:                             # after a value
-        if b == 44:
+        if b == 44 and (free or any(k not in used for k, _ in props)):   # a key is left to write
             return [(("obj", props, req, 5, used, b""),)]
         return [()] if b == 125 and req <= used else []
     return []

@@ -173,10 +173,11 @@ class Router:
         prefix = self.encode_prefix(tools)
         rest = self.sp.encode(wire.clean(request.strip()))
         n_prompt = len(prefix) + len(rest)
-        budget = min(max_new_tokens, self.model.config.block_size - n_prompt)
-        if budget < MIN_ANSWER_TOKENS:
+        room = self.model.config.block_size - n_prompt
+        if room < MIN_ANSWER_TOKENS:
             raise ValueError(f"prompt is {n_prompt} tokens; the model's context is "
                              f"{self.model.config.block_size}, which leaves too little room for an answer")
+        budget = min(max_new_tokens, room)
         passes = 1
         if use_cache:
             cache, logits = self._prefill(prefix, rest, prefix_cache)
@@ -192,6 +193,9 @@ class Router:
             toks = self._forced(g, state)
             if toks is None:
                 allowed = vocab.allowed(g, state)
+                if len(allowed) == 0:              # a grammar bug; answer validly all the same
+                    return self._cut(out, end_at), {"confidence": conf, "passes": passes,
+                                                    "truncated": True, "dead_end": True}
                 if len(allowed) == 1:
                     toks = [int(allowed[0])]
                 else:
@@ -209,7 +213,7 @@ class Router:
                     toks = [int(allowed[j])]
             if len(out) + len(toks) > budget:
                 out = self._cut(out, end_at)
-                return out, {"confidence": conf, "passes": passes, "truncated": True}
+                return out, {"confidence": conf, "passes": passes, "truncated": True, "dead_end": False}
             for t in toks:
                 state = vocab.advance(g, state, t)
                 assert state is not None, "the grammar rejected its own forced tokens"
@@ -224,7 +228,7 @@ class Router:
                         seq.append(t)
                         logits = self.model(self._tensor(seq))[0, -1]
                 pending = []
-        return out, {"confidence": conf, "passes": passes, "truncated": False}
+        return out, {"confidence": conf, "passes": passes, "truncated": False, "dead_end": False}
 
     def _forced(self, g, state):
         """Token ids for the text the grammar determines next, or None."""

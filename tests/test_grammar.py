@@ -1,0 +1,304 @@
+"""Constrained decoding (grammar.py + sample.Router.generate_constrained).
+
+Property tests draw random tool schemas (and random valid answers) with
+hypothesis; the model is either the toy checkpoint or a stub whose preferences
+are set by the test."""
+
+import json
+import random
+
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, given, settings, strategies as st
+
+import grammar
+import wire
+from sample import Router
+
+# derandomized so CI is reproducible; no shrinking, which can take minutes on a failure
+SETTINGS = settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck),
+                    phases=[Phase.explicit, Phase.reuse, Phase.generate])
+
+
+@pytest.fixture(scope="module")
+def router(toy_ckpt):
+    return Router(toy_ckpt)
+
+
+# -----------------------------------------------------------------------------
+# the value automaton, case by case
+
+def accepts(prop, text):
+    s = grammar.value_start(grammar.value_node(prop))
+    for b in (" " + text).encode():
+        s = grammar.value_step(s, b)
+        if s is None:
+            return False
+    return grammar.value_done(s)
+
+
+@pytest.mark.parametrize("prop, good, bad", [
+    ({"type": "integer"}, ["0", "-5", "12345"], ["012", "1.5", "5e3", "-", "", "five"]),
+    ({"type": "number"}, ["0", "-1.5", "2e10", "1.5E-3"], ["1.", ".5", "1e", "01", "1,5"]),
+    ({"type": "boolean"}, ["true", "false"], ["tru", "True", "truex", "1"]),
+    ({"enum": ["red", "dark blue"]}, ["red", "dark blue"], ["re", "reds", "blue", '"red"']),
+    ({"enum": [1, "a"]}, ["1", '"a"'], ["a", "2"]),
+    ({"type": "array", "items": {"type": "string"}}, ['[]', '["a"]', '["a\\"b","\\u00e9"]'],
+     ['[', '["a",]', '[a]', '["a" ]', '["\\x"]']),
+    ({"type": "array", "items": {"type": "integer"}}, ['[1,2,3]'], ['[1,2.5]', '["1"]']),
+    ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}},
+      "required": ["a"]}, ['{"a":1}', '{"b":"x","a":2}'], ['{}', '{"b":"x"}', '{"a":1,"a":2}', '{"c":1}']),
+    ({"type": "object"}, ['{}', '{"k":[1,{"x":null}]}'], ['{k:1}', '{"k"}']),
+    ({"type": "object", "properties": {"a": {"type": "boolean"}}}, ['{}', '{"a":true}'], ['{"a":true,']),
+    ({"type": "string"}, ["Paris", "a: b", "[1", " x", "\u00e9"], ["", "  ", "\t", "\u00a0", "\u3000"]),
+])
+def test_value_automaton(prop, good, bad):
+    for text in good:
+        assert accepts(prop, text), text
+    for text in bad:
+        assert not accepts(prop, text), text
+
+
+def test_grammar_structure():
+    tools = wire.normalize_tools([
+        {"name": "track_order", "parameters": {"type": "object", "properties": {
+            "order_id": {"type": "string"}, "carrier": {"enum": ["ups", "fedex"]}}, "required": ["order_id"]}},
+        {"name": "track", "parameters": {"type": "object", "properties": {}}},
+    ])
+    g = grammar.Grammar(tools)
+
+    def run(syms):
+        s = g.start()
+        for sym in syms:
+            s = g.step(s, sym)
+            if s is None:
+                return None
+        return s
+
+    def text(t):
+        return list(t.encode())
+
+    call = [wire.CALL] + text("track_order") + [wire.ARG]
+    assert run(call + text(" order_id: X") + [wire.END]).phase == "done"
+    assert run(call + text(" carrier: ups") + [wire.END]) is None           # required key missing
+    assert run(call + text(" order_id: X") + [wire.ARG] + text(" order_id:")) is None   # key twice
+    assert run(call + text(" colour:")) is None                              # not in the schema
+    assert run([wire.CALL] + text("track") + [wire.END]).phase == "done"     # a name that prefixes another
+    assert run([wire.CALL] + text("trac") + [wire.END]) is None
+    assert run([wire.CALL] + text("ship_it")) is None                       # not in the catalogue
+    assert run([wire.NOCALL] + text("missing argument: order_id") + [wire.END]).phase == "done"
+    assert run([wire.NOCALL] + text("because") ) is None
+    # determined text: the rest of the only name that fits, the only key left
+    assert g.determined_text(run([wire.CALL] + text("track_"))) == b"order"
+    assert g.determined_text(run([wire.CALL] + text("tr"))) == b""          # track or track_order
+    assert g.determined_text(run(call + text(" order_id: X") + [wire.ARG])) == b" carrier:"
+
+
+# -----------------------------------------------------------------------------
+# random schemas and answers
+
+NAME = st.from_regex(r"[a-z][a-z0-9_]{0,10}", fullmatch=True)
+TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), min_size=1, max_size=12)
+WORD = st.from_regex(r"[a-z]{1,8}( [a-z]{1,6})?", fullmatch=True)
+
+
+@st.composite
+def prop_schemas(draw, depth=0):
+    kinds = ["string", "integer", "number", "boolean", "enum_str", "enum_mixed", "array"]
+    if depth == 0:
+        kinds.append("object")
+    kind = draw(st.sampled_from(kinds))
+    if kind == "enum_str":
+        return {"type": "string", "enum": draw(st.lists(WORD, min_size=1, max_size=4, unique=True))}
+    if kind == "enum_mixed":
+        return {"enum": draw(st.lists(st.one_of(st.integers(-50, 50), WORD), min_size=1, max_size=4,
+                                      unique_by=lambda v: json.dumps(v)))}
+    if kind == "array":
+        return {"type": "array", "items": draw(st.sampled_from(
+            [{"type": "string"}, {"type": "integer"}, {"type": "number"}, {"enum": ["a", "b c"]}]))}
+    if kind == "object":
+        props = draw(st.dictionaries(NAME, prop_schemas(depth=1), min_size=1, max_size=3))
+        req = draw(st.lists(st.sampled_from(sorted(props)), unique=True))
+        return {"type": "object", "properties": props, "required": req}
+    return {"type": kind}
+
+
+@st.composite
+def catalogues(draw):
+    names = draw(st.lists(NAME, min_size=1, max_size=4, unique=True))
+    tools = []
+    for n in names:
+        props = draw(st.dictionaries(NAME, prop_schemas(), max_size=4))
+        req = draw(st.lists(st.sampled_from(sorted(props)), unique=True)) if props else []
+        tools.append({"name": n, "description": "a tool",
+                      "parameters": {"type": "object", "properties": props, "required": req}})
+    return wire.normalize_tools(tools)
+
+
+def value_for(draw, prop):
+    if "enum" in prop:
+        return draw(st.sampled_from(prop["enum"]))
+    t = prop["type"]
+    if t == "string":
+        return draw(TEXT.filter(lambda s: s.strip() == s))   # the answer's end is stripped
+    if t == "integer":
+        return draw(st.integers(-10**6, 10**6))
+    if t == "number":
+        return draw(st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False))
+    if t == "boolean":
+        return draw(st.booleans())
+    if t == "array":
+        return [value_for(draw, prop["items"]) for _ in range(draw(st.integers(0, 3)))]
+    props = prop["properties"]
+    keys = [k for k in props if k in prop["required"] or draw(st.booleans())]
+    return {k: value_for(draw, props[k]) for k in keys}
+
+
+@st.composite
+def answers(draw, tools):
+    """A valid answer for the catalogue: calls with schema-valid arguments, or a no-call."""
+    if draw(st.booleans()):
+        return [], draw(st.sampled_from(list(grammar.REASONS)))
+    calls = []
+    for _ in range(draw(st.integers(1, 2))):
+        tool = draw(st.sampled_from(tools))
+        params = tool["parameters"]
+        keys = [k for k in params["properties"] if k in params["required"] or draw(st.booleans())]
+        args = {k: value_for(draw, params["properties"][k]) for k in keys}
+        calls.append({"name": tool["name"], "arguments": args})
+    return calls, None
+
+
+def test_generated_answers_are_valid():
+    """The generators above make what they claim (else the tests below prove little)."""
+    @given(st.data())
+    @SETTINGS
+    def check(data):
+        tools = data.draw(catalogues())
+        calls, reason = data.draw(answers(tools))
+        parsed = wire.parse_answer(wire.render_answer(calls, reason), tools)
+        assert wire.validate_answer(parsed, tools) is None
+    check()
+
+
+@given(st.data())
+@SETTINGS
+def test_every_path_the_grammar_allows_is_valid(router, data):
+    """Random choices among the allowed tokens (not only the model's) always end
+    in an answer that parses and validates, even when the budget runs out."""
+    tools = data.draw(catalogues())
+    rng = random.Random(data.draw(st.integers(0, 10**6)))
+    pick = lambda logits, allowed, out: allowed[rng.randrange(len(allowed))]
+    ids, info = router.generate_constrained(tools, "do the thing", max_new_tokens=40, pick=pick)
+    assert not info["dead_end"]
+    parsed = wire.parse_answer(router.sp.decode(ids), tools)
+    assert wire.validate_answer(parsed, tools) is None
+
+
+@given(st.data())
+@SETTINGS
+def test_model_answers_under_constraints_are_valid(router, data):
+    tools = data.draw(catalogues())
+    res = router.answer(tools, data.draw(TEXT), max_new_tokens=40)
+    assert res["valid"], (res["text"], res["error"])
+    assert 0.0 <= res["confidence"] <= 1.0
+
+
+class StubModel(torch.nn.Module):
+    """Prefers, at every step, the first token of the rest of a target answer
+    (tokenized from the text still to come), over random noise. Unconstrained
+    greedy decoding therefore writes the target exactly."""
+
+    def __init__(self, router, target_text, n_prompt):
+        super().__init__()
+        self.config, self.sp, self.n_prompt = router.model.config, router.sp, n_prompt
+        self.vocab, self.target = router.vocab, target_text.encode()
+        self.history = []
+        self.g = torch.Generator().manual_seed(0)
+
+    def written(self):
+        syms = [s for t in self.history[self.n_prompt:] for s in self.vocab.symbols(t)]
+        return b"".join(s.encode() if isinstance(s, str) else bytes([s]) for s in syms)
+
+    def forward(self, idx, cache=None):
+        start = cache.pos if cache is not None else 0
+        self.history = self.history[:start] + idx[0].tolist()
+        if cache is not None:
+            cache.pos = start + idx.size(1)
+        logits = torch.randn(1, idx.size(1), self.sp.get_piece_size(), generator=self.g)
+        written = self.written() if len(self.history) > self.n_prompt else b""
+        if self.target.startswith(written) and written != self.target:
+            rest = self.target[len(written):]
+            try:
+                nxt = self.sp.encode(rest.decode())[0]
+            except UnicodeDecodeError:        # in the middle of a character: its next byte
+                nxt = self.sp.piece_to_id(f"<0x{rest[0]:02X}>")
+            logits[0, -1, nxt] += 20.0
+        return logits
+
+
+@given(st.data())
+@SETTINGS
+def test_constraints_never_change_a_valid_greedy_answer(router, data):
+    tools = data.draw(catalogues())
+    calls, reason = data.draw(answers(tools))
+    target = wire.render_answer(calls, reason)
+    n_prompt = len(router.encode_prompt(tools, "hello"))
+    real = router.model
+    try:
+        router.model = StubModel(router, target, n_prompt)
+        raw = router.sp.decode(router.generate(router.encode_prompt(tools, "hello"), 200))
+        router.model = StubModel(router, target, n_prompt)
+        ids, _ = router.generate_constrained(tools, "hello", max_new_tokens=200, prefix_cache=False)
+    finally:
+        router.model = real
+    assert raw == target                      # the stub works: greedy writes the target
+    assert router.sp.decode(ids) == target    # and the grammar leaves it alone
+
+
+# -----------------------------------------------------------------------------
+# the speed-ups change nothing
+
+def test_prompt_encoding_is_prefix_plus_request(router, toy_data):
+    for ex in [json.loads(l) for l in open(f"{toy_data}/test.jsonl")][:10]:
+        full = router.sp.encode(wire.render_prompt(ex["tools"], ex["request"]))
+        assert router.encode_prompt(ex["tools"], ex["request"]) == full
+        assert full[:len(router.encode_prefix(ex["tools"]))] == router.encode_prefix(ex["tools"])
+
+
+def test_speedups_give_the_same_tokens(router, toy_data):
+    items = [json.loads(l) for l in open(f"{toy_data}/test.jsonl")][:4]
+    for ex in items:
+        runs = {}
+        for name, kw in {"no cache": dict(use_cache=False, forced_spans=False, prefix_cache=False),
+                         "cache": dict(forced_spans=False, prefix_cache=False),
+                         "forced": dict(prefix_cache=False),
+                         "prefix cache": dict()}.items():
+            router.generate_constrained(items[0]["tools"], "warm the prefix cache with another request", 8)
+            runs[name] = router.generate_constrained(ex["tools"], ex["request"], 24, **kw)
+        tokens = {name: ids for name, (ids, _) in runs.items()}
+        assert len({tuple(t) for t in tokens.values()}) == 1, tokens
+        assert runs["forced"][1]["passes"] <= runs["cache"][1]["passes"]
+        conf = [info["confidence"] for _, info in runs.values()]
+        assert max(conf) - min(conf) < 1e-4
+
+
+def test_forced_spans_save_forward_passes(router):
+    tools = wire.normalize_tools([{"name": "track_order_status", "parameters": {
+        "type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"]}}])
+    # the grammar leaves the model: <|call|>/<|nocall|>, the first name token, the value
+    pick = lambda logits, allowed, out: router.call_id if not out else allowed[0]
+    ids, slow = router.generate_constrained(tools, "x", 12, forced_spans=False, pick=pick)
+    ids2, fast = router.generate_constrained(tools, "x", 12, pick=pick)
+    assert ids == ids2
+    assert fast["passes"] < slow["passes"]
+
+
+def test_int8_router_answers_validly(toy_ckpt):
+    r = Router(toy_ckpt, quantize="int8")
+    assert any("quantized" in type(m).__module__ for m in r.model.modules())
+    tools = wire.normalize_tools([{"name": "ping", "parameters": {"type": "object", "properties": {
+        "host": {"type": "string"}}, "required": ["host"]}}])
+    assert r.answer(tools, "ping example.com", max_new_tokens=24)["valid"]
+    with pytest.raises(ValueError, match="int8"):
+        Router(toy_ckpt, quantize="int4")
