@@ -313,12 +313,21 @@ class State(NamedTuple):
 
 
 class Grammar:
-    """The answer grammar for one catalogue (tools in wire.normalize_tool form)."""
+    """The answer grammar for one catalogue (tools in wire.normalize_tool form).
 
-    def __init__(self, tools):
+    tool_choice (OpenAI's): "auto" (call or not), "none" (no call), "required"
+    (at least one call), or a tool name (calls of that tool only)."""
+
+    def __init__(self, tools, tool_choice="auto"):
+        names = {t["name"] for t in tools}
+        if tool_choice not in ("auto", "none", "required") and tool_choice not in names:
+            raise ValueError(f"tool_choice names {tool_choice!r}, which is not among the tools")
+        self.choice = tool_choice
         self.tools = {}          # name bytes -> {"name", "keys": {b" key:": (key, node)}, "required"}
         arg_names = set()
         for t in tools:
+            if tool_choice in names and t["name"] != tool_choice:
+                continue
             props = t["parameters"].get("properties", {})
             required = set(t["parameters"].get("required", []))
             keys = {f" {k}:".encode(): (k, value_node(p)) for k, p in props.items()
@@ -366,9 +375,11 @@ class Grammar:
 
     def _special(self, s, sym):
         if s.phase == "start":
-            if sym == wire.CALL:
+            if sym == wire.CALL and self.choice != "none" and self.tools:
                 return State("name", calls=1)
-            return State("reason") if sym == wire.NOCALL else None
+            if sym == wire.NOCALL and (self.choice in ("auto", "none") or not self.tools):
+                return State("reason")     # (a forced call no tool can make declines instead)
+            return None
         if s.phase == "reason":
             return State("done") if sym == wire.END and s.text in self.reasons else None
         if s.phase == "name":

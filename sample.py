@@ -93,9 +93,9 @@ class Router:
         # the request follows a special token, so it is tokenized on its own either way
         return self.encode_prefix(tools) + self.sp.encode(wire.clean(request.strip()))
 
-    def grammar(self, tools):
-        key = json.dumps(tools, sort_keys=True)
-        g = self.grammars.pop(key, None) or grammar.Grammar(tools)
+    def grammar(self, tools, tool_choice="auto"):
+        key = json.dumps([tools, tool_choice], sort_keys=True)
+        g = self.grammars.pop(key, None) or grammar.Grammar(tools, tool_choice)
         self.grammars[key] = g
         while len(self.grammars) > 32:
             self.grammars.popitem(last=False)
@@ -162,14 +162,15 @@ class Router:
 
     @torch.no_grad()
     def generate_constrained(self, tools, request, max_new_tokens=128, use_cache=True,
-                             forced_spans=True, prefix_cache=True, pick=None):
+                             forced_spans=True, prefix_cache=True, pick=None, tool_choice="auto"):
         """Greedy decoding under the answer grammar -> (token ids, info).
         info: confidence, forward passes, truncated (the token budget ran out
         and the answer was cut back to its last complete point).
         use_cache / forced_spans / prefix_cache switch the speed-ups off one by one
         (the tokens are the same, bench.py times them). pick(logits, allowed ids,
-        tokens so far) -> id replaces the argmax (bench.py follows a fixed answer)."""
-        g, vocab = self.grammar(tools), self.vocab
+        tokens so far) -> id replaces the argmax (bench.py follows a fixed answer).
+        tool_choice: auto | none | required | a tool's name (see grammar.Grammar)."""
+        g, vocab = self.grammar(tools, tool_choice), self.vocab
         prefix = self.encode_prefix(tools)
         rest = self.sp.encode(wire.clean(request.strip()))
         n_prompt = len(prefix) + len(rest)
@@ -252,15 +253,17 @@ class Router:
         reason = self.sp.encode(wire.REASON_NO_TOOL)
         return [self.nocall_id] + reason + [self.end_id]
 
-    def answer(self, tools, request, max_new_tokens=128, constrain=True):
+    def answer(self, tools, request, max_new_tokens=128, constrain=True, tool_choice="auto"):
         """-> dict: calls, reason, valid, error, text, tokens, latency_ms,
-        confidence (None unconstrained), truncated."""
+        confidence (None unconstrained), truncated. tool_choice needs constrain."""
         if not request or not request.strip():
             raise ValueError("empty request")
         t0 = time.perf_counter()
         info = {"confidence": None, "truncated": False}
         if constrain:
-            ids, info = self.generate_constrained(tools, request, max_new_tokens)
+            ids, info = self.generate_constrained(tools, request, max_new_tokens, tool_choice=tool_choice)
+        elif tool_choice != "auto":
+            raise ValueError("tool_choice other than auto needs constrained decoding")
         else:
             ids = self.generate(self.encode_prompt(tools, request), max_new_tokens)
         text = self.sp.decode(ids)

@@ -302,3 +302,25 @@ def test_int8_router_answers_validly(toy_ckpt):
     assert r.answer(tools, "ping example.com", max_new_tokens=24)["valid"]
     with pytest.raises(ValueError, match="int8"):
         Router(toy_ckpt, quantize="int4")
+
+
+def test_tool_choice(router):
+    tools = wire.normalize_tools([
+        {"name": "ping", "parameters": {"type": "object", "properties": {"host": {"type": "string"}},
+                                        "required": ["host"]}},
+        {"name": "pong", "parameters": {"type": "object", "properties": {}}}])
+    first = {}
+    for choice in ["auto", "none", "required", "pong"]:
+        g = grammar.Grammar(tools, choice)
+        first[choice] = {sym for sym in (wire.CALL, wire.NOCALL) if g.step(g.start(), sym)}
+    assert first == {"auto": {wire.CALL, wire.NOCALL}, "none": {wire.NOCALL},
+                     "required": {wire.CALL}, "pong": {wire.CALL}}
+    g = grammar.Grammar(tools, "pong")
+    assert g.step(g.step(g.start(), wire.CALL), ord("p")).text == b"p"
+    assert g.determined_text(g.step(g.start(), wire.CALL)) == b"pong"     # the only name left
+    res = router.answer(tools, "ping example.com", max_new_tokens=24, tool_choice="none")
+    assert res["valid"] and not res["calls"]
+    res = router.answer(tools, "ping example.com", max_new_tokens=24, tool_choice="pong")
+    assert res["valid"] and [c["name"] for c in res["calls"]] == ["pong"] * len(res["calls"]) != []
+    with pytest.raises(ValueError, match="not among"):
+        router.answer(tools, "x", tool_choice="pang")
