@@ -106,12 +106,12 @@ class Router:
         cfg = self.model.config
         if not use_prefix_cache:
             cache = KVCache(cfg, 1, cfg.block_size, self.device)
-            return cache, self.model(self._tensor(prefix + rest), cache)[0, -1]
+            return cache, self._logits(prefix + rest, cache)
         key = tuple(prefix)
         entry = self.prefixes.pop(key, None)
         if entry is None:
             cache = KVCache(cfg, 1, cfg.block_size, self.device)
-            self.model(self._tensor(prefix), cache)
+            self.model.hidden(self._tensor(prefix), cache)
             entry = (cache, cache.last_k.clone())
         self.prefixes[key] = entry
         while len(self.prefixes) > 4:
@@ -121,10 +121,15 @@ class Router:
         # overwritten as this one runs (smeared keys also need the last raw key back)
         cache.pos = len(prefix)
         cache.last_k.copy_(last_k)
-        return cache, self.model(self._tensor(rest), cache)[0, -1]
+        return cache, self._logits(rest, cache)
 
     def _tensor(self, ids):
         return torch.tensor([ids], dtype=torch.long, device=self.device)
+
+    def _logits(self, ids, cache=None):
+        """Run ids (continuing the cache, if any) -> logits of the last position only:
+        the vocabulary projection of the other positions would be thrown away."""
+        return self.model.head(self.model.hidden(self._tensor(ids), cache)[0, -1])
 
     # -- decoding
 
@@ -184,7 +189,7 @@ class Router:
             cache, logits = self._prefill(prefix, rest, prefix_cache)
         else:
             seq = prefix + rest
-            logits = self.model(self._tensor(seq))[0, -1]
+            logits = self._logits(seq)
 
         out, pending = [], []       # tokens chosen; tokens not yet run through the model
         state, conf, end_at = g.start(), 1.0, None
@@ -203,10 +208,10 @@ class Router:
                     if pending:                    # the model must see them before it chooses
                         passes += 1
                         if use_cache:
-                            logits = self.model(self._tensor(pending), cache)[0, -1]
+                            logits = self._logits(pending, cache)
                         else:
                             seq += pending
-                            logits = self.model(self._tensor(seq))[0, -1]
+                            logits = self._logits(seq)
                         pending = []
                     sub = logits[allowed]
                     j = int(sub.argmax()) if pick is None else                         int((allowed == pick(logits, allowed, out)).nonzero()[0])
@@ -224,10 +229,10 @@ class Router:
                 for t in pending:                  # one forward pass per token
                     passes += 1
                     if use_cache:
-                        logits = self.model(self._tensor([t]), cache)[0, -1]
+                        logits = self._logits([t], cache)
                     else:
                         seq.append(t)
-                        logits = self.model(self._tensor(seq))[0, -1]
+                        logits = self._logits(seq)
                 pending = []
         return out, {"confidence": conf, "passes": passes, "truncated": False, "dead_end": False}
 
