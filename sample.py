@@ -165,7 +165,7 @@ class Router:
                 idx = torch.cat([idx, self._tensor([nxt])], dim=1)
         return out
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate_constrained(self, tools, request, max_new_tokens=128, use_cache=True,
                              forced_spans=True, prefix_cache=True, pick=None, tool_choice="auto"):
         """Greedy decoding under the answer grammar -> (token ids, info).
