@@ -19,22 +19,32 @@ For each group of items (all / seen tools / unseen tools / no-call / multi-call)
     f1          call-level F1 (micro), over items with calls on either side
     reason_acc  gold says no call: the model declined with the right kind of reason
                 (chit-chat / information request / missing argument / no tool fits)
-plus latency p50/p95 per request. Prints a table, writes JSON (and one line per
-item with the prediction, for error analysis). Constrained answers carry a
-confidence: its calibration (accuracy per confidence bin, expected calibration
+plus latency p50/p95 per request. Then the same metrics broken down by the
+number of tools in the catalogue (0, 1-2, 3-5, 6-10, 11+), the number of gold
+calls (0, 1, 2, 3+) and the domain (items made by data.py carry one); every
+wrong answer put in one error class (ERROR_CLASSES below: wrong tool, spurious
+or missed call, missing / extra argument, wrong type / value, wrong reason, ...)
+with examples, and the most frequent tool confusions. Constrained answers carry
+a confidence: its calibration (accuracy per confidence bin, expected calibration
 error) and the accuracy left when the model abstains below a threshold are
-printed too.
+printed too. Writes all of it as JSON, and one line per item with the
+prediction and its error class, for error analysis (plots.py draws from both).
 
-External sets (evaluation only, never trained on):
+External sets (evaluation only, never trained on; loaders in benchmarks.py):
     python eval.py --ckpt out/demo/best.pt --when2call ../shared/eval/when2call/when2call_test_llm_judge.jsonl
+    python eval.py --ckpt out/demo/best.pt --apibank ../shared/eval/apibank/level-1-api.json
 
 When2Call asks for a decision: call a tool, ask for missing information, or
 decline. A call is "tool_call", a no-call whose reason is "missing argument" is
 "request_for_info", any other no-call is "cannot_answer"; decision accuracy
 compares that with the item's label, and exact call match is scored on its
-tool_call items. Tools in its BFCL dialect are converted to JSON Schema
-(imports.to_schema_tool); items that cannot be converted, and prompts longer
-than the model's context, are counted and reported, not silently dropped.
+tool_call items. API-Bank level-1 asks for the next API call in a dialogue,
+scored by exact API name and arguments. Items that cannot be converted, and
+prompts longer than the model's context, are counted and reported, not
+silently dropped.
+
+Compare result files (no model needed; differences from the first file):
+    python eval.py --compare out/a/eval_test.json out/b/eval_test.json
 """
 
 import argparse
@@ -42,12 +52,14 @@ import json
 import os
 import sys
 from collections import Counter
+from itertools import zip_longest
 
 import numpy as np
+from jsonschema import Draft202012Validator
 from tqdm import tqdm
 
 import wire
-from imports import to_schema_tool
+from benchmarks import DECISIONS, load_apibank, load_when2call
 from model import CheckpointError
 from sample import Router
 
@@ -138,7 +150,6 @@ GROUPS = {
     "no-call": lambda ex: not ex["calls"],
     "multi-call": lambda ex: len(ex["calls"]) > 1,
 }
-DECISIONS = ["tool_call", "request_for_info", "cannot_answer"]
 for _d in DECISIONS:
     GROUPS[_d] = lambda ex, d=_d: ex.get("decision") == d
 
@@ -169,33 +180,173 @@ def decision_report(rows, preds):
             "accuracy_fitting": sum(g == p for g, p in fit) / len(fit) if fit else None, "n_fitting": len(fit)}
 
 
-def load_when2call(path):
-    """When2Call JSONL -> (our test items, {reason: count} of items that could not be used)."""
-    items, skipped = [], Counter()
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                decision = row["correct_answer"]
-                if decision not in DECISIONS:
-                    raise KeyError(decision)
-                tools = [to_schema_tool(json.loads(t) if isinstance(t, str) else t) for t in row["tools"]]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{n}: not a When2Call item ({type(e).__name__}: {e})") from None
-            except (wire.ToolError, ValueError) as e:
-                skipped[f"tool not convertible: {str(e)[:70]}"] += 1
-                continue
-            calls = [json.loads(row["answers"]["tool_call"])] if decision == "tool_call" else []
-            if calls and wire.validate_answer({"calls": calls, "reason": None}, tools):
-                skipped["expected call does not validate against its own tools"] += 1
-                continue
-            reason = {"request_for_info": wire.REASON_MISSING + "?",
-                      "cannot_answer": wire.REASON_NO_TOOL}.get(decision)
-            items.append({"tools": tools, "request": row["question"], "calls": calls, "reason": reason,
-                          "kind": decision, "decision": decision, "split": "when2call"})
-    return items, skipped
+# -----------------------------------------------------------------------------
+# what went wrong: one class per wrong answer
+
+# In precedence order: an answer is put in the first class that fits. The order
+# follows the order in which the model decides: whether the prompt fit at all,
+# whether the answer parses, which tools to call, which keys, then which values.
+# An earlier mistake makes the later comparisons meaningless (the arguments of
+# the wrong tool cannot be right), so it is the one counted.
+ERROR_CLASSES = [
+    "prompt too long",    # the prompt did not fit the model's context; nothing was decoded
+    "unparseable",        # the output is not an answer at all (only without the grammar)
+    "spurious call",      # called a tool where gold has none, or one call more than gold
+                          # (the gold tool names are a strict sub-multiset of the predicted)
+    "missed call",        # declined where gold calls, or left a gold call out (the
+                          # predicted names are a strict sub-multiset of gold's)
+    "wrong tool",         # otherwise different tool names (a swap, with or without more)
+    "missing argument",   # right tools, but a key gold sets is absent
+    "extra argument",     # right tools, a key gold does not set (hallucinated, or an
+                          # optional one the request did not ask for)
+    "wrong type",         # same key, the value's JSON type differs from gold's or the schema's
+    "wrong value",        # same key and type, another value
+    "wrong reason",       # gold and prediction both decline, with another kind of reason
+]
+
+
+def json_type(v):
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, (int, float)):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}.get(type(v), "null")
+
+
+def argument_errors(p, g, props):
+    """The argument classes one predicted call shows against one gold call of the same tool."""
+    pa, ga = p.get("arguments", {}), g.get("arguments", {})
+    found = set()
+    if set(ga) - set(pa):
+        found.add("missing argument")
+    if set(pa) - set(ga):
+        found.add("extra argument")
+    for k in set(pa) & set(ga):
+        if values_equal(pa[k], ga[k]):
+            continue
+        declared = props.get(k, {}).get("type")
+        off_schema = declared is not None and not Draft202012Validator({"type": declared}).is_valid(pa[k])
+        found.add("wrong type" if json_type(pa[k]) != json_type(ga[k]) or off_schema else "wrong value")
+    return found
+
+
+def classify_error(pred, gold_calls, gold_reason=None, tools=None):
+    """pred: Router.answer result -> None if the answer is right (exact, and for a
+    no-call the right kind of reason), else the first class of ERROR_CLASSES it
+    fits. tools (bare form) let a value outside its declared type count as a
+    wrong type even when gold has none to compare with."""
+    if pred.get("too_long"):
+        return "prompt too long"
+    if pred["error"] and pred["error"].startswith("unparseable"):
+        return "unparseable"
+    pcalls = pred["calls"]
+    if not gold_calls:
+        if pcalls:
+            return "spurious call"
+        return None if wire.reason_kind(pred["reason"]) == wire.reason_kind(gold_reason) else "wrong reason"
+    pn, gn = Counter(c["name"] for c in pcalls), Counter(c["name"] for c in gold_calls)
+    if pn != gn:
+        if not gn - pn:
+            return "spurious call"
+        if not pn - gn:
+            return "missed call"
+        return "wrong tool"
+    # Same tools: pair each gold call with the predicted call of that name that
+    # differs from it least (several calls of one tool may come in any order).
+    props_of = {t["name"]: t["parameters"].get("properties", {}) for t in tools or []}
+    found, left = set(), list(pcalls)
+    for g in gold_calls:
+        props = props_of.get(g["name"], {})
+        cands = [(len(argument_errors(p, g, props)), i) for i, p in enumerate(left) if p["name"] == g["name"]]
+        _, i = min(cands)
+        found |= argument_errors(left.pop(i), g, props)
+    return next((c for c in ERROR_CLASSES if c in found), None)
+
+
+def show(calls, reason=None):
+    """Calls in one short line, for examples: name(key="value", n=5); ..."""
+    if not calls:
+        return f"no call: {reason}"
+    return "; ".join(c["name"] + "(" + ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}"
+                                                 for k, v in c.get("arguments", {}).items()) + ")"
+                     for c in calls)
+
+
+def error_report(records, n_examples=3):
+    """records: the predictions file's lines (with error_class) -> counts per class,
+    a few examples of each, and the tool confusions: for each wrong-tool answer, the
+    gold names the prediction lacks paired in order with the names it has instead
+    (an unpaired one pairs with "(none)"); the 10 most frequent pairs."""
+    counts = Counter(r["error_class"] for r in records if r["error_class"])
+    examples, confusions = {}, Counter()
+    for r in records:
+        c = r["error_class"]
+        if c and len(examples.setdefault(c, [])) < n_examples:
+            got = (f"unparseable: {r['text'][:100]!r}" if c == "unparseable"
+                   else "nothing: the prompt is longer than the context" if c == "prompt too long"
+                   else show(r["pred"], r["pred_reason"]))
+            examples[c].append({"request": r["request"][:300], "gold": show(r["gold"], r["gold_reason"]),
+                                "pred": got})
+        if c == "wrong tool":
+            gn, pn = Counter(x["name"] for x in r["gold"]), Counter(x["name"] for x in r["pred"])
+            for pair in zip_longest((gn - pn).elements(), (pn - gn).elements(), fillvalue="(none)"):
+                confusions[pair] += 1
+    return {"n_wrong": sum(counts.values()), "n": len(records),
+            "counts": {c: counts[c] for c in ERROR_CLASSES if counts[c]},
+            "examples": {c: examples[c] for c in ERROR_CLASSES if c in examples},
+            "confusions": [{"gold": g, "pred": p, "n": n} for (g, p), n in confusions.most_common(10)]}
+
+
+def format_errors(rep, n_show=2):
+    lines = [f"errors: {rep['n_wrong']} of {rep['n']} answers wrong (not exact, or declined "
+             f"for the wrong kind of reason), by first problem:"]
+    for c, n in rep["counts"].items():
+        lines.append(f"  {c:18s} {n:5d} {100 * n / rep['n']:6.1f}%")
+        for e in rep["examples"][c][:n_show]:
+            req = e["request"] if len(e["request"]) <= 70 else e["request"][:67] + "..."
+            lines.append(f"      {req!r}\n        gold {e['gold'][:110]}\n        got  {e['pred'][:110]}")
+    if rep["confusions"]:
+        lines.append("  tool confusions (gold -> predicted): " + ", ".join(
+            f"{c['gold']} -> {c['pred']} {c['n']}" for c in rep["confusions"]))
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# breakdowns: the same metrics per bin of one property of the item
+
+def tools_bin(n):
+    return "0" if n == 0 else "1-2" if n <= 2 else "3-5" if n <= 5 else "6-10" if n <= 10 else "11+"
+
+
+BREAKDOWNS = {   # name -> (item -> bin or None to leave it out, the bins' order or None: sorted)
+    "n_tools": (lambda ex: tools_bin(len(ex["tools"])), ["0", "1-2", "3-5", "6-10", "11+"]),
+    "n_calls": (lambda ex: ["0", "1", "2", "3+"][min(len(ex["calls"]), 3)], ["0", "1", "2", "3+"]),
+    # test items made by data.py carry the domain of their gold tool ("no call"
+    # for no-calls); external sets have none and are left out of this one
+    "domain": (lambda ex: ex.get("domain"), None),
+}
+
+
+def breakdowns(rows):
+    """rows: (item, outcome, latency) -> {breakdown: {bin: summarize(rows in the bin)}}."""
+    out = {}
+    for name, (key, order) in BREAKDOWNS.items():
+        bins = {}
+        for r in rows:
+            b = key(r[0])
+            if b is not None:
+                bins.setdefault(b, []).append(r)
+        if bins:
+            out[name] = {b: summarize(bins[b]) for b in (order or sorted(bins)) if b in bins}
+    return out
+
+
+def format_breakdowns(bd):
+    lines = [f"{'breakdown':10s} {'bin':22s} {'n':>6s} {'exact':>8s} {'tool_acc':>9s}"]
+    for name, bins in bd.items():
+        for b, m in bins.items():
+            lines.append(f"{name:10s} {b:22s} {m['n']:6d} {100 * m['exact']:7.1f}% {100 * m['tool_acc']:8.1f}%")
+    return "\n".join(lines)
 
 
 def calibration(confs, correct, n_bins=10):
@@ -263,6 +414,77 @@ def load_items(path):
     return items
 
 
+# -----------------------------------------------------------------------------
+# --compare: result files side by side
+
+COMPARE_METRICS = ["n", "valid", "tool_acc", "arg_acc", "false_call", "missed", "exact", "f1",
+                   "reason_acc", "latency_p50_ms"]
+
+
+def load_result(path):
+    """An eval.py result JSON; ValueError with one clear line if it is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            res = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror})") from None
+    if not isinstance(res, dict) or not isinstance(res.get("groups"), dict):
+        raise ValueError(f"{path}: not an eval.py result (it has no 'groups')")
+    return res
+
+
+def compare(paths):
+    """Result files -> a table: one row per group metric, breakdown bin (exact) and
+    error class (count), one column per file; every column after the first shows
+    its difference from the first (percentage points for rates)."""
+    results = [load_result(p) for p in paths]
+
+    def union(lists):   # keys in the order they first appear
+        return list(dict.fromkeys(k for keys in lists for k in keys))
+
+    rows = []   # (label, kind, values)
+    for g in union(r["groups"] for r in results):
+        for m in COMPARE_METRICS:
+            kind = "n" if m == "n" else "ms" if m.endswith("_ms") else "rate"
+            rows.append((f"{g} {m.replace('latency_', '').replace('_ms', ' ms')}", kind, [r["groups"].get(g, {}).get(m) for r in results]))
+    bds = [r.get("breakdowns") or {} for r in results]
+    for name in union(bds):
+        for b in union(bd.get(name, {}) for bd in bds):
+            rows.append((f"{name}={b} exact", "rate", [bd.get(name, {}).get(b, {}).get("exact") for bd in bds]))
+    decs = [r.get("decisions") or {} for r in results]
+    rows.append(("decision accuracy", "rate", [d.get("accuracy") for d in decs]))
+    errs = [(r.get("errors") or {}).get("counts", {}) for r in results]
+    for c in union(errs):
+        rows.append((f"errors: {c}", "n", [e.get(c, 0) for e in errs]))
+
+    def cell(v, kind):
+        if v is None:
+            return "-"
+        return f"{v:d}" if kind == "n" else f"{v:.1f}" if kind == "ms" else f"{100 * v:.1f}%"
+
+    def delta(v, v0, kind):
+        if v is None or v0 is None:
+            return ""
+        d = v - v0 if kind != "rate" else 100 * (v - v0)
+        return f"({d:+d})" if kind == "n" else f"({d:+.1f})"
+
+    width = max(len(label) for label, _, _ in rows) + 2
+    lines = [f"[{i + 1}] {p}  ({r.get('ckpt')} on {r.get('test_file')}, {r.get('n_items')} items)"
+             for i, (p, r) in enumerate(zip(paths, results))]
+    lines += ["", (" " * width + f"{'[1]':>9s}" + "".join(f"{f'[{i + 1}]':>9s}{'':11s}"
+                                                          for i in range(1, len(paths)))).rstrip()]
+    for label, kind, vals in rows:
+        if all(v is None for v in vals):
+            continue
+        lines.append(f"{label:{width}s}{cell(vals[0], kind):>9s}" + "".join(
+            f"{cell(v, kind):>9s} {delta(v, vals[0], kind):10s}" for v in vals[1:]).rstrip())
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default="out/demo/best.pt")
@@ -270,6 +492,12 @@ def main(argv=None):
     p.add_argument("--test_file", default=None, help="default: <data_dir>/test.jsonl")
     p.add_argument("--when2call", default=None, metavar="JSONL",
                    help="score the When2Call set (when2call_test_llm_judge.jsonl) instead")
+    p.add_argument("--apibank", default=None, metavar="JSON",
+                   help="score API-Bank level-1 (level-1-api.json) instead")
+    p.add_argument("--apibank_request", choices=["dialogue", "last"], default="dialogue",
+                   help="what of an API-Bank dialogue the model sees: all turns, or the last user turn")
+    p.add_argument("--compare", nargs="+", default=None, metavar="JSON",
+                   help="print these result files side by side (no model needed) and exit")
     p.add_argument("--limit", type=int, default=0, help="score only the first N items")
     p.add_argument("--out", default=None, help="result JSON (default: next to the checkpoint)")
     p.add_argument("--max_new_tokens", type=int, default=128)
@@ -282,17 +510,30 @@ def main(argv=None):
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
 
+    if args.compare:
+        try:
+            print(compare(args.compare))
+        except ValueError as e:
+            die(str(e))
+        return
+    if sum(x is not None for x in (args.test_file, args.when2call, args.apibank)) > 1:
+        die("give one of --test_file, --when2call, --apibank")
     try:
         router = Router(args.ckpt, args.data_dir, args.device, args.quantize)
     except (CheckpointError, ValueError) as e:
         die(str(e))
     data_dir = args.data_dir or router.ckpt["data_dir"]
-    test_file = args.when2call or args.test_file or os.path.join(data_dir, "test.jsonl")
+    test_file = args.when2call or args.apibank or args.test_file or os.path.join(data_dir, "test.jsonl")
     if not os.path.isfile(test_file):
         die(f"{test_file}: no such test file")
     skipped = Counter()
     try:
-        items, skipped = load_when2call(test_file) if args.when2call else (load_items(test_file), skipped)
+        if args.when2call:
+            items, skipped = load_when2call(test_file)
+        elif args.apibank:
+            items, skipped = load_apibank(test_file, args.apibank_request)
+        else:
+            items = load_items(test_file)
     except ValueError as e:
         die(str(e))
     if args.limit:
@@ -308,14 +549,16 @@ def main(argv=None):
             pred = {"calls": [], "reason": None, "valid": False, "error": f"unparseable: {e}",
                     "text": "", "tokens": 0, "latency_ms": 0.0, "too_long": True,
                     "confidence": None, "truncated": False}
+        pred["too_long"] = pred.get("too_long", False)
         out = score_item(pred, ex["calls"], ex.get("reason"))
         rows.append((ex, out, pred["latency_ms"]))
         preds.append({"request": ex["request"], "gold": ex["calls"], "gold_reason": ex.get("reason"),
                       "pred": pred["calls"], "pred_reason": pred["reason"], "text": pred["text"],
                       "error": pred["error"], "exact": out["exact"], "split": ex.get("split"),
                       "kind": ex.get("kind"), "decision": decision_of(pred),
-                      "too_long": pred.get("too_long", False), "confidence": pred["confidence"],
-                      "truncated": pred["truncated"]})
+                      "too_long": pred["too_long"], "confidence": pred["confidence"],
+                      "truncated": pred["truncated"], "n_tools": len(ex["tools"]), "domain": ex.get("domain"),
+                      "error_class": classify_error(pred, ex["calls"], ex.get("reason"), ex["tools"])})
 
     groups = {}
     for g, keep in GROUPS.items():
@@ -335,6 +578,12 @@ def main(argv=None):
             print(f"  gold {g:17s} -> " + ", ".join(f"{p} {n}" for p, n in sorted(row.items())))
     for why, n in skipped.items():
         print(f"skipped {n} item{'s' * (n != 1)}: {why}")
+    bd = breakdowns(rows)
+    print("\n" + format_breakdowns(bd))
+    if "domain" not in bd:
+        print("(no domain breakdown: these items carry no 'domain' field)")
+    errors = error_report(preds)
+    print("\n" + format_errors(errors))
     scored = [p for p in preds if p["confidence"] is not None]
     calib = abstain = None
     if scored:
@@ -357,7 +606,8 @@ def main(argv=None):
     result = {"ckpt": args.ckpt, "test_file": test_file, "n_items": len(items), "groups": groups,
               "decisions": decisions, "skipped": dict(skipped), "constrained": not args.no_constrain,
               "quantize": args.quantize, "calibration": calib, "abstention": abstain,
-              "truncated": sum(p["truncated"] for p in preds)}
+              "truncated": sum(p["truncated"] for p in preds), "breakdowns": bd, "errors": errors,
+              "apibank_request": args.apibank_request if args.apibank else None}
     with open(out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     with open(os.path.splitext(out)[0] + "_predictions.jsonl", "w", encoding="utf-8") as f:

@@ -11,11 +11,15 @@ Two JSONL forms are read, one example per line, detected per line:
                                  assistant message is the request; that assistant
                                  message's tool_calls are the answer
 
+Tool dialects other people use are converted here too: xLAM/BFCL (to_schema_tool)
+and API-Bank's API descriptions (apibank_tool, used by benchmarks.py).
+
 A line that cannot be used is counted under a reason and skipped; a bad line
 never stops the import. Every imported call is validated against its tools.
 """
 
 import json
+import re
 
 import wire
 
@@ -92,6 +96,39 @@ def fix_types(schema):
     elif isinstance(t, str) and t in XLAM_TYPES:
         out["type"] = XLAM_TYPES[t]
     return out
+
+
+# API-Bank does not mark required parameters; these phrases in a description
+# are the only sign that one may be left out.
+APIBANK_OPTIONAL = re.compile(r"\[optional\]|only needed|default is", re.I)
+
+
+def apibank_tool(api):
+    """An API-Bank API description {name, description, input_parameters: {p: {type,
+    description}}, output_parameters} -> our bare form (wire.normalize_tool checks it).
+    Its types are Python names: str, int, float, bool, list, list(str), dict.
+    Every parameter is required unless its description says it is not ("[Optional]",
+    "Only needed for the first call", "Default is ..."): the dialect has no required
+    list, and the constrained decoder must not be free to stop before the arguments
+    the API normally takes. output_parameters describe the result, which our model
+    never sees, so they are dropped (they would only cost prompt tokens)."""
+    if not isinstance(api, dict):
+        raise ValueError("API description is not a JSON object")
+    params = api.get("input_parameters") or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"{api.get('name')}: input_parameters is not an object")
+    props, required = {}, []
+    for k, spec in params.items():
+        if not isinstance(spec, dict):
+            raise ValueError(f"{api.get('name')}: parameter {k!r} is not an object")
+        # list(str) is xLAM's List[str]: reuse that reader
+        ptype = re.sub(r"^(\w+)\((.*)\)$", r"\1[\2]", str(spec.get("type", "str")).strip())
+        desc = str(spec.get("description", "")).strip()
+        props[k], _ = xlam_param({"type": ptype, "description": desc})
+        if not APIBANK_OPTIONAL.search(desc):
+            required.append(k)
+    return wire.normalize_tool({"name": api.get("name"), "description": api.get("description", ""),
+                                "parameters": {"type": "object", "properties": props, "required": required}})
 
 
 def from_xlam(row):
