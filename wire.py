@@ -113,7 +113,7 @@ def normalize_tool(tool, index=0):
             raise ToolError(f"{where}: parameter '{pname}' has no 'type' (or 'enum')")
         ptypes = p.get("type", [])
         for t in ptypes if isinstance(ptypes, list) else [ptypes]:
-            if t not in JSON_TYPES:
+            if not isinstance(t, str) or t not in JSON_TYPES:
                 raise ToolError(f"{where}: parameter '{pname}' has unknown type {t!r}")
         if "enum" in p and (not isinstance(p["enum"], list) or not p["enum"]):
             raise ToolError(f"{where}: parameter '{pname}' has an empty or non-list 'enum'")

@@ -126,3 +126,9 @@ def test_validate_answer_needs_a_reason_for_no_call():
     tools = [wire.normalize_tool(TRACK)]
     assert wire.validate_answer({"calls": [], "reason": "no tool fits"}, tools) is None
     assert wire.validate_answer({"calls": [], "reason": ""}, tools) is not None
+
+
+def test_a_type_that_is_not_a_string_is_a_tool_error():
+    bad = {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": {"x": 1}}}}}
+    with pytest.raises(wire.ToolError, match="unknown type"):
+        wire.normalize_tool(bad)
