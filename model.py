@@ -2,7 +2,7 @@
 A small decoder-only transformer, written out by hand.
 
     x = embed(tokens)
-    for each block:  x = x + attn(rmsnorm(x));  x = x + mlp(rmsnorm(x))
+    for each block:  x = x + attn(rmsnorm(x));  x = x + mlp(rmsnorm(x))   (no mlp: ffn="none")
     logits = rmsnorm(x) @ embed.T            (tied input/output embeddings)
 
 Positions come from rotary embeddings (RoPE, Su et al. 2021) applied to queries
@@ -13,6 +13,16 @@ Presets (parameter counts at the default vocab of 4096, printed on creation):
     tiny  ~1.3M   4 layers, d=128   tests and the CPU demo (minutes)
     small ~5.0M   6 layers, d=256   the laptop model (tens of minutes)
     26m   ~25.2M  8 layers, d=512   the reference size (GPU, or hours on CPU)
+
+Architecture switches (GPTConfig; the defaults are the original model, so old
+checkpoints load unchanged and give the same logits):
+    ffn="gelu"|"swiglu"|"none"  the MLP sub-block: GELU (GPT-2), gated SwiGLU
+                                (Shazeer 2020) at equal parameters, or none at all
+    n_kv_head=k                 grouped-query attention (Ainslie et al. 2023): k
+                                key/value heads shared by the query heads; the KV
+                                cache shrinks by n_head/k
+    qk_norm=True                RMSNorm on each head's queries and keys before RoPE
+                                (Dehghani et al. 2023; OLMo 2)
 
 Also here: a KV cache for generation, and the one checkpoint save/load helper.
 """
@@ -40,6 +50,45 @@ class GPTConfig:
     rope_theta: float = 10000.0  # RoPE base frequency
     attn_impl: str = "sdpa"   # "sdpa" (fused kernel) or "explicit" (written out below)
     smear_keys: bool = False  # mix each key with the previous position's (see CausalSelfAttention)
+    # Architecture switches for A/B runs. New fields must default to the old
+    # behaviour: checkpoints store this dict, and one written before a field
+    # existed is loaded with the field's default (config_from_dict).
+    ffn: str = "gelu"         # MLP sub-block: "gelu", "swiglu" (hidden width 2/3 n_hidden) or "none"
+    n_kv_head: int = 0        # key/value heads for grouped-query attention; 0 = n_head (plain)
+    qk_norm: bool = False     # RMSNorm on each head's queries and keys before RoPE
+
+    def __post_init__(self):
+        # refuse bad combinations here, with the reason, rather than as a shape
+        # error deep inside the first forward pass
+        if self.ffn not in FFN_KINDS:
+            raise ValueError(f"unknown ffn {self.ffn!r}; choose from {', '.join(FFN_KINDS)}")
+        if self.attn_impl not in ("sdpa", "explicit"):
+            raise ValueError(f"unknown attn_impl {self.attn_impl!r}; choose sdpa or explicit")
+        if self.n_head < 1 or self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"head size n_embd/n_head = {self.n_embd // self.n_head} must be even for RoPE")
+        if self.n_kv_head < 0 or (self.n_kv_head and self.n_head % self.n_kv_head):
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head}); "
+                             "0 means one key/value head per query head")
+
+    @property
+    def kv_heads(self):
+        """Key/value heads actually used (n_kv_head, with 0 meaning n_head)."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ffn_hidden(self):
+        """Hidden width of the MLP actually built. SwiGLU has three matrices to
+        GELU's two, so it gets 2/3 of n_hidden (rounded to a multiple of 8, which
+        GPU matmuls like) to keep parameters and FLOPs equal, as Shazeer 2020 and
+        LLaMA do; n_hidden stays the GELU-equivalent width, comparable across runs."""
+        if self.ffn == "swiglu":
+            return max(8, 8 * round(2 * self.n_hidden / 3 / 8))
+        return self.n_hidden if self.ffn == "gelu" else 0
+
+
+FFN_KINDS = ("gelu", "swiglu", "none")
 
 
 # Every preset smears its keys: on our data it is what lets a small model learn
@@ -58,6 +107,14 @@ def config_from_preset(preset, **overrides):
     kw = dict(PRESETS[preset])
     kw.update({k: v for k, v in overrides.items() if v is not None})
     return GPTConfig(**kw)
+
+
+def config_from_dict(d):
+    """GPTConfig from a stored dict (checkpoint or export). Fields the dict lacks
+    take their defaults, which are the behaviour of the code that wrote it; keys
+    this code does not know are ignored."""
+    known = {f.name for f in fields(GPTConfig)}
+    return GPTConfig(**{k: v for k, v in d.items() if k in known})
 
 
 # -----------------------------------------------------------------------------
@@ -110,11 +167,13 @@ class Layout(NamedTuple):
 
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, preallocated to
-    max_len so decoding appends in place. pos = number of cached positions."""
+    max_len so decoding appends in place. pos = number of cached positions.
+    Only the key/value heads are stored: with grouped-query attention that is
+    n_kv_head of them, and the cache is n_head/n_kv_head times smaller."""
 
     def __init__(self, config, batch_size, max_len, device, dtype=torch.float32):
         hs = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
+        shape = (config.n_layer, batch_size, config.kv_heads, max_len, hs)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         # the last position's key before smearing, per layer (for smear_keys)
@@ -122,38 +181,63 @@ class KVCache:
         self.max_len = max_len
         self.pos = 0
 
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.last_k))
+
 
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
         self.n_head = config.n_head
+        self.n_kv_head = config.kv_heads
         self.head_dim = config.n_embd // config.n_head
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        # Grouped-query attention (Ainslie et al. 2023, "GQA"): only n_kv_head
+        # key/value heads, each shared by n_head/n_kv_head consecutive query heads.
+        # The point is decoding: every new token reads the whole KV cache, and the
+        # cache (and that memory traffic) shrinks by n_head/n_kv_head.
+        # With n_kv_head = n_head this is one (C, 3C) matrix, as before, so the
+        # weights of older checkpoints keep their meaning.
+        self.kv_dim = self.n_kv_head * self.head_dim
+        self.qkv = nn.Linear(config.n_embd, config.n_embd + 2 * self.kv_dim, bias=False)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.dropout = config.dropout
         self.attn_impl = config.attn_impl
+        # QK-norm (Dehghani et al. 2023, ViT-22B; OLMo 2 uses RMSNorm): normalise
+        # each head's query and key. Dehghani et al. saw training diverge as
+        # attention logits grew without bound; with unit-RMS q and k they can only
+        # grow through the learned gains, which tolerates larger learning rates.
+        # One learned gain per head dimension, shared by all heads, as in Qwen3.
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim)
+            self.k_norm = RMSNorm(self.head_dim)
+        else:
+            self.q_norm = self.k_norm = None
         # Smeared keys (Olsson et al. 2022, "In-context learning and induction
         # heads"): key_t = (1 - s) * key_t + s * key_{t-1}, with a learned s per
         # head. A key then also says which token came before it, which is what an
         # induction (copy) head looks for; a plain transformer must first learn a
         # previous-token head in an earlier layer to get that, and small models sit
-        # on a long loss plateau until it does.
-        self.smear = nn.Parameter(torch.zeros(self.n_head)) if config.smear_keys else None
+        # on a long loss plateau until it does. With GQA the gate is per key head.
+        self.smear = nn.Parameter(torch.zeros(self.n_kv_head)) if config.smear_keys else None
 
     def forward(self, x, cos, sin, cache=None, layer=0, layout=None):
         B, T, C = x.size()
-        q, k, v = self.qkv(x).split(C, dim=2)
-        # (B, T, C) -> (B, nh, T, hs)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv(x).split([C, self.kv_dim, self.kv_dim], dim=2)
+        # (B, T, nh*hs) -> (B, nh, T, hs); keys and values have nkv heads
+        q = q.view(B, T, nh, hs).transpose(1, 2)
+        k = k.view(B, T, nkv, hs).transpose(1, 2)     # (B, nkv, T, hs)
+        v = v.view(B, T, nkv, hs).transpose(1, 2)     # (B, nkv, T, hs)
+        if self.q_norm is not None:
+            # before smearing, so the cache's last_k and the smear mix normalised
+            # keys, and before RoPE, which is a rotation and keeps the norm
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.smear is not None:
             if layout is not None:
                 # packed rows: the previous token is given per position (-1: none)
                 prev_idx = layout.prev[:, None, :, None]
-                k_prev = k.gather(2, prev_idx.clamp(min=0).expand(B, self.n_head, T, self.head_dim))
+                k_prev = k.gather(2, prev_idx.clamp(min=0).expand(B, nkv, T, hs))
                 k_prev = k_prev * (prev_idx >= 0).to(k.dtype)
             else:
                 prev = torch.zeros_like(k[:, :, :1]) if cache is None or cache.pos == 0 \
@@ -161,7 +245,7 @@ class CausalSelfAttention(nn.Module):
                 if cache is not None:
                     cache.last_k[layer, :B] = k[:, :, -1]
                 k_prev = torch.cat([prev, k[:, :, :-1]], dim=2)        # key of position t-1
-            s = torch.sigmoid(self.smear).view(1, -1, 1, 1)         # (1, nh, 1, 1)
+            s = torch.sigmoid(self.smear).view(1, -1, 1, 1)         # (1, nkv, 1, 1)
             k = (1 - s) * k + s * k_prev
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
@@ -171,14 +255,20 @@ class CausalSelfAttention(nn.Module):
             start = cache.pos
             cache.k[layer, :B, :, start:start + T] = k
             cache.v[layer, :B, :, start:start + T] = v
-            k = cache.k[layer, :B, :, :start + T]   # (B, nh, start+T, hs)
+            k = cache.k[layer, :B, :, :start + T]   # (B, nkv, start+T, hs)
             v = cache.v[layer, :B, :, :start + T]
         S = k.size(2)  # number of key positions
         p = self.dropout if self.training else 0.0
+        gqa = nkv != nh
 
         if self.attn_impl == "explicit":
+            if gqa:
+                # give each query head its group's key/value head: kv head j serves
+                # query heads j*g .. j*g+g-1 (g = nh/nkv), hence repeat_interleave
+                k = k.repeat_interleave(nh // nkv, dim=1)   # (B, nh, S, hs)
+                v = v.repeat_interleave(nh // nkv, dim=1)
             # query i sits at absolute position start+i and may see keys 0..start+i
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T, S)
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, S)
             mask = layout.mask if layout is not None \
                 else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start)
             att = att.masked_fill(~mask, float("-inf"))
@@ -186,30 +276,52 @@ class CausalSelfAttention(nn.Module):
             att = F.dropout(att, p=p, training=self.training)
             y = att @ v                                  # (B, nh, T, hs)
         else:
+            # enable_gqa does the same head grouping as the repeat_interleave
+            # above, inside the kernel (a test checks the two paths agree)
             if layout is not None:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask, dropout_p=p)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask, dropout_p=p,
+                                                   enable_gqa=gqa)
             elif start == 0:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=gqa)
             elif T == 1:
                 # one new token attends to every cached position: no mask needed
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, enable_gqa=gqa)
             else:
                 mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads
         return F.dropout(self.proj(y), p=p, training=self.training)
 
 
 class MLP(nn.Module):
+    """GPT-2's MLP: proj(gelu(fc x)), hidden width n_hidden."""
 
     def __init__(self, config):
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, config.n_hidden, bias=False)
-        self.proj = nn.Linear(config.n_hidden, config.n_embd, bias=False)
+        self.fc = nn.Linear(config.n_embd, config.ffn_hidden, bias=False)
+        self.proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=False)
         self.dropout = config.dropout
 
     def forward(self, x):
-        x = self.proj(F.gelu(self.fc(x)))
+        x = self.proj(F.gelu(self.fc(x)))                # (B, T, C) -> (B, T, H) -> (B, T, C)
+        return F.dropout(x, p=self.dropout, training=self.training)
+
+
+class SwiGLU(nn.Module):
+    """Gated MLP (Shazeer 2020, "GLU Variants Improve Transformer"), as in LLaMA:
+    proj(silu(gate x) * (up x)). The gate lets each hidden unit switch its own
+    linear feature on and off; at equal parameters it beat GELU in that paper.
+    Hidden width is config.ffn_hidden = 2/3 n_hidden, so 3*C*H' ~= GELU's 2*C*H."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate = nn.Linear(config.n_embd, config.ffn_hidden, bias=False)   # W1
+        self.up = nn.Linear(config.n_embd, config.ffn_hidden, bias=False)     # W3
+        self.proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=False)   # W2
+        self.dropout = config.dropout
+
+    def forward(self, x):
+        x = self.proj(F.silu(self.gate(x)) * self.up(x))  # (B, T, C) -> (B, T, H') -> (B, T, C)
         return F.dropout(x, p=self.dropout, training=self.training)
 
 
@@ -219,12 +331,19 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = RMSNorm(config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.norm2 = RMSNorm(config.n_embd)
-        self.mlp = MLP(config)
+        # ffn="none": attention-only blocks. The MLP holds 60-67% of a block's
+        # parameters in the presets, while much of our task is copying spans from
+        # the prompt, which is attention's job: the A/B asks what the MLP buys.
+        if config.ffn == "none":
+            self.norm2 = self.mlp = None
+        else:
+            self.norm2 = RMSNorm(config.n_embd)
+            self.mlp = MLP(config) if config.ffn == "gelu" else SwiGLU(config)
 
     def forward(self, x, cos, sin, cache=None, layer=0, layout=None):
         x = x + self.attn(self.norm1(x), cos, sin, cache, layer, layout)
-        x = x + self.mlp(self.norm2(x))
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm2(x))
         return x
 
 
@@ -332,9 +451,7 @@ def load_checkpoint(path, device="cpu", tokenizer_sha256=None):
         raise CheckpointError(f"{path}: not a nanotool checkpoint (no model / model_config)")
     if tokenizer_sha256 is not None:
         check_tokenizer(ckpt, tokenizer_sha256, path)
-    known = {f.name for f in fields(GPTConfig)}
-    config = GPTConfig(**{k: v for k, v in ckpt["model_config"].items() if k in known})
-    model = GPT(config)
+    model = GPT(config_from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
     return model, ckpt

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from model import (GPT, GPTConfig, KVCache, PRESETS, CheckpointError, config_dict,
-                   config_from_preset, load_checkpoint, save_checkpoint)
+from model import (GPT, MLP, GPTConfig, KVCache, Layout, PRESETS, CheckpointError, SwiGLU, config_dict,
+                   config_from_dict, config_from_preset, load_checkpoint, save_checkpoint)
 
 
 def micro(**kw):
@@ -109,3 +109,238 @@ def test_checkpoint_round_trip_and_tokenizer_check(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot read"):
         load_checkpoint(str(tmp_path / "junk.pt"))
+
+
+# -----------------------------------------------------------------------------
+# architecture switches: ffn, grouped-query attention, qk_norm
+
+SWITCHES = {
+    "ffn_none": dict(ffn="none"),
+    "swiglu": dict(ffn="swiglu"),
+    "gqa": dict(n_head=4, n_kv_head=2),
+    "mqa_smear": dict(n_head=4, n_kv_head=1, smear_keys=True),
+    "qk_norm_smear": dict(qk_norm=True, smear_keys=True),
+    "all": dict(ffn="swiglu", n_head=4, n_kv_head=2, qk_norm=True, smear_keys=True),
+}
+
+
+def switched(name, impl="sdpa", seed=0):
+    """A micro model with one switch set, its gains made non-trivial: smear gates
+    and norm weights start at constants that could hide a mix-up (e.g. q_norm
+    applied to keys, a smear gate indexed by the wrong head)."""
+    torch.manual_seed(seed)
+    model = GPT(micro(attn_impl=impl, **SWITCHES[name])).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("smear"):
+                p.uniform_(-2, 2)
+            elif p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def twins(name):
+    """The same weights under the explicit and the SDPA attention path."""
+    explicit = switched(name, "explicit")
+    fast = GPT(micro(attn_impl="sdpa", **SWITCHES[name])).eval()
+    fast.load_state_dict(explicit.state_dict())
+    return explicit, fast
+
+
+@pytest.mark.parametrize("impl", ["explicit", "sdpa"])
+@pytest.mark.parametrize("name", SWITCHES)
+def test_switch_shapes_and_causality(name, impl):
+    model = switched(name, impl)
+    x = torch.randint(0, 97, (3, 20))
+    y = x.clone()
+    y[:, 12:] = (y[:, 12:] + 1) % 97
+    a, b = model(x), model(y)
+    assert a.shape == (3, 20, 97) and a.dtype == torch.float32
+    assert torch.allclose(a[:, :12], b[:, :12], atol=1e-6)
+    assert not torch.allclose(a[:, 12:], b[:, 12:], atol=1e-3)
+
+
+@pytest.mark.parametrize("name", SWITCHES)
+def test_switch_explicit_and_sdpa_agree_with_and_without_cache(name):
+    explicit, fast = twins(name)
+    x = torch.randint(0, 97, (2, 30))
+    assert torch.allclose(explicit(x), fast(x), atol=1e-5)
+    ce, cf = (KVCache(explicit.config, 2, 30, "cpu") for _ in range(2))
+    for s, e in [(0, 10), (10, 25), (25, 26), (26, 30)]:
+        assert torch.allclose(explicit(x[:, s:e], ce), fast(x[:, s:e], cf), atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["explicit", "sdpa"])
+@pytest.mark.parametrize("name", SWITCHES)
+def test_switch_cached_logits_equal_uncached(name, impl):
+    model = switched(name, impl)
+    x = torch.randint(0, 97, (2, 16))
+    full = model(x)
+    one = KVCache(model.config, 2, 16, "cpu")
+    by_token = torch.cat([model(x[:, t:t + 1], one) for t in range(16)], dim=1)
+    chunks = KVCache(model.config, 2, 16, "cpu")
+    by_chunk = torch.cat([model(x[:, s:e], chunks) for s, e in [(0, 5), (5, 6), (6, 13), (13, 16)]], dim=1)
+    assert torch.allclose(full, by_token, atol=1e-5)
+    assert torch.allclose(full, by_chunk, atol=1e-5)
+    assert one.pos == chunks.pos == 16
+
+
+def packed_layout(p, lens):
+    """Layout of one row [prefix of p tokens][request 1]...[request n] (train.py
+    --share_prefix): each request sees the prefix and itself, at positions p.."""
+    T = p + sum(lens)
+    pos, prev = torch.arange(T), torch.arange(T) - 1
+    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    start = p
+    for n in lens:
+        mask[start:start + n, p:start] = False       # not the requests before it
+        pos[start:start + n] = torch.arange(p, p + n)
+        prev[start] = p - 1                           # its first token follows the prefix
+        start += n
+    return Layout(pos[None], mask[None, None], prev[None])
+
+
+@pytest.mark.parametrize("impl", ["explicit", "sdpa"])
+@pytest.mark.parametrize("name", SWITCHES)
+def test_switch_packed_layout_equals_separate_sequences(name, impl):
+    model = switched(name, impl)
+    prefix, a, b = (torch.randint(0, 97, (1, n)) for n in (6, 5, 4))
+    h = model.hidden(torch.cat([prefix, a, b], dim=1), layout=packed_layout(6, [5, 4]))
+    ha, hb = model.hidden(torch.cat([prefix, a], dim=1)), model.hidden(torch.cat([prefix, b], dim=1))
+    assert torch.allclose(h[:, :11], ha, atol=1e-5)
+    assert torch.allclose(h[:, 11:], hb[:, 6:], atol=1e-5)
+
+
+def test_gqa_shares_each_kv_head_with_a_group_of_query_heads():
+    # a GQA model equals plain multi-head attention whose key/value heads are
+    # copies: kv head j repeated for query heads j*g .. j*g+g-1
+    torch.manual_seed(0)
+    gqa = GPT(micro(n_head=4, n_kv_head=2, smear_keys=True)).eval()
+    mha = GPT(micro(n_head=4, smear_keys=True)).eval()
+    C, hs, g = 32, 8, 2
+    with torch.no_grad():
+        for blk in gqa.blocks:
+            blk.attn.smear.uniform_(-2, 2)
+        state = gqa.state_dict()
+        for i, blk in enumerate(gqa.blocks):
+            q, k, v = blk.attn.qkv.weight.split([C, 2 * hs, 2 * hs])
+            widen = lambda w: w.view(2, hs, C).repeat_interleave(g, dim=0).reshape(4 * hs, C)
+            state[f"blocks.{i}.attn.qkv.weight"] = torch.cat([q, widen(k), widen(v)])
+            state[f"blocks.{i}.attn.smear"] = blk.attn.smear.repeat_interleave(g)
+    mha.load_state_dict(state)
+    x = torch.randint(0, 97, (2, 20))
+    assert torch.allclose(gqa(x), mha(x), atol=1e-5)
+
+
+def test_gqa_kv_cache_and_projection_shrink():
+    plain, gqa = GPT(micro(n_head=4)), GPT(micro(n_head=4, n_kv_head=1))
+    cp, cg = KVCache(plain.config, 2, 40, "cpu"), KVCache(gqa.config, 2, 40, "cpu")
+    assert cg.k.shape == (2, 2, 1, 40, 8) and cp.k.shape == (2, 2, 4, 40, 8)
+    assert cp.nbytes() == 4 * cg.nbytes()
+    # keys and values: (C, C) each in plain attention, (C, C/4) each with one kv head of four
+    assert gqa.blocks[0].attn.qkv.weight.shape == (32 + 2 * 8, 32)
+    assert plain.num_params() - gqa.num_params() == 2 * 2 * 32 * (32 - 8)
+    # n_kv_head = n_head is plain attention, weights and all
+    same = GPT(micro(n_head=4, n_kv_head=4)).eval()
+    same.load_state_dict(plain.state_dict())
+    x = torch.randint(0, 97, (1, 12))
+    assert torch.equal(same(x), plain.eval()(x))
+
+
+def test_ffn_none_drops_the_mlp_sub_block():
+    gelu, none = GPT(micro()), GPT(micro(ffn="none"))
+    C, H, L = 32, 64, 2
+    # per block: fc and proj (2*C*H) and the norm in front of them (C)
+    assert gelu.num_params() - none.num_params() == L * (2 * C * H + C)
+    assert not any(isinstance(m, (MLP, SwiGLU)) for m in none.modules())
+    assert not any("mlp" in k or "norm2" in k for k in none.state_dict())
+    assert none.config.ffn_hidden == 0
+
+
+def test_swiglu_width_and_parameter_count_as_documented():
+    cfg = micro(ffn="swiglu")
+    assert cfg.ffn_hidden == 40              # 2/3 of n_hidden=64 is 42.7, to a multiple of 8
+    model = GPT(cfg)
+    mlp = model.blocks[0].mlp
+    assert isinstance(mlp, SwiGLU)
+    assert sum(p.numel() for p in mlp.parameters()) == 3 * 32 * 40
+    assert GPT(micro()).num_params() - model.num_params() == 2 * (2 * 32 * 64 - 3 * 32 * 40)
+    # at preset sizes the 2/3 rule keeps the total within 1% of the GELU model's
+    for name in ("tiny", "small"):
+        g = GPT(config_from_preset(name, vocab_size=4096)).num_params()
+        s = GPT(config_from_preset(name, vocab_size=4096, ffn="swiglu")).num_params()
+        assert abs(s - g) / g < 0.01, (name, g, s)
+
+
+def test_swiglu_is_gated():
+    # zeroing the gate matrix zeroes the branch (silu(0) = 0); GELU's fc has no such partner
+    model = switched("swiglu")
+    x = torch.randint(0, 97, (1, 10))
+    before = model(x)
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.mlp.gate.weight.zero_()
+    after = model(x)
+    attn_only = GPT(micro(ffn="none")).eval()
+    attn_only.load_state_dict(model.state_dict(), strict=False)
+    assert not torch.allclose(before, after, atol=1e-3)
+    assert torch.allclose(after, attn_only(x), atol=1e-5)
+
+
+def test_qk_norm_changes_the_output_and_bounds_the_logits():
+    torch.manual_seed(0)
+    off = GPT(micro()).eval()
+    on = GPT(micro(qk_norm=True)).eval()
+    missing, unexpected = on.load_state_dict(off.state_dict(), strict=False)
+    assert sorted(missing) == sorted(f"blocks.{i}.attn.{n}_norm.weight" for i in range(2) for n in "qk")
+    assert not unexpected
+    x = torch.randint(0, 97, (2, 16))
+    a, b = off(x), on(x)
+    assert not torch.allclose(a, b, atol=1e-3)
+    # with qk_norm, scaling the query weights cannot change attention; without it, it does
+    with torch.no_grad():
+        for m in (off, on):
+            for blk in m.blocks:
+                blk.attn.qkv.weight[:32] *= 10
+    assert torch.allclose(on(x), b, atol=1e-4)
+    assert not torch.allclose(off(x), a, atol=1e-3)
+    # and both learned gains are in use (neither norm is applied twice)
+    for n in ("q_norm", "k_norm"):
+        with torch.no_grad():
+            getattr(on.blocks[0].attn, n).weight.mul_(3)
+        c = on(x)
+        assert not torch.allclose(c, b, atol=1e-3), n
+        b = c
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(n_head=4, n_kv_head=3), "multiple of n_kv_head"),
+    (dict(n_kv_head=-1), "multiple of n_kv_head"),
+    (dict(ffn="relu"), "unknown ffn"),
+    (dict(attn_impl="flash"), "unknown attn_impl"),
+    (dict(n_head=3), "multiple of n_head"),
+])
+def test_invalid_configs_are_refused_with_the_reason(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        micro(**kw)
+    with pytest.raises(ValueError, match=msg):     # train.py's way in
+        config_from_preset("tiny", **kw)
+
+
+def test_default_switches_keep_the_old_model_and_old_checkpoints_load(tmp_path):
+    # the defaults must build exactly the pre-switch model: same keys and shapes
+    model = GPT(micro(smear_keys=True))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("blocks.0.")}
+    assert shapes == {"blocks.0.norm1.weight": (32,), "blocks.0.attn.qkv.weight": (96, 32),
+                      "blocks.0.attn.proj.weight": (32, 32), "blocks.0.attn.smear": (2,),
+                      "blocks.0.norm2.weight": (32,), "blocks.0.mlp.fc.weight": (64, 32),
+                      "blocks.0.mlp.proj.weight": (32, 64)}
+    # a checkpoint written before the switches existed has none of their fields
+    old = {k: v for k, v in config_dict(model.config).items() if k not in ("ffn", "n_kv_head", "qk_norm")}
+    path = str(tmp_path / "old.pt")
+    save_checkpoint({"model": model.state_dict(), "model_config": old}, path)
+    loaded, _ = load_checkpoint(path)
+    assert (loaded.config.ffn, loaded.config.n_kv_head, loaded.config.qk_norm) == ("gelu", 0, False)
+    assert config_from_dict(old) == loaded.config == model.config
+    x = torch.randint(0, 97, (1, 10))
+    assert torch.equal(loaded(x), model.eval()(x))
