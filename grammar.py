@@ -37,6 +37,7 @@ grammar leaves them out (a tool that requires one is left out too).
 """
 
 import json
+import unicodedata
 from typing import NamedTuple
 
 import torch
@@ -128,7 +129,7 @@ def _start(node, depth=0):
             return scalars
         return [("obj", None, frozenset(), 0, frozenset(), b""), ("arr", ANY, 0)] + scalars
     if kind == "raw":
-        return [("raw", 0)]
+        return [("raw", 0, b"")]
     if kind == "lit":
         return [("lit", node[1], b"")]
     if kind == "num":
@@ -192,11 +193,20 @@ def _advance(frame, b, depth):
     if kind == "sp":
         return [()] if b == 32 else []
     if kind == "raw":
-        # the answer's end is stripped when it is read back, so a value that is all
-        # white space would vanish: it is complete only once it has a visible character
-        # (an ASCII one, or the first byte of one that is not a Unicode space)
-        visible = 33 <= b <= 126 or (b >= 0xC3 and b not in (0xE1, 0xE2, 0xE3))
-        return [(("raw", 1 if visible or frame[1] == 1 else 0),)]
+        # Free text, except that its first character may not be white space: a value
+        # that is all white space would vanish when the answer is read back (its end
+        # is stripped), and a small model that starts a value with spaces tends to
+        # go on writing spaces until the token budget runs out.
+        if frame[1] == 1:
+            return [(("raw", 1),)]
+        first = frame[2] + bytes([b])           # the first character, byte by byte
+        try:
+            ch = first.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if e.reason != "unexpected end of data" or len(first) >= 4:
+                return []
+            return [(("raw", 0, first),)]       # wait for the rest of the character
+        return [] if ch.isspace() or unicodedata.category(ch) == "Cc" else [(("raw", 1),)]
     if kind == "lit":
         prefix = frame[2] + bytes([b])
         opts = frame[1]
@@ -297,7 +307,7 @@ def value_done(vstate):
     return any(all(_accepting(f) for f in stack) for stack in vstate)
 
 
-RAW_STATES = (frozenset({(("raw", 0),)}), frozenset({(("raw", 1),)}))   # free text: any byte
+RAW_STATES = (frozenset({(("raw", 1),)}),)    # free text past its first character: any byte
 
 
 # -----------------------------------------------------------------------------

@@ -50,7 +50,8 @@ def accepts(prop, text):
       "required": ["a"]}, ['{"a":1}', '{"b":"x","a":2}'], ['{}', '{"b":"x"}', '{"a":1,"a":2}', '{"c":1}']),
     ({"type": "object"}, ['{}', '{"k":[1,{"x":null}]}'], ['{k:1}', '{"k"}']),
     ({"type": "object", "properties": {"a": {"type": "boolean"}}}, ['{}', '{"a":true}'], ['{"a":true,']),
-    ({"type": "string"}, ["Paris", "a: b", "[1", " x", "\u00e9"], ["", "  ", "\t", "\u00a0", "\u3000"]),
+    ({"type": "string"}, ["Paris", "a: b", "[1", "x  y ", "\u00e9", "\u3042", "\u20ac5"],
+     ["", "  ", " x", "\tx", "\u00a0x", "\u3000", "\u2028"]),
 ])
 def test_value_automaton(prop, good, bad):
     for text in good:
