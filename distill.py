@@ -19,8 +19,12 @@ hard   sequence-level KD (Kim & Rush 2016): the teacher greedily decodes an
 The teacher is any checkpoint of ours (larger, deeper or wider than the student is
 fine), loaded by the same helper as everywhere, frozen, in eval mode, never given
 a gradient; it must share the student's tokenizer. Every train.py flag applies
-(--preset, --max_steps, --lr, --share_prefix, --class_weights, --max_examples,
---resume, ...), and the loop below is train.py's, with the loss swapped.
+(--preset, --max_steps, --lr, --share_prefix, --pack, --class_weights,
+--max_examples, --resume, ...), and the loop below is train.py's, with the loss
+swapped. It runs under torchrun as train.py does (each rank holds its own copy
+of the teacher; in hard mode rank 0 decodes the answers while the others wait):
+
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 distill.py --device cpu --teacher out/small/best.pt
 """
 
 import json
@@ -28,15 +32,18 @@ import os
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import wire
 from model import CheckpointError, load_checkpoint
-from train import (Logger, arg_parser, batch_indices, die, evaluate_loss, get_lr, load_meta, model_config,
-                   pick_device, pick_dtype, save_run, setup_run, stop_on_sigterm, to_device)
+from train import (Logger, arg_parser, batch_indices, catch_stop_signals, die, evaluate_loss, get_lr,
+                   init_distributed, load_meta, model_config, pick_device, pick_dtype, save_run, setup_run,
+                   sum_over_ranks, to_device, training_module)
 
 
 def parse_args(argv=None):
@@ -167,16 +174,26 @@ def main(argv=None):
         die("--T must be positive")
     meta = load_meta(args.data_dir)
     device, device_why = pick_device(args.device)
+    rank, world, device = init_distributed(device)
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")   # rank 0 alone prints; errors still reach stderr
     dtype, dtype_why = pick_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
-    log = Logger(args.out_dir)
+    log = Logger(args.out_dir, active=rank == 0)
     pad_id = meta["special_tokens"]["<|pad|>"]
 
     teacher = None
     if args.mode == "hard" and args.teacher:
-        # the student trains on the teacher's answers; train's own data stays untouched
-        args.data_dir = prepare_hard(args, meta, device)
+        # the student trains on the teacher's answers; train's own data stays untouched.
+        # Rank 0 decodes them and writes the data dir; the others wait for it (the
+        # process group's timeout is 30 min: decode a long set in a single
+        # process first, the answers are cached)
+        if rank == 0:
+            prepare_hard(args, meta, device)
+        if world > 1:
+            dist.barrier()
+        args.data_dir = os.path.join(args.out_dir, "data")
         args.max_examples = 0
         meta = load_meta(args.data_dir)
     elif args.mode == "soft":
@@ -188,23 +205,36 @@ def main(argv=None):
     if teacher is not None and teacher.config.block_size < config.block_size:
         die(f"the teacher's context ({teacher.config.block_size}) is shorter than the student's "
             f"({config.block_size}); pass --block_size {teacher.config.block_size}")
-    print(f"device: {device} ({device_why}); dtype: {dtype} ({dtype_why}); mode {args.mode}")
+    print(f"device: {device} ({device_why}); dtype: {dtype} ({dtype_why}); mode {args.mode}"
+          + (f"; {world} processes ({dist.get_backend()}), global batch {args.batch_size} x {args.grad_accum} "
+             f"x {world} examples" if world > 1 else ""))
     run = setup_run(args, meta, device, dtype, log, name="student")
     model, optimizer, scaler, ctx = run.model, run.optimizer, run.scaler, run.ctx
     train, val, last_path = run.train, run.val, run.last_path
     step, best_val = run.step, run.best_val
+    net = training_module(model, device)   # the student's step, DDP-wrapped under torchrun
+    if world > 1:
+        torch.manual_seed(args.seed + rank)   # dropout masks differ between ranks
     kd = {"mode": args.mode, "teacher": args.teacher, "T": args.T, "alpha": args.alpha, "beta": args.beta}
 
     def checkpoint(path):
-        save_run(run, args, meta, path, step, best_val, distill=kd)
+        if rank == 0:
+            save_run(run, args, meta, path, step, best_val, distill=kd)
 
     model.train()
-    stop_on_sigterm()
+    stop, restore_signals = catch_stop_signals()
     t0 = start_time = time.time()
     tokens_since, steps_since, examples_since = 0, 0, 0
     try:
         while step < args.max_steps:
-            if args.max_minutes and time.time() - start_time > 60 * args.max_minutes:
+            # stop decisions are taken by all ranks together, at the same step
+            interrupted, over_time = (v > 0 for v in sum_over_ranks(
+                [stop.is_set(), args.max_minutes and time.time() - start_time > 60 * args.max_minutes], device))
+            if interrupted:
+                checkpoint(last_path)
+                log(f"interrupted at step {step}; saved {last_path} (continue with --resume)")
+                sys.exit(130)
+            if over_time:
                 log(f"time budget of {args.max_minutes:g} min reached at step {step}")
                 break
             if args.stop_at and step >= args.stop_at:
@@ -212,7 +242,7 @@ def main(argv=None):
                 log(f"stopped at step {step} (--stop_at); continue with --resume")
                 return
             if step % args.eval_interval == 0 and step > 0:
-                val_loss = evaluate_loss(model, val, args, pad_id, device, ctx)   # gold cross-entropy
+                val_loss = evaluate_loss(model, val, args, pad_id, device, ctx)   # gold cross-entropy, every rank
                 if val_loss < best_val:
                     best_val = val_loss
                     checkpoint(os.path.join(args.out_dir, "best.pt"))
@@ -224,21 +254,24 @@ def main(argv=None):
                 group["lr"] = lr
             loss_sum, kl_sum, ce_sum = 0.0, 0.0, 0.0
             for micro in range(args.grad_accum):
-                idx = batch_indices(train, args.seed, step, micro, run.rows_per_batch, args.length_window)
+                idx = batch_indices(train, args.seed, step, rank * args.grad_accum + micro, run.rows_per_batch,
+                                    args.length_window)
                 x, y, m, layout = to_device(train.batch(idx, pad_id), device)
                 sel = m > 0
-                with ctx:
-                    logits = model.head(model.hidden(x, layout=layout)[sel])
-                    if teacher is None:   # hard: cross-entropy on the (teacher's) answer tokens
-                        w = m[sel]
-                        ce = (F.cross_entropy(logits, y[sel], reduction="none") * w).sum() / w.sum()
-                        loss, kl = ce, torch.zeros(())
-                    else:
-                        with torch.no_grad():
-                            t_logits = teacher.head(teacher.hidden(x, layout=layout)[sel])
-                        loss, kl, ce = kd_loss(logits, t_logits, y[sel], m[sel], args.T, args.alpha, args.beta)
-                    loss = loss / args.grad_accum
-                scaler.scale(loss).backward()
+                last = micro == args.grad_accum - 1
+                with (net.no_sync() if world > 1 and not last else nullcontext()):   # all-reduce once per step
+                    with ctx:
+                        logits = net(x, sel, layout)
+                        if teacher is None:   # hard: cross-entropy on the (teacher's) answer tokens
+                            w = m[sel]
+                            ce = (F.cross_entropy(logits, y[sel], reduction="none") * w).sum() / w.sum()
+                            loss, kl = ce, torch.zeros(())
+                        else:
+                            with torch.no_grad():
+                                t_logits = teacher.head(teacher.hidden(x, layout=layout)[sel])
+                            loss, kl, ce = kd_loss(logits, t_logits, y[sel], m[sel], args.T, args.alpha, args.beta)
+                        loss = loss / args.grad_accum
+                    scaler.scale(loss).backward()
                 loss_sum += loss.item()
                 kl_sum += kl.item() / args.grad_accum
                 ce_sum += ce.item() / args.grad_accum
@@ -257,22 +290,26 @@ def main(argv=None):
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
                 dt = time.time() - t0
+                # the global batch's losses, all ranks' tokens
+                loss_sum, kl_sum, ce_sum, tokens_since, examples_since = sum_over_ranks(
+                    [loss_sum, kl_sum, ce_sum, tokens_since, examples_since], device)
+                loss_sum, kl_sum, ce_sum = loss_sum / world, kl_sum / world, ce_sum / world
                 log(f"step {step} | loss {loss_sum:.4f} | kl {kl_sum:.4f} | ce {ce_sum:.4f} | lr {lr:.2e} | "
                     f"dt {1000 * dt / steps_since:.0f}ms | tok/s {tokens_since / dt:,.0f} | "
                     f"ex/s {examples_since / dt:.1f}")
                 t0, tokens_since, steps_since, examples_since = time.time(), 0, 0, 0
-    except KeyboardInterrupt:
-        checkpoint(last_path)
-        log(f"interrupted at step {step}; saved {last_path} (continue with --resume)")
-        sys.exit(130)
 
-    val_loss = evaluate_loss(model, val, args, pad_id, device, ctx)
-    if val_loss < best_val:
-        best_val = val_loss
-        checkpoint(os.path.join(args.out_dir, "best.pt"))
-    checkpoint(last_path)
-    log(f"val step {step} | val_loss {val_loss:.4f} | best {best_val:.4f}")
-    print(f"done: {args.out_dir}/best.pt (val loss {best_val:.4f}), {args.out_dir}/last.pt")
+        val_loss = evaluate_loss(model, val, args, pad_id, device, ctx)
+        if val_loss < best_val:
+            best_val = val_loss
+            checkpoint(os.path.join(args.out_dir, "best.pt"))
+        checkpoint(last_path)
+        log(f"val step {step} | val_loss {val_loss:.4f} | best {best_val:.4f}")
+        print(f"done: {args.out_dir}/best.pt (val loss {best_val:.4f}), {args.out_dir}/last.pt")
+    finally:
+        restore_signals()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

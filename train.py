@@ -5,6 +5,20 @@ Train a tool-calling model from scratch on the token files data.py wrote.
     python train.py --preset small --max_steps 6000 --out_dir out/small
     python train.py --resume --out_dir out/demo               # continue exactly where it stopped
     python train.py --preset 26m --device cuda --batch_size 64   # GPU: bf16 autocast picked automatically
+    python train.py --pack                                    # several whole examples per row, no cross-talk
+
+Several processes (DistributedDataParallel; torchrun sets RANK, LOCAL_RANK, WORLD_SIZE):
+
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 train.py --device cpu   # CPU, gloo
+    torchrun --standalone --nproc_per_node 4 train.py --preset 26m --device cuda       # 4 GPUs, nccl
+
+Each process draws its own micro-batches, so one optimizer step sees
+batch_size x grad_accum x nproc examples; the gradients are averaged over the
+processes once per step. Rank 0 alone prints, logs and writes checkpoints.
+
+Ctrl-C or SIGTERM (a scheduler, or torchrun passing either on) finishes the
+current step, saves last.pt once and exits with status 130; a second one quits
+at once without saving.
 
 Writes to --out_dir: best.pt (lowest val loss), last.pt (latest, for --resume),
 log.txt (one line per step, and a val line per evaluation).
@@ -16,18 +30,23 @@ step number, so --resume continues exactly as if never stopped.
 """
 
 import argparse
+import bisect
 import json
 import math
 import os
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (GPT, PRESETS, CheckpointError, Layout, config_dict, config_from_preset, load_checkpoint,
                    save_checkpoint)
@@ -63,6 +82,9 @@ def arg_parser(doc=__doc__):
                    "the data dir has groups, see data.py --group)")
     p.add_argument("--no_share_prefix", dest="share_prefix", action="store_const", const=False,
                    help="one example per row")
+    p.add_argument("--pack", action="store_true",
+                   help="pack several whole examples into each row of up to block_size tokens, each "
+                   "attending to itself only (less padding; not with --share_prefix)")
     p.add_argument("--class_weights", type=parse_class_weights, default=None, metavar="CLASS=W,...",
                    help="loss weight per answer-token class, e.g. name=2,value=3 "
                    "(classes: struct, name, key, value, reason; others stay 1; default: all 1)")
@@ -112,11 +134,27 @@ def parse_class_weights(text):
     return w
 
 
-def stop_on_sigterm():
-    """A scheduler's SIGTERM is handled like Ctrl-C: save last.pt, then exit."""
+def catch_stop_signals():
+    """SIGTERM (a scheduler, or torchrun passing a Ctrl-C on) and Ctrl-C ask the
+    loop to stop: it finishes the step it is in, all processes agree to stop at
+    the same step (one rank cannot save while another is mid-all-reduce), and
+    rank 0 saves last.pt once. A second signal quits at once without saving.
+    Returns (event set by the first signal, function restoring the old handlers)."""
+    stop = threading.Event()
+
     def handler(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, handler)
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(sig) is not signal.SIG_IGN:   # a background run ignores Ctrl-C: keep it so
+            old[sig] = signal.signal(sig, handler)
+
+    def restore():
+        for sig, h in old.items():
+            signal.signal(sig, h)
+    return stop, restore
 
 
 def die(msg):
@@ -161,6 +199,63 @@ def autocast_ctx(device, dtype):
 
 
 # -----------------------------------------------------------------------------
+# several processes (torchrun + DistributedDataParallel)
+
+def init_distributed(device):
+    """Under torchrun (RANK, LOCAL_RANK, WORLD_SIZE set) join the process group:
+    nccl with one GPU per process (cuda:LOCAL_RANK), gloo on the CPU.
+    Returns (rank, world_size, device); without torchrun (0, 1, device) and
+    nothing else happens."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    elif device == "cpu":
+        backend = "gloo"
+    else:
+        die(f"several processes on {device} are not supported: use --device cpu (gloo) or cuda (nccl)")
+    dist.init_process_group(backend)
+    return rank, world, device
+
+
+def sum_over_ranks(values, device):
+    """A few numbers summed over all processes (every rank must call this at the
+    same point); in a single process, the numbers themselves."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+class AnswerLogits(nn.Module):
+    """What a training step runs: model -> logits at the answer positions.
+    A module of its own because DDP hooks into forward(): calling
+    model.hidden/head directly would bypass it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, sel, layout=None):
+        return answer_logits(self.model, x, sel, layout)
+
+
+def training_module(model, device):
+    """AnswerLogits(model), wrapped in DDP under torchrun: backward then averages
+    the gradients over the processes (DDP broadcasts rank 0's weights first,
+    though equal seeds already made them equal). The checkpoint stores the bare
+    model's state_dict, so no "module." prefix reaches it."""
+    net = AnswerLogits(model)
+    if dist.is_initialized():
+        net = DDP(net, device_ids=[device] if device.startswith("cuda") else None)
+    return net
+
+
+# -----------------------------------------------------------------------------
 # data
 
 def load_meta(data_dir):
@@ -179,10 +274,14 @@ class Split:
     the tool prefix once, then each example's request and answer. Each request
     sees the prefix and itself only, at the positions it would have alone
     (model.Layout), so the model learns exactly what it would from the
-    examples one by one, while the prefix (most of the tokens) runs once."""
+    examples one by one, while the prefix (most of the tokens) runs once.
+
+    With pack, a row is several whole examples end to end, up to block_size
+    tokens (pack_rows), each seeing itself only, again at its own positions:
+    the same learning signal with far less padding."""
 
     def __init__(self, data_dir, split, block_size, share_prefix=False, user_id=None, class_weights=None,
-                 max_examples=0):
+                 max_examples=0, pack=False, seed=0):
         base = os.path.join(data_dir, split)
         for suffix in (".bin", "_mask.bin", "_idx.npy"):
             if not os.path.isfile(base + suffix):
@@ -207,21 +306,29 @@ class Split:
         self.n_examples = int(keep.sum())
         if share_prefix and not os.path.isfile(base + "_group.npy"):
             die(f"{base}_group.npy: missing; --share_prefix needs data from data.py --group N")
+        assert not (pack and share_prefix), "pack and share_prefix are exclusive"
         groups = np.load(base + "_group.npy") if share_prefix else np.arange(len(lens))
         self.rows, self.prefix = [], []   # example indices per row; tokens of shared prefix
-        i = 0
-        while i < len(lens):
-            j = i
-            while j + 1 < len(lens) and groups[j + 1] == groups[i]:
-                j += 1
-            members = [k for k in range(i, j + 1) if keep[k]]
-            i = j + 1
-            if share_prefix and len(members) > 1:
-                self._add_group(members, block_size, user_id)
-            else:
-                for k in members:
-                    self.rows.append([k])
-                    self.prefix.append(0)
+        if pack:
+            # which examples share a row is fixed for the run (by --seed); as they
+            # do not see each other, that only ties them into the same batches
+            kept = np.flatnonzero(keep)
+            self.rows = [[int(kept[j]) for j in row] for row in pack_rows(lens[kept], block_size, seed)]
+            self.prefix = [0] * len(self.rows)
+        else:
+            i = 0
+            while i < len(lens):
+                j = i
+                while j + 1 < len(lens) and groups[j + 1] == groups[i]:
+                    j += 1
+                members = [k for k in range(i, j + 1) if keep[k]]
+                i = j + 1
+                if share_prefix and len(members) > 1:
+                    self._add_group(members, block_size, user_id)
+                else:
+                    for k in members:
+                        self.rows.append([k])
+                        self.prefix.append(0)
         self.row_lens = np.array([self._row_len(r, p) for r, p in zip(self.rows, self.prefix)])
         self.by_length = np.argsort(self.row_lens, kind="stable")   # for length-grouped batches
         if not self.rows:
@@ -293,15 +400,61 @@ class Split:
         out = torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(m)
         if not packed:
             return out + (None,)
-        seg_t = torch.from_numpy(seg)
-        q, k = seg_t[:, :, None], seg_t[:, None, :]
-        mask = ((k == 0) | (k == q)) & torch.ones(L, L, dtype=torch.bool).tril()
-        return out + (Layout(torch.from_numpy(pos), mask[:, None], torch.from_numpy(prev)),)
+        return out + (packed_layout(torch.from_numpy(pos), torch.from_numpy(seg), torch.from_numpy(prev)),)
+
+
+def packed_layout(pos, seg, prev):
+    """model.Layout for rows holding several sequences. pos, prev: (B, L) as in
+    Layout; seg: (B, L) 0 for a shared prefix that every sequence sees, k >= 1
+    for the k-th sequence, -1 for padding. Query t may attend to key s <= t of
+    its own sequence or of the prefix: block-diagonal causal, plus the prefix."""
+    L = seg.size(1)
+    q, k = seg[:, :, None], seg[:, None, :]                                     # (B, L, 1), (B, 1, L)
+    mask = ((k == 0) | (k == q)) & torch.ones(L, L, dtype=torch.bool).tril()   # (B, L, L)
+    return Layout(pos, mask[:, None], prev)                                     # mask (B, 1, L, L): all heads
+
+
+def pack_rows(lens, capacity, seed):
+    """Examples of the given lengths -> rows (lists of indices into lens) of at
+    most capacity tokens each. Best fit in a shuffled order: each example goes
+    to the row with the least room that still holds it, else opens a new row.
+    Shuffled rather than longest-first, so which examples share a row is not
+    tied to their length; with examples well under capacity it leaves only a
+    few percent empty all the same."""
+    order = np.random.default_rng([seed, 0x9ac]).permutation(len(lens))
+    rows, free = [], []      # free: sorted (room left, row number) of the rows still open
+    for i in order:
+        n = int(lens[i])
+        j = bisect.bisect_left(free, (n, -1))      # the first row with room >= n
+        if j < len(free):
+            room, r = free.pop(j)
+            rows[r].append(int(i))
+        else:
+            room, r = capacity, len(rows)
+            rows.append([int(i)])
+        if room - n > 0:
+            bisect.insort(free, (room - n, r))
+    return rows
+
+
+def padding_fraction(split, rows_per_batch, window, seed, n_batches=20):
+    """The fraction of a batch's token slots that hold padding: each batch is
+    (rows, longest row - 1) after the one-token shift of inputs and targets,
+    and a row of n tokens fills n - 1 slots. Over the first n_batches training
+    batches (the same draws as step 0, 1, ...), token-weighted."""
+    real = total = 0
+    for step in range(n_batches):
+        lens = split.row_lens[batch_indices(split, seed, step, 0, rows_per_batch, window)]
+        real += int((lens - 1).sum())
+        total += len(lens) * int(lens.max() - 1)
+    return 1 - real / total
 
 
 def batch_indices(split, seed, step, micro, batch_size, window=0):
-    """Which examples go into a micro-batch: a pure function of (seed, step, micro).
-    With window > 0, the batch is drawn from `window` examples of neighbouring
+    """Which rows go into a micro-batch: a pure function of (seed, step, micro).
+    micro counts micro-batches over all processes (rank * grad_accum + i), so
+    2 processes with grad_accum 1 draw exactly what 1 process draws with 2.
+    With window > 0, the batch is drawn from `window` rows of neighbouring
     length (around a random anchor), so little compute is spent on padding."""
     rng = np.random.default_rng([seed, step, micro])
     n = len(split)
@@ -311,16 +464,26 @@ def batch_indices(split, seed, step, micro, batch_size, window=0):
     return split.by_length[lo + rng.integers(0, window, batch_size)]
 
 
+def answer_logits(model, x, sel, layout=None):
+    """x: (B, L) tokens, sel: (B, L) bool answer positions -> (N_answer, V)
+    float32 logits; the vocab projection runs on those positions alone."""
+    h = model.hidden(x, layout=layout)        # (B, L, C)
+    return model.head(h[sel])                 # (N_answer, V)
+
+
+def weighted_ce(logits, targets, w, reduction="mean"):
+    """Cross-entropy per position times its weight w: the weighted mean or sum."""
+    ce = F.cross_entropy(logits, targets, reduction="none") * w
+    return ce.sum() if reduction == "sum" else ce.sum() / w.sum()
+
+
 def answer_loss(model, x, y, m, layout=None, reduction="mean"):
     """Cross-entropy on answer tokens only (m > 0), weighted by m (1 everywhere
-    unless --class_weights); the vocab projection runs on those positions alone.
-    x, y, m: (B, L). "mean" is the weighted mean, "sum" the weighted sum."""
-    h = model.hidden(x, layout=layout)        # (B, L, C)
+    unless --class_weights). x, y, m: (B, L). "mean" is the weighted mean over
+    all answer tokens of the batch (a token-level mean, whatever the rows hold),
+    "sum" the weighted sum."""
     sel = m > 0
-    logits = model.head(h[sel])               # (N_answer, V) float32
-    w = m[sel]
-    ce = F.cross_entropy(logits, y[sel], reduction="none") * w
-    return ce.sum() if reduction == "sum" else ce.sum() / w.sum()
+    return weighted_ce(answer_logits(model, x, sel, layout), y[sel], m[sel], reduction)
 
 
 @torch.no_grad()
@@ -364,12 +527,16 @@ def make_optimizer(model, args, device):
 
 
 class Logger:
-    """Prints a line and appends it to out_dir/log.txt."""
+    """Prints a line and appends it to out_dir/log.txt (rank 0 only: the others
+    are not active)."""
 
-    def __init__(self, out_dir):
+    def __init__(self, out_dir, active=True):
         self.path = os.path.join(out_dir, "log.txt")
+        self.active = active
 
     def __call__(self, line):
+        if not self.active:
+            return
         print(line, flush=True)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
@@ -387,9 +554,13 @@ def setup_run(args, meta, device, dtype, log, name="model"):
     """Everything a training loop needs before its first step, shared by train.py
     and distill.py: the model (fresh, or from last.pt with --resume), optimizer,
     grad scaler, autocast context and the train/val splits. Prints what it built."""
+    if args.pack and args.share_prefix:
+        die("--pack and --share_prefix are two ways of filling a row; choose one "
+            "(--share_prefix is on by default for data with groups: --pack turns that default off)")
     config = model_config(args, meta)
     last_path = os.path.join(args.out_dir, "last.pt")
     step, best_val, ckpt = 0, float("inf"), None
+    world = dist.get_world_size() if dist.is_initialized() else 1
     if args.resume:
         try:
             _, ckpt = load_checkpoint(last_path, "cpu", meta["tokenizer_sha256"])
@@ -399,6 +570,9 @@ def setup_run(args, meta, device, dtype, log, name="model"):
             die(f"{last_path}: model config differs from the one asked for now; "
                 "resume with the same --preset and overrides")
         step, best_val = ckpt["step"], ckpt["best_val"]
+        if ckpt.get("world_size", 1) != world:
+            print(f"note: {last_path} was trained by {ckpt.get('world_size', 1)} process(es), now {world}: "
+                  "the global batch (batch_size x grad_accum x processes) changes from here on")
 
     model = GPT(config)
     if ckpt is not None:
@@ -414,21 +588,30 @@ def setup_run(args, meta, device, dtype, log, name="model"):
         model.hidden = torch.compile(model.hidden)
 
     if args.share_prefix is None:
-        args.share_prefix = os.path.isfile(os.path.join(args.data_dir, "train_group.npy"))
+        args.share_prefix = not args.pack and os.path.isfile(os.path.join(args.data_dir, "train_group.npy"))
     train = Split(args.data_dir, "train", config.block_size, args.share_prefix, meta["special_tokens"]["<|user|>"],
-                  args.class_weights, args.max_examples)
+                  args.class_weights, args.max_examples, args.pack, args.seed)
     val = Split(args.data_dir, "val", config.block_size)
-    # --batch_size counts examples; a shared-prefix row holds several
+    # --batch_size counts examples; a shared-prefix or packed row holds several
     rows_per_batch = max(1, round(args.batch_size * len(train) / train.n_examples))
+    pad = padding_fraction(train, rows_per_batch, args.length_window, args.seed)
+    if args.pack:   # what packing saves: the same data one example per row, batched as without --pack
+        plain = Split(args.data_dir, "train", config.block_size, max_examples=args.max_examples)
+        pad_plain = padding_fraction(plain, args.batch_size, args.length_window, args.seed)
     print(f"{name}: {args.preset}, {model.num_params() / 1e6:.2f}M parameters, {json.dumps(config_dict(config))}")
     print(f"data: {args.data_dir}: {train.n_examples} train / {len(val)} val examples"
           + (f" ({train.n_dropped} longer than block_size skipped)" if train.n_dropped else "")
           + (f"; {len(train)} rows sharing tool prefixes, {train.row_lens.sum() / train.lens[train.lens <= config.block_size].sum():.0%} "
-             f"of the tokens, {rows_per_batch} rows per batch" if args.share_prefix else ""))
+             f"of the tokens, {rows_per_batch} rows per batch" if args.share_prefix else "")
+          + (f"; packed into {len(train)} rows of {train.n_examples / len(train):.2f} examples on average, "
+             f"{rows_per_batch} rows per batch" if args.pack else ""))
+    print(f"padding: {f'{pad_plain:.1%} of the batch tokens with one example per row, ' if args.pack else ''}"
+          f"{pad:.1%}{' packed' if args.pack else ' of the batch tokens'} (first 20 batches, "
+          f"length_window {args.length_window})")
     print(f"config: {json.dumps(vars(args))}")
     if step:
         log(f"resumed from {last_path} at step {step}")
-    else:
+    elif log.active:
         open(log.path, "w").close()   # a fresh run starts a fresh log (best/last are replaced too)
     return SimpleNamespace(config=config, model=model, optimizer=optimizer, scaler=scaler, step=step,
                            best_val=best_val, train=train, val=val, rows_per_batch=rows_per_batch,
@@ -440,7 +623,8 @@ def save_run(run, args, meta, path, step, best_val, **extra):
         "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict(), "model_config": config_dict(run.config),
         "step": step, "best_val": best_val, "args": vars(args), "data_dir": args.data_dir,
-        "tokenizer_sha256": meta["tokenizer_sha256"], "vocab_size": meta["vocab_size"], **extra,
+        "tokenizer_sha256": meta["tokenizer_sha256"], "vocab_size": meta["vocab_size"],
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1, **extra,
     }, path)
 
 
@@ -448,28 +632,44 @@ def main(argv=None):
     args = parse_args(argv)
     meta = load_meta(args.data_dir)
     device, device_why = pick_device(args.device)
+    rank, world, device = init_distributed(device)
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")   # rank 0 alone prints; errors still reach stderr
     dtype, dtype_why = pick_dtype(args.dtype, device)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)   # the same seed everywhere: every rank builds the same model
     os.makedirs(args.out_dir, exist_ok=True)
-    log = Logger(args.out_dir)
+    log = Logger(args.out_dir, active=rank == 0)
     pad_id = meta["special_tokens"]["<|pad|>"]
-    print(f"device: {device} ({device_why}); dtype: {dtype} ({dtype_why})")
+    print(f"device: {device} ({device_why}); dtype: {dtype} ({dtype_why})"
+          + (f"; {world} processes ({dist.get_backend()}), global batch {args.batch_size} x {args.grad_accum} "
+             f"x {world} examples" if world > 1 else ""))
     run = setup_run(args, meta, device, dtype, log)
     model, optimizer, scaler, ctx = run.model, run.optimizer, run.scaler, run.ctx
     train, val, last_path = run.train, run.val, run.last_path
     step, best_val = run.step, run.best_val
     n_params = model.num_params()
+    net = training_module(model, device)   # what the step calls: DDP-wrapped under torchrun
+    if world > 1:
+        torch.manual_seed(args.seed + rank)   # dropout masks differ between ranks
 
     def checkpoint(path):
-        save_run(run, args, meta, path, step, best_val)
+        if rank == 0:
+            save_run(run, args, meta, path, step, best_val)
 
     model.train()
-    stop_on_sigterm()
+    stop, restore_signals = catch_stop_signals()
     t0 = start_time = time.time()
     tokens_since, steps_since, examples_since = 0, 0, 0
     try:
         while step < args.max_steps:
-            if args.max_minutes and time.time() - start_time > 60 * args.max_minutes:
+            # stop decisions are taken by all ranks together, at the same step
+            interrupted, over_time = (v > 0 for v in sum_over_ranks(
+                [stop.is_set(), args.max_minutes and time.time() - start_time > 60 * args.max_minutes], device))
+            if interrupted:
+                checkpoint(last_path)
+                log(f"interrupted at step {step}; saved {last_path} (continue with --resume)")
+                sys.exit(130)
+            if over_time:
                 log(f"time budget of {args.max_minutes:g} min reached at step {step}")
                 break
             if args.stop_at and step >= args.stop_at:
@@ -477,6 +677,8 @@ def main(argv=None):
                 log(f"stopped at step {step} (--stop_at); continue with --resume")
                 return
             if step % args.eval_interval == 0 and step > 0:
+                # every rank evaluates (the same batches, the same weights): the
+                # others would only wait for rank 0 otherwise
                 val_loss = evaluate_loss(model, val, args, pad_id, device, ctx)
                 if val_loss < best_val:
                     best_val = val_loss
@@ -488,14 +690,19 @@ def main(argv=None):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # accumulate gradients over micro-batches; each loss is divided so the
-            # sum is the mean over the whole batch
+            # sum is the mean over the whole batch (DDP averages over the ranks)
             loss_sum = 0.0
             for micro in range(args.grad_accum):
-                idx = batch_indices(train, args.seed, step, micro, run.rows_per_batch, args.length_window)
+                idx = batch_indices(train, args.seed, step, rank * args.grad_accum + micro, run.rows_per_batch,
+                                    args.length_window)
                 x, y, m, layout = to_device(train.batch(idx, pad_id), device)
-                with ctx:
-                    loss = answer_loss(model, x, y, m, layout) / args.grad_accum
-                scaler.scale(loss).backward()
+                sel = m > 0
+                # DDP: all-reduce the gradients once, after the last micro-batch
+                last = micro == args.grad_accum - 1
+                with (net.no_sync() if world > 1 and not last else nullcontext()):
+                    with ctx:
+                        loss = weighted_ce(net(x, sel, layout), y[sel], m[sel]) / args.grad_accum
+                    scaler.scale(loss).backward()
                 loss_sum += loss.item()
                 tokens_since += x.numel()
                 examples_since += sum(len(train.rows[r]) for r in idx)
@@ -512,6 +719,10 @@ def main(argv=None):
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
                 dt = time.time() - t0
+                # the loss of the global batch, the tokens of all ranks
+                loss_sum, tokens_since, examples_since = sum_over_ranks([loss_sum, tokens_since, examples_since],
+                                                                        device)
+                loss_sum /= world
                 tps = tokens_since / dt
                 # ~6 FLOPs per parameter per token for forward + backward
                 gflops = 6 * n_params * tps / 1e9
@@ -519,18 +730,18 @@ def main(argv=None):
                     f"dt {1000 * dt / steps_since:.0f}ms | tok/s {tps:,.0f} | ex/s {examples_since / dt:.1f} | "
                     f"{gflops:.1f} GFLOP/s")
                 t0, tokens_since, steps_since, examples_since = time.time(), 0, 0, 0
-    except KeyboardInterrupt:
-        checkpoint(last_path)
-        log(f"interrupted at step {step}; saved {last_path} (continue with --resume)")
-        sys.exit(130)
 
-    val_loss = evaluate_loss(model, val, args, pad_id, device, ctx)
-    if val_loss < best_val:
-        best_val = val_loss
-        checkpoint(os.path.join(args.out_dir, "best.pt"))
-    checkpoint(last_path)
-    log(f"val step {step} | val_loss {val_loss:.4f} | best {best_val:.4f}")
-    print(f"done: {args.out_dir}/best.pt (val loss {best_val:.4f}), {args.out_dir}/last.pt")
+        val_loss = evaluate_loss(model, val, args, pad_id, device, ctx)
+        if val_loss < best_val:
+            best_val = val_loss
+            checkpoint(os.path.join(args.out_dir, "best.pt"))
+        checkpoint(last_path)
+        log(f"val step {step} | val_loss {val_loss:.4f} | best {best_val:.4f}")
+        print(f"done: {args.out_dir}/best.pt (val loss {best_val:.4f}), {args.out_dir}/last.pt")
+    finally:
+        restore_signals()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -131,3 +132,101 @@ def test_sigterm_saves_last_checkpoint(toy_data, tmp_path):
     assert p.wait(timeout=60) == 130, p.stderr.read()
     assert "interrupted at step" in open(log).read()
     assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["step"] >= 2
+
+
+def _meta(toy_data):
+    import json
+    return json.load(open(os.path.join(toy_data, "meta.json")))
+
+
+def test_pack_rows_places_every_example_once_within_capacity():
+    rng = np.random.default_rng(0)
+    lens = rng.integers(20, 300, 500)
+    rows = train.pack_rows(lens, 512, seed=3)
+    assert sorted(k for r in rows for k in r) == list(range(500))
+    fill = [sum(lens[k] for k in r) for r in rows]
+    assert max(fill) <= 512
+    # best fit leaves little room: within 5% of the fewest rows possible
+    assert len(rows) <= 1.05 * lens.sum() / 512
+    assert rows == train.pack_rows(lens, 512, seed=3) and rows != train.pack_rows(lens, 512, seed=4)
+
+
+def test_padding_fraction_counts_the_pad_slots_of_real_batches(toy_data):
+    """padding_fraction works from row lengths alone; here it is checked against
+    the pad tokens of the very batches training would draw."""
+    pad = _meta(toy_data)["special_tokens"]["<|pad|>"]
+    plain = train.Split(toy_data, "train", 512)
+    packed = train.Split(toy_data, "train", 1024, pack=True, seed=0)
+    fractions = {}
+    for name, split, rows in (("plain", plain, 16), ("packed", packed, 5)):
+        pads = slots = 0
+        for step in range(6):
+            x = split.batch(train.batch_indices(split, 9, step, 0, rows, 0), pad)[0]
+            pads += int((x == pad).sum())
+            slots += x.numel()
+        fractions[name] = train.padding_fraction(split, rows, 0, 9, n_batches=6)
+        assert fractions[name] == pytest.approx(pads / slots, abs=1e-12), name
+    assert fractions["plain"] > 0.2 and fractions["packed"] < fractions["plain"] / 2, fractions
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "explicit"])
+def test_packed_row_loss_is_the_token_mean_of_its_examples_one_by_one(toy_data, impl):
+    """--pack changes where examples sit, not what is learnt: the loss of packed
+    rows equals the answer-token mean over the examples run one at a time, and
+    no token attends across examples."""
+    pad = _meta(toy_data)["special_tokens"]["<|pad|>"]
+    packed = train.Split(toy_data, "train", 1024, pack=True, seed=0)
+    plain = train.Split(toy_data, "train", 1024)
+    row_of = {r[0]: i for i, r in enumerate(plain.rows)}       # example -> its row in the plain split
+    rows = [r for r in range(len(packed)) if len(packed.rows[r]) >= 3][:2]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=_meta(toy_data)["vocab_size"], n_layer=2, n_head=2, n_embd=32, n_hidden=64,
+                          block_size=1024, attn_impl=impl, smear_keys=True))
+    with torch.no_grad():
+        for b in model.blocks:
+            b.attn.smear.fill_(0.7)   # make the previous-token path matter
+            b.attn.qkv.weight.mul_(8)     # sharp attention, not the near-uniform one of a fresh init
+        model.embed.weight.mul_(30)   # logits of order 1: a wrong mask shows in the loss
+    x, y, m, layout = packed.batch(rows, pad)
+    assert layout is not None
+    loss = train.answer_loss(model, x, y, m, layout)
+    logits = train.answer_logits(model, x, m > 0, layout)
+    sums, counts, one_by_one = [], [], []
+    for k in [k for r in rows for k in packed.rows[r]]:
+        xk, yk, mk, none = plain.batch([row_of[k]], pad)
+        assert none is None
+        sums.append(train.answer_loss(model, xk, yk, mk, reduction="sum").item())
+        counts.append(mk.sum().item())
+        one_by_one.append(train.answer_logits(model, xk, mk > 0))
+    assert m.sum().item() == sum(counts)
+    # a mask letting examples see each other moves this loss by ~5e-6 only (a
+    # random model), hence the tight tolerance and the sharper checks below
+    assert loss.item() == pytest.approx(sum(sums) / sum(counts), rel=1e-6)
+    assert torch.allclose(logits, torch.cat(one_by_one), atol=1e-4)
+    # the token-level mean, not the mean of per-example means (examples differ in answer length)
+    assert abs(loss.item() - np.mean([s / c for s, c in zip(sums, counts)])) > 1e-4
+
+    # changing the first example of row 0 leaves every later token of that row untouched
+    n_a = int(packed.lens[packed.rows[rows[0]][0]])
+    x2 = x.clone()
+    x2[0, 1:n_a] = (x2[0, 1:n_a] + 1) % model.config.vocab_size
+    with torch.no_grad():
+        h, h2 = model.hidden(x, layout=layout), model.hidden(x2, layout=layout)
+    assert (h2[0, n_a:] - h[0, n_a:]).abs().amax() < 1e-5
+    assert (h2[0, 1:n_a] - h[0, 1:n_a]).abs().amax() > 1e-3
+    assert torch.equal(h2[1], h[1])     # and the other row, of course
+
+
+def test_pack_training_runs_and_reports_padding(toy_data, tmp_path, capsys):
+    out = str(tmp_path / "pk")
+    _run(toy_data, out, 2, ["--pack"])
+    printed = capsys.readouterr().out
+    assert "with one example per row" in printed and "packed" in printed
+    assert "step 2 | loss" in open(os.path.join(out, "log.txt")).read()
+    assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["args"]["pack"] is True
+
+
+def test_pack_and_share_prefix_are_exclusive(toy_data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        _run(toy_data, str(tmp_path / "x"), 1, ["--pack", "--share_prefix"])
+    assert e.value.code == 2 and "choose one" in capsys.readouterr().err
