@@ -48,8 +48,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (GPT, PRESETS, CheckpointError, Layout, config_dict, config_from_preset, load_checkpoint,
-                   save_checkpoint)
+from model import (FFN_KINDS, GPT, PRESETS, CheckpointError, Layout, config_dict, config_from_dict,
+                   config_from_preset, load_checkpoint, save_checkpoint)
 from wire import TOKEN_CLASSES
 
 
@@ -70,6 +70,13 @@ def arg_parser(doc=__doc__):
                    help="smeared keys (see model.py); the presets turn them on")
     p.add_argument("--no_smear_keys", dest="smear_keys", action="store_const", const=False,
                    help="plain keys, for A/B comparisons")
+    p.add_argument("--ffn", choices=list(FFN_KINDS), default=None,
+                   help="MLP sub-block: gelu (default), swiglu (same parameters) or none (see model.py)")
+    p.add_argument("--n_kv_head", type=int, default=None,
+                   help="key/value heads: grouped-query attention (0: one per query head)")
+    p.add_argument("--qk_norm", action="store_const", const=True, default=None,
+                   help="RMSNorm on each head's queries and keys before RoPE")
+    p.add_argument("--no_qk_norm", dest="qk_norm", action="store_const", const=False)
     # optimisation
     p.add_argument("--batch_size", type=int, default=16,
                    help="examples per micro-batch (with --share_prefix: rows of a group each, "
@@ -545,9 +552,13 @@ class Logger:
 # -----------------------------------------------------------------------------
 
 def model_config(args, meta):
-    return config_from_preset(args.preset, vocab_size=meta["vocab_size"], n_layer=args.n_layer,
-                              n_head=args.n_head, n_embd=args.n_embd, n_hidden=args.n_hidden,
-                              block_size=args.block_size, dropout=args.dropout, smear_keys=args.smear_keys)
+    try:
+        return config_from_preset(args.preset, vocab_size=meta["vocab_size"], n_layer=args.n_layer,
+                                  n_head=args.n_head, n_embd=args.n_embd, n_hidden=args.n_hidden,
+                                  block_size=args.block_size, dropout=args.dropout, smear_keys=args.smear_keys,
+                                  ffn=args.ffn, n_kv_head=args.n_kv_head, qk_norm=args.qk_norm)
+    except ValueError as e:
+        die(str(e))
 
 
 def setup_run(args, meta, device, dtype, log, name="model"):
@@ -566,7 +577,7 @@ def setup_run(args, meta, device, dtype, log, name="model"):
             _, ckpt = load_checkpoint(last_path, "cpu", meta["tokenizer_sha256"])
         except CheckpointError as e:
             die(str(e))
-        if ckpt["model_config"] != config_dict(config):
+        if config_dict(config_from_dict(ckpt["model_config"])) != config_dict(config):
             die(f"{last_path}: model config differs from the one asked for now; "
                 "resume with the same --preset and overrides")
         step, best_val = ckpt["step"], ckpt["best_val"]

@@ -69,6 +69,16 @@ def test_smear_keys_flag_reaches_the_checkpoint(toy_data, tmp_path):
     assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["model_config"]["smear_keys"] is False
 
 
+def test_architecture_flags_reach_the_checkpoint_and_resume(toy_data, tmp_path):
+    out = str(tmp_path / "arch")
+    flags = ["--ffn", "swiglu", "--n_kv_head", "1", "--qk_norm"]
+    _run(toy_data, out, 2, flags)
+    cfg = torch.load(os.path.join(out, "last.pt"), weights_only=True)["model_config"]
+    assert (cfg["ffn"], cfg["n_kv_head"], cfg["qk_norm"]) == ("swiglu", 1, True)
+    _run(toy_data, out, 3, flags + ["--resume"])
+    assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["step"] == 3
+
+
 @pytest.mark.parametrize("impl", ["sdpa", "explicit"])
 def test_shared_prefix_rows_give_the_same_loss_as_examples_one_by_one(toy_data, impl):
     """--share_prefix is a speed-up only: each request sees the tool prefix and
