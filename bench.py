@@ -15,7 +15,9 @@ Rows, each adding one thing to the one above:
     b  KV cache        the prompt runs once, then one token per forward pass
     c  forced spans    tokens the grammar fixes are fed in the same pass as the one before
     d  prefix cache    the catalogue's KV cache is kept between requests
-    e  int8            dynamic int8 linear layers
+    d2 copy spec.      (fp32) the request's tokens after the last one are guessed, verified in the same pass
+    e  int8            d with dynamic int8 linear layers
+    f  int8 + spec.    everything on
 
 The floor: a decode pass must read every weight once, so
     floor = passes x weight bytes / memory bandwidth + request tokens x 2 x params / matmul rate
@@ -46,12 +48,14 @@ REQUESTS = [   # request, expected answer
     ("play Yellow by Coldplay", [{"name": "play_song", "arguments": {"song": "Yellow", "artist": "Coldplay"}}]),
 ]
 
-VARIANTS = {
-    "a no KV cache": dict(use_cache=False, forced_spans=False, prefix_cache=False),
-    "b KV cache": dict(use_cache=True, forced_spans=False, prefix_cache=False),
-    "c + forced spans": dict(use_cache=True, forced_spans=True, prefix_cache=False),
-    "d + prefix cache": dict(use_cache=True, forced_spans=True, prefix_cache=True),
-    "e + int8": dict(use_cache=True, forced_spans=True, prefix_cache=True),
+VARIANTS = {   # the int8 rows use the int8 model
+    "a no KV cache": dict(use_cache=False, forced_spans=False, prefix_cache=False, speculate=False),
+    "b KV cache": dict(use_cache=True, forced_spans=False, prefix_cache=False, speculate=False),
+    "c + forced spans": dict(use_cache=True, forced_spans=True, prefix_cache=False, speculate=False),
+    "d + prefix cache": dict(use_cache=True, forced_spans=True, prefix_cache=True, speculate=False),
+    "d2 + copy spec.": dict(use_cache=True, forced_spans=True, prefix_cache=True, speculate=True),
+    "e + int8": dict(use_cache=True, forced_spans=True, prefix_cache=True, speculate=False),
+    "f int8 + spec.": dict(use_cache=True, forced_spans=True, prefix_cache=True, speculate=True),
 }
 
 
@@ -178,7 +182,7 @@ def main(argv=None):
               f"-{max(len(routers['fp32'].sp.encode(wire.render_answer(c))) for _, c in REQUESTS)} tokens")
         print(f"  {'row':18s} {'p50 ms':>8s} {'p95 ms':>8s} {'passes':>7s} {'floor ms':>9s}  right")
         for name, kw in VARIANTS.items():
-            router = routers["int8" if name.startswith("e") else "fp32"]
+            router = routers["int8" if "int8" in name else "fp32"]
             n = args.n_requests_nocache if name.startswith("a") else args.n_requests
             lat, passes, ntok, ok = run_variant(router, tools, kw, n)
             wb = weight_bytes(router.model)

@@ -19,6 +19,9 @@ What makes it fast (each is measured in bench.py):
                     token that is the only one allowed) is appended without asking
                     the model and run through it in the same forward pass as the
                     token before it, instead of one pass per token
+    copy speculation  argument values are mostly copied from the request: the
+                    tokens that followed the last one in the request are fed in the
+                    same pass and kept while the model agrees (greedy output unchanged)
     prefix cache    the KV cache of the rendered catalogue (<|tools|>...<|user|>) is
                     kept, so the next request with the same tools runs only its own
                     tokens through the model
@@ -167,12 +170,13 @@ class Router:
 
     @torch.inference_mode()
     def generate_constrained(self, tools, request, max_new_tokens=128, use_cache=True,
-                             forced_spans=True, prefix_cache=True, pick=None, tool_choice="auto"):
+                             forced_spans=True, prefix_cache=True, speculate=True, pick=None,
+                             tool_choice="auto"):
         """Greedy decoding under the answer grammar -> (token ids, info).
         info: confidence, forward passes, truncated (the token budget ran out
         and the answer was cut back to its last complete point).
-        use_cache / forced_spans / prefix_cache switch the speed-ups off one by one
-        (the tokens are the same, bench.py times them). pick(logits, allowed ids,
+        use_cache / forced_spans / prefix_cache / speculate switch the speed-ups off
+        one by one (the tokens are the same, bench.py times them). pick(logits, allowed ids,
         tokens so far) -> id replaces the argmax (bench.py follows a fixed answer).
         tool_choice: auto | none | required | a tool's name (see grammar.Grammar)."""
         g, vocab = self.grammar(tools, tool_choice), self.vocab
@@ -207,16 +211,48 @@ class Router:
                 else:
                     if pending:                    # the model must see them before it chooses
                         passes += 1
-                        if use_cache:
-                            logits = self._logits(pending, cache)
+                        n_ok, guess = 0, []
+                        if speculate and use_cache and forced_spans:
+                            guess = self._propose(rest, out, g, state)
+                        if guess:
+                            # Copy speculation (prompt lookup, Saxena 2023): values are mostly
+                            # copied from the request, so the tokens that followed the last one
+                            # there are fed in the same pass and kept while they are what the
+                            # model would have chosen anyway; greedy output is unchanged.
+                            start, last_k = cache.pos, cache.last_k.clone()
+                            rows = self._logit_rows(pending + guess, cache, len(pending) - 1)
+                            n_ok = 0
+                            for i, t in enumerate(guess):
+                                if len(out) >= budget:
+                                    break
+                                if g.step(state, wire.END) is not None:
+                                    end_at = len(out)
+                                allowed = vocab.allowed(g, state)
+                                tok, p = self._choose(rows[i], allowed, out, pick)
+                                if tok != t:
+                                    break
+                                conf, n_ok = min(conf, p), n_ok + 1
+                                state = vocab.advance(g, state, t)
+                                out.append(t)
+                            logits = rows[n_ok]
+                            if n_ok == len(guess):
+                                pending = []
+                            else:                  # forget the rejected guesses: the kept ones
+                                cache.pos = start  # run again with the next token, same pass count
+                                cache.last_k.copy_(last_k)
+                                pending = pending + guess[:n_ok]
+                        elif use_cache:
+                            logits, pending = self._logits(pending, cache), []
                         else:
                             seq += pending
-                            logits = self._logits(seq)
-                        pending = []
-                    sub = logits[allowed]
-                    j = int(sub.argmax()) if pick is None else                         int((allowed == pick(logits, allowed, out)).nonzero()[0])
-                    conf = min(conf, float(F.softmax(sub, dim=-1)[j]))
-                    toks = [int(allowed[j])]
+                            logits, pending = self._logits(seq), []
+                        if guess and n_ok:         # the state moved on: what is allowed now
+                            if g.step(state, wire.END) is not None:
+                                end_at = len(out)
+                            allowed = vocab.allowed(g, state)
+                    tok, p = self._choose(logits, allowed, out, pick)
+                    conf = min(conf, p)
+                    toks = [tok]
             if len(out) + len(toks) > budget:
                 out = self._cut(out, end_at)
                 return out, {"confidence": conf, "passes": passes, "truncated": True, "dead_end": False}
@@ -235,6 +271,33 @@ class Router:
                         logits = self._logits(seq)
                 pending = []
         return out, {"confidence": conf, "passes": passes, "truncated": False, "dead_end": False}
+
+    def _choose(self, logits, allowed, out, pick):
+        """The greedy choice among the allowed tokens -> (token id, its probability
+        under the constrained distribution); pick (bench.py) may override the argmax."""
+        sub = logits[allowed]
+        j = int(sub.argmax()) if pick is None else int((allowed == pick(logits, allowed, out)).nonzero()[0])
+        return int(allowed[j]), float(F.softmax(sub, dim=-1)[j])
+
+    def _propose(self, request_ids, out, g, state, k=8):
+        """Guess the next tokens of a value: what followed the last answer token
+        (the last two, if they match) in the request; only tokens the grammar takes."""
+        if state.phase != "value" or not out or out[-1] not in request_ids:
+            return []
+        spots = [j for j, t in enumerate(request_ids) if t == out[-1]]
+        two = [j for j in spots if j > 0 and len(out) > 1 and request_ids[j - 1] == out[-2]]
+        j = (two or spots)[0]
+        guess, s = [], state
+        for t in request_ids[j + 1:j + 1 + k]:
+            s = self.vocab.advance(g, s, t)
+            if s is None:
+                break
+            guess.append(t)
+        return guess
+
+    def _logit_rows(self, ids, cache, first):
+        """Run ids through the model (continuing the cache) -> logits of positions first.. ."""
+        return self.model.head(self.model.hidden(self._tensor(ids), cache)[0, first:])
 
     def _forced(self, g, state):
         """Token ids for the text the grammar determines next, or None."""

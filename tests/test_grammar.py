@@ -217,15 +217,15 @@ class StubModel(torch.nn.Module):
         self.history = []
         self.g = torch.Generator().manual_seed(0)
 
-    def written(self):
-        syms = [s for t in self.history[self.n_prompt:] for s in self.vocab.symbols(t)]
-        return b"".join(s.encode() if isinstance(s, str) else bytes([s]) for s in syms)
-
     def head(self, h):
         return h
 
     def forward(self, idx, cache=None):
         return self.hidden(idx, cache)
+
+    def written(self, upto):
+        syms = [s for t in self.history[self.n_prompt:upto] for s in self.vocab.symbols(t)]
+        return b"".join(s.encode() if isinstance(s, str) else bytes([s]) for s in syms)
 
     def hidden(self, idx, cache=None):
         start = cache.pos if cache is not None else 0
@@ -233,14 +233,18 @@ class StubModel(torch.nn.Module):
         if cache is not None:
             cache.pos = start + idx.size(1)
         logits = torch.randn(1, idx.size(1), self.sp.get_piece_size(), generator=self.g)
-        written = self.written() if len(self.history) > self.n_prompt else b""
-        if self.target.startswith(written) and written != self.target:
-            rest = self.target[len(written):]
-            try:
-                nxt = self.sp.encode(rest.decode())[0]
-            except UnicodeDecodeError:        # in the middle of a character: its next byte
-                nxt = self.sp.piece_to_id(f"<0x{rest[0]:02X}>")
-            logits[0, -1, nxt] += 20.0
+        for row in range(idx.size(1)):       # every position: what comes after the tokens up to it
+            upto = start + row + 1
+            if upto < self.n_prompt:
+                continue
+            written = self.written(upto)
+            if self.target.startswith(written) and written != self.target:
+                rest = self.target[len(written):]
+                try:
+                    nxt = self.sp.encode(rest.decode())[0]
+                except UnicodeDecodeError:    # in the middle of a character: its next byte
+                    nxt = self.sp.piece_to_id(f"<0x{rest[0]:02X}>")
+                logits[0, row, nxt] += 20.0
         return logits
 
 
@@ -280,7 +284,8 @@ def test_speedups_give_the_same_tokens(router, toy_data):
         for name, kw in {"no cache": dict(use_cache=False, forced_spans=False, prefix_cache=False),
                          "cache": dict(forced_spans=False, prefix_cache=False),
                          "forced": dict(prefix_cache=False),
-                         "prefix cache": dict()}.items():
+                         "prefix cache": dict(speculate=False),
+                         "copy speculation": dict()}.items():
             router.generate_constrained(items[0]["tools"], "warm the prefix cache with another request", 8)
             runs[name] = router.generate_constrained(ex["tools"], ex["request"], 24, **kw)
         tokens = {name: ids for name, (ids, _) in runs.items()}
@@ -331,3 +336,26 @@ def test_tool_choice(router):
     assert res["valid"] and [c["name"] for c in res["calls"]] == ["pong"] * len(res["calls"]) != []
     with pytest.raises(ValueError, match="not among"):
         router.answer(tools, "x", tool_choice="pang")
+
+
+def test_copy_speculation_keeps_the_greedy_answer_in_fewer_passes(router):
+    """A value copied from the request: guessed from the request and verified in
+    one pass instead of one pass per token, with exactly the same tokens."""
+    tools = wire.normalize_tools([{"name": "track_order", "parameters": {"type": "object", "properties": {
+        "order_id": {"type": "string"}, "note": {"type": "string"}}, "required": ["order_id"]}}])
+    request = "where is order ORD-98765-XQ for me and also note leave it at the door please"
+    for value in ["ORD-98765-XQ", "ORD-98765-XZ"]:     # copied whole / diverging from the request
+        target = wire.render_answer([{"name": "track_order", "arguments": {"order_id": value,
+                                                                           "note": "leave it at the door"}}])
+        n_prompt = len(router.encode_prompt(tools, request))
+        runs = {}
+        real = router.model
+        try:
+            for spec in (False, True):
+                router.model = StubModel(router, target, n_prompt)
+                runs[spec] = router.generate_constrained(tools, request, 64, speculate=spec, prefix_cache=False)
+        finally:
+            router.model = real
+        assert router.sp.decode(runs[True][0]) == router.sp.decode(runs[False][0]) == target
+        assert runs[True][0] == runs[False][0]
+        assert runs[True][1]["passes"] < runs[False][1]["passes"]
