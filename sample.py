@@ -213,7 +213,9 @@ class Router:
                         passes += 1
                         n_ok, guess = 0, []
                         if speculate and use_cache and forced_spans:
-                            guess = self._propose(rest, out, g, state)
+                            # no more guesses than the budget and the context leave room for
+                            room = min(budget - len(out), self.model.config.block_size - cache.pos - len(pending))
+                            guess = self._propose(rest, out, g, state, k=min(8, room))
                         if guess:
                             # Copy speculation (prompt lookup, Saxena 2023): values are mostly
                             # copied from the request, so the tokens that followed the last one

@@ -359,3 +359,22 @@ def test_copy_speculation_keeps_the_greedy_answer_in_fewer_passes(router):
         assert router.sp.decode(runs[True][0]) == router.sp.decode(runs[False][0]) == target
         assert runs[True][0] == runs[False][0]
         assert runs[True][1]["passes"] < runs[False][1]["passes"]
+
+
+def test_guesses_never_run_past_the_context(router):
+    """A request that repeats itself invites long guesses; with the prompt filling the
+    context almost to the end, decoding must stop at the budget, not overflow it."""
+    tools = wire.normalize_tools([{"name": "note", "parameters": {"type": "object", "properties": {
+        "text": {"type": "string"}}, "required": ["text"]}}])
+    block = router.model.config.block_size
+    words = "abc def ghi " * 400
+    for n in range(block - 40, block - 15, 4):
+        request = router.sp.decode(router.sp.encode(words)[:n - len(router.encode_prefix(tools))])
+        try:
+            ids, info = router.generate_constrained(tools, request, 64, tool_choice="note")
+        except ValueError as e:                   # no room for an answer: refused up front
+            assert "context" in str(e)
+            continue
+        # every token but the closing <|end|> went through the model
+        assert len(router.encode_prompt(tools, request)) + len(ids) - 1 <= block
+        assert ids[-1] == router.end_id
