@@ -229,6 +229,8 @@ class StubModel(torch.nn.Module):
 
     def hidden(self, idx, cache=None):
         start = cache.pos if cache is not None else 0
+        if start + idx.size(1) > self.config.block_size:     # as the real model refuses it
+            raise RuntimeError(f"sequence of {start + idx.size(1)} tokens exceeds block_size")
         self.history = self.history[:start] + idx[0].tolist()
         if cache is not None:
             cache.pos = start + idx.size(1)
@@ -362,19 +364,27 @@ def test_copy_speculation_keeps_the_greedy_answer_in_fewer_passes(router):
 
 
 def test_guesses_never_run_past_the_context(router):
-    """A request that repeats itself invites long guesses; with the prompt filling the
-    context almost to the end, decoding must stop at the budget, not overflow it."""
+    """A model copying a long value from the request invites guesses; with the prompt
+    filling the context almost to the end, decoding must stop at the budget, not
+    feed guesses past the context."""
     tools = wire.normalize_tools([{"name": "note", "parameters": {"type": "object", "properties": {
         "text": {"type": "string"}}, "required": ["text"]}}])
     block = router.model.config.block_size
     words = "abc def ghi " * 400
-    for n in range(block - 40, block - 15, 4):
-        request = router.sp.decode(router.sp.encode(words)[:n - len(router.encode_prefix(tools))])
-        try:
-            ids, info = router.generate_constrained(tools, request, 64, tool_choice="note")
-        except ValueError as e:                   # no room for an answer: refused up front
-            assert "context" in str(e)
-            continue
-        # every token but the closing <|end|> went through the model
-        assert len(router.encode_prompt(tools, request)) + len(ids) - 1 <= block
-        assert ids[-1] == router.end_id
+    real = router.model
+    try:
+        for n in range(block - 40, block - 15, 3):
+            request = router.sp.decode(router.sp.encode(words)[:n - len(router.encode_prefix(tools))])
+            n_prompt = len(router.encode_prompt(tools, request))
+            router.model = StubModel(router, wire.render_answer([{"name": "note", "arguments": {"text": request}}]),
+                                     n_prompt)
+            try:
+                ids, info = router.generate_constrained(tools, request, 64, prefix_cache=False)
+            except ValueError as e:               # no room for an answer: refused up front
+                assert "leaves too little room" in str(e)
+                continue
+            assert info["truncated"]
+            # every token but the closing <|end|> went through the model
+            assert n_prompt + len(ids) - 1 <= block and ids[-1] == router.end_id
+    finally:
+        router.model = real
