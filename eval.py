@@ -423,15 +423,7 @@ COMPARE_METRICS = ["n", "valid", "tool_acc", "arg_acc", "false_call", "missed", 
 
 def load_result(path):
     """An eval.py result JSON; ValueError with one clear line if it is not one."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            res = json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read it ({e.strerror})") from None
+    res = wire.read_json(path)
     if not isinstance(res, dict) or not isinstance(res.get("groups"), dict):
         raise ValueError(f"{path}: not an eval.py result (it has no 'groups')")
     return res

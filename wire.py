@@ -148,16 +148,23 @@ def normalize_tools(tools):
     return out
 
 
-def load_tools(path):
-    """Read a tools JSON file; raises ToolError with a readable message."""
+def read_json(path, error=ValueError):
+    """Read a JSON file; a missing, unreadable or malformed file raises `error`
+    with one readable line naming the file and the problem."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            return json.load(f)
     except FileNotFoundError:
-        raise ToolError(f"{path}: no such file") from None
+        raise error(f"{path}: no such file") from None
     except json.JSONDecodeError as e:
-        raise ToolError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    return normalize_tools(data)
+        raise error(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read it ({e.strerror})") from None
+
+
+def load_tools(path):
+    """Read a tools JSON file; raises ToolError with a readable message."""
+    return normalize_tools(read_json(path, ToolError))
 
 
 def _render_type(p):
