@@ -42,7 +42,7 @@ from tqdm import tqdm
 import wire
 from model import CheckpointError, load_checkpoint
 from train import (Logger, arg_parser, batch_indices, catch_stop_signals, die, evaluate_loss, get_lr,
-                   init_distributed, load_meta, model_config, pick_device, pick_dtype, save_run, setup_run,
+                   init_distributed, leave_distributed, load_meta, model_config, pick_device, pick_dtype, save_run, setup_run,
                    sum_over_ranks, to_device, training_module)
 
 
@@ -225,6 +225,7 @@ def main(argv=None):
     stop, restore_signals = catch_stop_signals()
     t0 = start_time = time.time()
     tokens_since, steps_since, examples_since = 0, 0, 0
+    clean = False   # the loop ended the same way on every rank (see leave_distributed)
     try:
         while step < args.max_steps:
             # stop decisions are taken by all ranks together, at the same step
@@ -233,6 +234,7 @@ def main(argv=None):
             if interrupted:
                 checkpoint(last_path)
                 log(f"interrupted at step {step}; saved {last_path} (continue with --resume)")
+                clean = True
                 sys.exit(130)
             if over_time:
                 log(f"time budget of {args.max_minutes:g} min reached at step {step}")
@@ -240,6 +242,7 @@ def main(argv=None):
             if args.stop_at and step >= args.stop_at:
                 checkpoint(last_path)
                 log(f"stopped at step {step} (--stop_at); continue with --resume")
+                clean = True
                 return
             if step % args.eval_interval == 0 and step > 0:
                 val_loss = evaluate_loss(model, val, args, pad_id, device, ctx)   # gold cross-entropy, every rank
@@ -306,10 +309,11 @@ def main(argv=None):
         checkpoint(last_path)
         log(f"val step {step} | val_loss {val_loss:.4f} | best {best_val:.4f}")
         print(f"done: {args.out_dir}/best.pt (val loss {best_val:.4f}), {args.out_dir}/last.pt")
+        clean = True
     finally:
         restore_signals()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        net = None   # the last reference to the DDP wrapper (see leave_distributed)
+        leave_distributed(clean)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ step number, so --resume continues exactly as if never stopped.
 
 import argparse
 import bisect
+import gc
 import json
 import math
 import os
@@ -226,6 +227,29 @@ def init_distributed(device):
         die(f"several processes on {device} are not supported: use --device cpu (gloo) or cuda (nccl)")
     dist.init_process_group(backend)
     return rank, world, device
+
+
+def leave_distributed(clean):
+    """Leave the process group, every rank at the same moment.
+
+    clean: the loop ended the same way on every rank (done, --stop_at, or a stop
+    all ranks agreed on), so a barrier is safe: no rank tears down its
+    connections while another still saves or talks. After an error on one rank
+    a barrier could wait forever, so it is skipped (torchrun stops the others).
+
+    The DDP wrapper sits in a reference cycle (module hooks refer back to it), so
+    it outlives main() until some garbage collection, possibly during interpreter
+    shutdown, when its reducer would release the gloo process group while the
+    runtime is being torn down; a rank dying at exit with "terminate called
+    without an active exception" (SIGABRT, about one run in ten) fits that. So
+    the caller drops its last reference to the wrapper first, and it is collected
+    here, while everything is alive, before the group is destroyed."""
+    if not dist.is_initialized():
+        return
+    if clean:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def sum_over_ranks(values, device):
@@ -671,6 +695,7 @@ def main(argv=None):
     stop, restore_signals = catch_stop_signals()
     t0 = start_time = time.time()
     tokens_since, steps_since, examples_since = 0, 0, 0
+    clean = False   # the loop ended the same way on every rank (see leave_distributed)
     try:
         while step < args.max_steps:
             # stop decisions are taken by all ranks together, at the same step
@@ -679,6 +704,7 @@ def main(argv=None):
             if interrupted:
                 checkpoint(last_path)
                 log(f"interrupted at step {step}; saved {last_path} (continue with --resume)")
+                clean = True
                 sys.exit(130)
             if over_time:
                 log(f"time budget of {args.max_minutes:g} min reached at step {step}")
@@ -686,6 +712,7 @@ def main(argv=None):
             if args.stop_at and step >= args.stop_at:
                 checkpoint(last_path)
                 log(f"stopped at step {step} (--stop_at); continue with --resume")
+                clean = True
                 return
             if step % args.eval_interval == 0 and step > 0:
                 # every rank evaluates (the same batches, the same weights): the
@@ -749,10 +776,11 @@ def main(argv=None):
         checkpoint(last_path)
         log(f"val step {step} | val_loss {val_loss:.4f} | best {best_val:.4f}")
         print(f"done: {args.out_dir}/best.pt (val loss {best_val:.4f}), {args.out_dir}/last.pt")
+        clean = True
     finally:
         restore_signals()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        net = None   # the last reference to the DDP wrapper (see leave_distributed)
+        leave_distributed(clean)
 
 
 if __name__ == "__main__":
