@@ -44,8 +44,10 @@ import numpy as np
 from tqdm import tqdm
 
 import wire
+from datadir import write_jsonl, write_tokens
 from model import file_sha256
 from imports import import_jsonl
+from runtime import die
 from invent import entry_from_tool, invent_tools
 from synth import CatalogueError, Generator, load_catalogue, load_json
 
@@ -83,11 +85,6 @@ def parse_args(argv=None):
                    help="training examples per shared tool list (for train.py --share_prefix; 1: none)")
     p.add_argument("--seed", type=int, default=1337)
     return p.parse_args(argv)
-
-
-def die(msg):
-    print(f"data.py: error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 # -----------------------------------------------------------------------------
@@ -183,63 +180,6 @@ def train_tokenizer(examples, tools, vocab_size, out_dir):
         for i in range(sp.get_piece_size()):
             f.write(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n")
     return sp
-
-
-def piece_lengths(sp):
-    """Bytes of text each token id stands for (byte-fallback pieces: one)."""
-    return np.array([1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
-                     for i in range(sp.get_piece_size())], dtype=np.int64)
-
-
-def token_classes(ids, spans, nbytes):
-    """Class of each answer token (wire.TOKEN_CLASSES): the class of the span its
-    last byte falls in, so a piece like "_Paris" that starts on the space after
-    "city:" counts as value. spans: wire.answer_spans(); nbytes: piece_lengths()."""
-    bounds, classes, at = [], [], 0
-    for text, cls in spans:
-        at += len(text.encode("utf-8"))
-        bounds.append(at)
-        classes.append(wire.TOKEN_CLASSES[cls])
-    last = np.cumsum(nbytes[ids]) - 1
-    return [classes[min(int(np.searchsorted(bounds, b, side="right")), len(classes) - 1)] for b in last]
-
-
-def encode_example(sp, ex, nbytes):
-    """-> (token ids, per-token class: 0 on the prompt, else the answer part it
-    belongs to). The answer is encoded separately so the boundary falls exactly
-    on the first answer token."""
-    prompt = sp.encode(wire.render_prompt(ex["tools"], ex["request"]))
-    spans = wire.answer_spans(ex["calls"], ex["reason"])
-    answer = sp.encode("".join(t for t, _ in spans))
-    return prompt + answer, [0] * len(prompt) + token_classes(answer, spans, nbytes)
-
-
-def write_tokens(sp, examples, out_dir, split, max_len):
-    """Token files for one split; examples over max_len are dropped and counted."""
-    ids, cls, offsets, kept = [], [], [0], []
-    nbytes = piece_lengths(sp)
-    for ex in examples:
-        x, c = encode_example(sp, ex, nbytes)
-        if len(x) > max_len:
-            continue
-        ids.extend(x)
-        cls.extend(c)
-        offsets.append(len(ids))
-        kept.append(ex)
-    cls = np.array(cls, dtype=np.uint8)
-    np.array(ids, dtype=np.uint16).tofile(os.path.join(out_dir, f"{split}.bin"))
-    (cls > 0).astype(np.uint8).tofile(os.path.join(out_dir, f"{split}_mask.bin"))
-    cls.tofile(os.path.join(out_dir, f"{split}_cls.bin"))
-    np.save(os.path.join(out_dir, f"{split}_idx.npy"), np.array(offsets, dtype=np.int64))
-    groups = [ex.get("group", i) for i, ex in enumerate(kept)]
-    np.save(os.path.join(out_dir, f"{split}_group.npy"), np.array(groups, dtype=np.int64))
-    return kept, len(ids), np.diff(offsets)
-
-
-def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
 # -----------------------------------------------------------------------------

@@ -184,6 +184,15 @@ class KVCache:
     def nbytes(self):
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.last_k))
 
+    def append(self, layer, k, v):
+        """Store a chunk's keys/values (B, nkv, T, hs) after the cached ones ->
+        all keys and values so far (B, nkv, pos+T, hs). pos moves on in GPT.hidden,
+        once every layer has appended."""
+        B, T = k.size(0), k.size(2)
+        self.k[layer, :B, :, self.pos:self.pos + T] = k
+        self.v[layer, :B, :, self.pos:self.pos + T] = v
+        return self.k[layer, :B, :, :self.pos + T], self.v[layer, :B, :, :self.pos + T]
+
 
 class CausalSelfAttention(nn.Module):
 
@@ -234,63 +243,69 @@ class CausalSelfAttention(nn.Module):
             # keys, and before RoPE, which is a rotation and keeps the norm
             q, k = self.q_norm(q), self.k_norm(k)
         if self.smear is not None:
-            if layout is not None:
-                # packed rows: the previous token is given per position (-1: none)
-                prev_idx = layout.prev[:, None, :, None]
-                k_prev = k.gather(2, prev_idx.clamp(min=0).expand(B, nkv, T, hs))
-                k_prev = k_prev * (prev_idx >= 0).to(k.dtype)
-            else:
-                prev = torch.zeros_like(k[:, :, :1]) if cache is None or cache.pos == 0 \
-                    else cache.last_k[layer, :B, :, None].clone().to(k.dtype)
-                if cache is not None:
-                    cache.last_k[layer, :B] = k[:, :, -1]
-                k_prev = torch.cat([prev, k[:, :, :-1]], dim=2)        # key of position t-1
-            s = torch.sigmoid(self.smear).view(1, -1, 1, 1)         # (1, nkv, 1, 1)
-            k = (1 - s) * k + s * k_prev
+            k = self.smeared(k, cache, layer, layout)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
         start = 0
         if cache is not None:
             # append this chunk's keys/values, then attend over everything cached
             start = cache.pos
-            cache.k[layer, :B, :, start:start + T] = k
-            cache.v[layer, :B, :, start:start + T] = v
-            k = cache.k[layer, :B, :, :start + T]   # (B, nkv, start+T, hs)
-            v = cache.v[layer, :B, :, :start + T]
-        S = k.size(2)  # number of key positions
+            k, v = cache.append(layer, k, v)          # (B, nkv, start+T, hs)
+        mask = attention_mask(T, k.size(2), start, layout, x.device)   # None: plain causal
         p = self.dropout if self.training else 0.0
-        gqa = nkv != nh
 
         if self.attn_impl == "explicit":
-            if gqa:
+            if nkv != nh:
                 # give each query head its group's key/value head: kv head j serves
                 # query heads j*g .. j*g+g-1 (g = nh/nkv), hence repeat_interleave
                 k = k.repeat_interleave(nh // nkv, dim=1)   # (B, nh, S, hs)
                 v = v.repeat_interleave(nh // nkv, dim=1)
-            # query i sits at absolute position start+i and may see keys 0..start+i
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, S)
-            mask = layout.mask if layout is not None \
-                else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            if mask is None:   # query i sits at position i and may see keys 0..i
+                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             att = att.masked_fill(~mask, float("-inf"))
             att = F.softmax(att.float(), dim=-1).type_as(q)
             att = F.dropout(att, p=p, training=self.training)
             y = att @ v                                  # (B, nh, T, hs)
         else:
-            # enable_gqa does the same head grouping as the repeat_interleave
-            # above, inside the kernel (a test checks the two paths agree)
-            if layout is not None:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask, dropout_p=p,
-                                                   enable_gqa=gqa)
-            elif start == 0:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=gqa)
-            elif T == 1:
-                # one new token attends to every cached position: no mask needed
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, enable_gqa=gqa)
-            else:
-                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
+            # the fused kernel; enable_gqa does the same head grouping as the
+            # repeat_interleave above (a test checks the two paths agree)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None,
+                                               enable_gqa=nkv != nh)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads
         return F.dropout(self.proj(y), p=p, training=self.training)
+
+    def smeared(self, k, cache, layer, layout):
+        """key_t -> (1 - s) * key_t + s * key_{t-1}, s = sigmoid(gate) per key head.
+        The previous key comes from the row itself, from the cache (decoding
+        continues a sequence: the cached last raw key), or from layout.prev
+        (packed rows, where the previous token of a sequence is given per position)."""
+        B, nkv, T, hs = k.shape
+        if layout is not None:
+            prev_idx = layout.prev[:, None, :, None]                   # (B, 1, T, 1), -1: none
+            k_prev = k.gather(2, prev_idx.clamp(min=0).expand(B, nkv, T, hs))
+            k_prev = k_prev * (prev_idx >= 0).to(k.dtype)
+        else:
+            prev = torch.zeros_like(k[:, :, :1]) if cache is None or cache.pos == 0 \
+                else cache.last_k[layer, :B, :, None].clone().to(k.dtype)
+            if cache is not None:
+                cache.last_k[layer, :B] = k[:, :, -1]
+            k_prev = torch.cat([prev, k[:, :, :-1]], dim=2)        # key of position t-1
+        s = torch.sigmoid(self.smear).view(1, -1, 1, 1)             # (1, nkv, 1, 1)
+        return (1 - s) * k + s * k_prev
+
+
+def attention_mask(T, S, start, layout, device):
+    """Which keys each query may see, as a bool mask (True: may attend), or None
+    for a plain causal sequence starting at 0 (the fused kernel's is_causal).
+    T queries at positions start..start+T-1 over S = start+T keys: query i sees
+    keys 0..start+i. A layout (packed rows) brings its own (B, 1, T, T) mask."""
+    if layout is not None:
+        return layout.mask
+    if start == 0:
+        return None
+    if T == 1:        # one new token sees every cached position
+        return torch.ones(1, S, dtype=torch.bool, device=device)
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=start)
 
 
 class MLP(nn.Module):
@@ -380,15 +395,18 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, cache=None):
+    def forward(self, idx, cache=None, layout=None, sel=None):
         """idx: (B, T) token ids -> logits (B, T, vocab) in float32.
-        With a cache, idx continues the cached sequence at position cache.pos."""
-        return self.head(self.hidden(idx, cache))
+        With a cache, idx continues the cached sequence at position cache.pos.
+        sel: (B, T) bool -> logits of the selected positions only, (N, vocab):
+        training needs the answer positions alone, and the vocabulary projection
+        is a third of a tiny model's compute."""
+        h = self.hidden(idx, cache, layout)       # (B, T, C)
+        return self.head(h if sel is None else h[sel])
 
     def head(self, h):
         """Final hidden states (..., C) -> logits (..., vocab), float32 before any
-        softmax or loss. Training calls it on answer positions only: the vocab
-        projection is a third of a tiny model's compute, and prompt logits are unused."""
+        softmax or loss."""
         return F.linear(h, self.embed.weight).float()   # tied with the input embedding
 
     def hidden(self, idx, cache=None, layout=None):

@@ -49,7 +49,8 @@ import numpy as np
 import torch
 
 from model import GPT, PRESETS, config_from_preset
-from train import Split, answer_loss, make_optimizer, packed_layout, padding_fraction
+from datadir import Split, packed_layout, padding_fraction
+from train import answer_loss, make_optimizer
 
 
 def parse_args(argv=None):

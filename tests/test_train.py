@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+import datadir
+import runtime
 import train
 from conftest import MICRO
 from model import GPT, GPTConfig
@@ -42,8 +44,8 @@ def test_loss_falls_on_toy_data(toy_data, tmp_path):
 
 
 def test_auto_precision_is_fp32_on_cpu():
-    assert train.pick_dtype("auto", "cpu")[0] == "float32"
-    assert train.pick_dtype("bfloat16", "cpu")[0] == "bfloat16"
+    assert runtime.pick_dtype("auto", "cpu")[0] == "float32"
+    assert runtime.pick_dtype("bfloat16", "cpu")[0] == "bfloat16"
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -54,10 +56,10 @@ def test_lr_schedule_warms_up_then_decays():
 
 
 def test_length_grouped_batches_are_deterministic_and_similar_in_length(toy_data):
-    split = train.Split(toy_data, "train", 512)
-    a = train.batch_indices(split, 1, 5, 0, 8, window=32)
-    assert (a == train.batch_indices(split, 1, 5, 0, 8, window=32)).all()
-    assert (a != train.batch_indices(split, 1, 6, 0, 8, window=32)).any()
+    split = datadir.Split(toy_data, "train", 512)
+    a = datadir.batch_indices(split, 1, 5, 0, 8, window=32)
+    assert (a == datadir.batch_indices(split, 1, 5, 0, 8, window=32)).all()
+    assert (a != datadir.batch_indices(split, 1, 6, 0, 8, window=32)).any()
     # drawn from 32 neighbours in length order: the spread is far below the split's
     spread = split.row_lens[a].max() - split.row_lens[a].min()
     assert spread < (split.row_lens.max() - split.row_lens.min()) / 2
@@ -86,8 +88,8 @@ def test_shared_prefix_rows_give_the_same_loss_as_examples_one_by_one(toy_data, 
     import json
     meta = json.load(open(os.path.join(toy_data, "meta.json")))
     pad, user = meta["special_tokens"]["<|pad|>"], meta["special_tokens"]["<|user|>"]
-    packed = train.Split(toy_data, "train", 512, share_prefix=True, user_id=user)
-    plain = train.Split(toy_data, "train", 512)
+    packed = datadir.Split(toy_data, "train", 512, share_prefix=True, user_id=user)
+    plain = datadir.Split(toy_data, "train", 512)
     assert packed.row_lens.sum() < 0.7 * plain.row_lens.sum()
     rows = [r for r in range(len(packed)) if len(packed.rows[r]) > 1][:3]
     torch.manual_seed(0)
@@ -152,29 +154,29 @@ def _meta(toy_data):
 def test_pack_rows_places_every_example_once_within_capacity():
     rng = np.random.default_rng(0)
     lens = rng.integers(20, 300, 500)
-    rows = train.pack_rows(lens, 512, seed=3)
+    rows = datadir.pack_rows(lens, 512, seed=3)
     assert sorted(k for r in rows for k in r) == list(range(500))
     fill = [sum(lens[k] for k in r) for r in rows]
     assert max(fill) <= 512
     # best fit leaves little room: within 5% of the fewest rows possible
     assert len(rows) <= 1.05 * lens.sum() / 512
-    assert rows == train.pack_rows(lens, 512, seed=3) and rows != train.pack_rows(lens, 512, seed=4)
+    assert rows == datadir.pack_rows(lens, 512, seed=3) and rows != datadir.pack_rows(lens, 512, seed=4)
 
 
 def test_padding_fraction_counts_the_pad_slots_of_real_batches(toy_data):
     """padding_fraction works from row lengths alone; here it is checked against
     the pad tokens of the very batches training would draw."""
     pad = _meta(toy_data)["special_tokens"]["<|pad|>"]
-    plain = train.Split(toy_data, "train", 512)
-    packed = train.Split(toy_data, "train", 1024, pack=True, seed=0)
+    plain = datadir.Split(toy_data, "train", 512)
+    packed = datadir.Split(toy_data, "train", 1024, pack=True, seed=0)
     fractions = {}
     for name, split, rows in (("plain", plain, 16), ("packed", packed, 5)):
         pads = slots = 0
         for step in range(6):
-            x = split.batch(train.batch_indices(split, 9, step, 0, rows, 0), pad)[0]
+            x = split.batch(datadir.batch_indices(split, 9, step, 0, rows, 0), pad)[0]
             pads += int((x == pad).sum())
             slots += x.numel()
-        fractions[name] = train.padding_fraction(split, rows, 0, 9, n_batches=6)
+        fractions[name] = datadir.padding_fraction(split, rows, 0, 9, n_batches=6)
         assert fractions[name] == pytest.approx(pads / slots, abs=1e-12), name
     assert fractions["plain"] > 0.2 and fractions["packed"] < fractions["plain"] / 2, fractions
 
@@ -185,8 +187,8 @@ def test_packed_row_loss_is_the_token_mean_of_its_examples_one_by_one(toy_data, 
     rows equals the answer-token mean over the examples run one at a time, and
     no token attends across examples."""
     pad = _meta(toy_data)["special_tokens"]["<|pad|>"]
-    packed = train.Split(toy_data, "train", 1024, pack=True, seed=0)
-    plain = train.Split(toy_data, "train", 1024)
+    packed = datadir.Split(toy_data, "train", 1024, pack=True, seed=0)
+    plain = datadir.Split(toy_data, "train", 1024)
     row_of = {r[0]: i for i, r in enumerate(plain.rows)}       # example -> its row in the plain split
     rows = [r for r in range(len(packed)) if len(packed.rows[r]) >= 3][:2]
     torch.manual_seed(0)
@@ -200,14 +202,14 @@ def test_packed_row_loss_is_the_token_mean_of_its_examples_one_by_one(toy_data, 
     x, y, m, layout = packed.batch(rows, pad)
     assert layout is not None
     loss = train.answer_loss(model, x, y, m, layout)
-    logits = train.answer_logits(model, x, m > 0, layout)
+    logits = model(x, layout=layout, sel=m > 0)
     sums, counts, one_by_one = [], [], []
     for k in [k for r in rows for k in packed.rows[r]]:
         xk, yk, mk, none = plain.batch([row_of[k]], pad)
         assert none is None
         sums.append(train.answer_loss(model, xk, yk, mk, reduction="sum").item())
         counts.append(mk.sum().item())
-        one_by_one.append(train.answer_logits(model, xk, mk > 0))
+        one_by_one.append(model(xk, sel=mk > 0))
     assert m.sum().item() == sum(counts)
     # a mask letting examples see each other moves this loss by ~5e-6 only (a
     # random model), hence the tight tolerance and the sharper checks below
@@ -231,7 +233,8 @@ def test_pack_training_runs_and_reports_padding(toy_data, tmp_path, capsys):
     out = str(tmp_path / "pk")
     _run(toy_data, out, 2, ["--pack"])
     printed = capsys.readouterr().out
-    assert "with one example per row" in printed and "packed" in printed
+    # several examples per row, and how much of a batch is padding
+    assert "examples on average" in printed and "padding: " in printed
     assert "step 2 | loss" in open(os.path.join(out, "log.txt")).read()
     assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["args"]["pack"] is True
 

@@ -1,0 +1,341 @@
+"""
+The data directory on disk, both ways: data.py writes it with the functions
+here, train.py / distill.py / sample.py / eval.py read it with the ones below.
+
+    meta.json                  vocab size, special-token ids, counts, tokenizer hash, ...
+    tok.model, tok.vocab       the sentencepiece tokenizer
+    {split}.jsonl              the examples: tools, request, calls, reason, kind, split
+    {split}.bin                uint16 token ids, all examples back to back
+    {split}_mask.bin           uint8, 1 on answer tokens (where loss is computed)
+    {split}_cls.bin            uint8 class of each token: 0 prompt, then wire.TOKEN_CLASSES
+    {split}_idx.npy            int64 offsets: example i is tokens[idx[i]:idx[i+1]]
+    {split}_group.npy          int64 group id per example: a group shares one tool list
+
+Reading, a training row is one example by default. Two opt-in ways fill rows
+with more (both keep every example's own view: positions as if alone, attention
+only to itself): share_prefix, a group of examples that share one tool list,
+the list once and then each request with its answer; pack, several whole
+examples end to end (pack_rows).
+"""
+
+import bisect
+import json
+import os
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+import wire
+from model import Layout
+
+
+class DataDirError(ValueError):
+    """A data directory we cannot use; the message says why and what to run."""
+
+
+class DataDir(NamedTuple):
+    path: str
+    meta: dict           # meta.json
+    sp: object           # sentencepiece.SentencePieceProcessor
+
+    def special(self, token):
+        return self.meta["special_tokens"][token]
+
+
+def load_meta(data_dir):
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        raise DataDirError(f"{data_dir}: no meta.json here; run data.py first (python data.py --out_dir {data_dir})")
+    return wire.read_json(path, DataDirError)
+
+
+def load_data_dir(data_dir):
+    """meta.json and the tokenizer of a data dir; checks the tokenizer file is the
+    one meta.json was written with."""
+    import sentencepiece as spm
+    from model import file_sha256
+    meta = load_meta(data_dir)
+    tok = os.path.join(data_dir, "tok.model")
+    if not os.path.isfile(tok):
+        raise DataDirError(f"{data_dir}: no tok.model here; run data.py --out_dir {data_dir}")
+    if file_sha256(tok) != meta["tokenizer_sha256"]:
+        raise DataDirError(f"{tok}: not the tokenizer meta.json was written with; run data.py again")
+    return DataDir(data_dir, meta, spm.SentencePieceProcessor(model_file=tok))
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# writing token files
+
+def piece_lengths(sp):
+    """Bytes of text each token id stands for (byte-fallback pieces: one)."""
+    return np.array([1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+                     for i in range(sp.get_piece_size())], dtype=np.int64)
+
+
+def token_classes(ids, spans, nbytes):
+    """Class of each answer token (wire.TOKEN_CLASSES): the class of the span its
+    last byte falls in, so a piece like "_Paris" that starts on the space after
+    "city:" counts as value. spans: wire.answer_spans(); nbytes: piece_lengths()."""
+    bounds, classes, at = [], [], 0
+    for text, cls in spans:
+        at += len(text.encode("utf-8"))
+        bounds.append(at)
+        classes.append(wire.TOKEN_CLASSES[cls])
+    last = np.cumsum(nbytes[ids]) - 1
+    return [classes[min(int(np.searchsorted(bounds, b, side="right")), len(classes) - 1)] for b in last]
+
+
+def encode_example(sp, ex, nbytes):
+    """-> (token ids, per-token class: 0 on the prompt, else the answer part it
+    belongs to). The answer is encoded separately so the boundary falls exactly
+    on the first answer token."""
+    prompt = sp.encode(wire.render_prompt(ex["tools"], ex["request"]))
+    spans = wire.answer_spans(ex["calls"], ex["reason"])
+    answer = sp.encode("".join(t for t, _ in spans))
+    return prompt + answer, [0] * len(prompt) + token_classes(answer, spans, nbytes)
+
+
+def write_tokens(sp, examples, out_dir, split, max_len):
+    """Token files for one split; examples over max_len are dropped and counted.
+    -> (kept examples, number of tokens, length of each kept example)."""
+    ids, cls, offsets, kept = [], [], [0], []
+    nbytes = piece_lengths(sp)
+    for ex in examples:
+        x, c = encode_example(sp, ex, nbytes)
+        if len(x) > max_len:
+            continue
+        ids.extend(x)
+        cls.extend(c)
+        offsets.append(len(ids))
+        kept.append(ex)
+    assert sp.get_piece_size() < 65536, "token ids are stored as uint16"
+    cls = np.array(cls, dtype=np.uint8)
+    np.array(ids, dtype=np.uint16).tofile(os.path.join(out_dir, f"{split}.bin"))
+    (cls > 0).astype(np.uint8).tofile(os.path.join(out_dir, f"{split}_mask.bin"))
+    cls.tofile(os.path.join(out_dir, f"{split}_cls.bin"))
+    np.save(os.path.join(out_dir, f"{split}_idx.npy"), np.array(offsets, dtype=np.int64))
+    groups = [ex.get("group", i) for i, ex in enumerate(kept)]
+    np.save(os.path.join(out_dir, f"{split}_group.npy"), np.array(groups, dtype=np.int64))
+    return kept, len(ids), np.diff(offsets)
+
+
+# -----------------------------------------------------------------------------
+# reading token files: training rows and batches
+
+class Split:
+    """One split's token files, memory-mapped; examples are kept whole (one
+    longer than block_size is skipped and counted in n_dropped).
+
+    rows[r] lists the examples of row r, prefix[r] the length of the tool list
+    they share (0: none). With neither share_prefix nor pack, each row is one
+    example and batches are plain causal sequences."""
+
+    def __init__(self, data_dir, split, block_size, share_prefix=False, user_id=None, class_weights=None,
+                 max_examples=0, pack=False, seed=0):
+        if pack and share_prefix:
+            raise DataDirError("pack and share_prefix are two ways of filling a row; choose one")
+        base = os.path.join(data_dir, split)
+        for suffix in (".bin", "_mask.bin", "_idx.npy"):
+            if not os.path.isfile(base + suffix):
+                raise DataDirError(f"{base + suffix}: missing; run data.py --out_dir {data_dir}")
+        self.tokens = np.memmap(base + ".bin", dtype=np.uint16, mode="r")
+        self.mask = np.memmap(base + "_mask.bin", dtype=np.uint8, mode="r")
+        # per-token loss weight by class (prompt 0, struct, name, key, value, reason)
+        self.weights = None
+        if class_weights is not None:
+            if not os.path.isfile(base + "_cls.bin"):
+                raise DataDirError(f"{base}_cls.bin: missing; --class_weights needs data from a newer data.py")
+            self.mask = np.memmap(base + "_cls.bin", dtype=np.uint8, mode="r")
+            self.weights = np.asarray(class_weights, dtype=np.float32)
+        offsets = np.load(base + "_idx.npy")
+        lens = np.diff(offsets)
+        keep = lens <= block_size
+        if max_examples:
+            keep &= np.arange(len(lens)) < max_examples
+        self.starts, self.lens = offsets[:-1], lens
+        self.n_dropped = int((lens > block_size).sum())
+        self.n_examples = int(keep.sum())
+        kept = np.flatnonzero(keep)
+        if pack:
+            # which examples share a row is fixed for the run (by seed); as they
+            # do not see each other, that only ties them into the same batches
+            self.rows = [[int(kept[j]) for j in row] for row in pack_rows(lens[kept], block_size, seed)]
+            self.prefix = [0] * len(self.rows)
+        elif share_prefix:
+            if not os.path.isfile(base + "_group.npy"):
+                raise DataDirError(f"{base}_group.npy: missing; --share_prefix needs data from data.py --group N")
+            self.rows, self.prefix = self._group_rows(kept, np.load(base + "_group.npy"), block_size, user_id)
+        else:
+            self.rows, self.prefix = [[int(k)] for k in kept], [0] * len(kept)
+        if not self.rows:
+            raise DataDirError(f"{base}: no example fits block_size {block_size}")
+        self.row_lens = np.array([self._row_len(r, p) for r, p in zip(self.rows, self.prefix)])
+        self.by_length = np.argsort(self.row_lens, kind="stable")   # for length-grouped batches
+
+    def __len__(self):
+        return len(self.rows)
+
+    def _row_len(self, row, p):
+        return p + sum(int(self.lens[k]) - p for k in row)
+
+    def _group_rows(self, kept, groups, block_size, user_id):
+        """Rows of examples that share a tool list: the common prefix (up to the
+        <|user|> token) once, then as many members as fit in block_size; the rest
+        start a new row. A member whose prefix differs gets a row of its own."""
+        rows, prefix = [], []
+        members_of = {}
+        for k in kept:
+            members_of.setdefault(int(groups[k]), []).append(int(k))
+        for members in members_of.values():
+            first = self.example(members[0])
+            where = np.flatnonzero(first == user_id)
+            p = int(where[0]) if len(where) else 0
+            row = []
+            for k in members:
+                if not p or not np.array_equal(self.example(k)[:p], first[:p]):
+                    rows.append([k])
+                    prefix.append(0)
+                    continue
+                if row and self._row_len(row + [k], p) > block_size:
+                    rows.append(row)
+                    prefix.append(p)
+                    row = []
+                row.append(k)
+            if row:
+                rows.append(row)
+                prefix.append(p if len(row) > 1 else 0)
+        return rows, prefix
+
+    def example(self, k):
+        return self.tokens[self.starts[k]:self.starts[k] + self.lens[k]]
+
+    def batch(self, idx, pad_id):
+        """Rows idx -> x, y, m of shape (B, L), right-padded to the longest, and a
+        model.Layout if any row holds several examples (else None: plain causal).
+        y is x shifted by one; m is the loss weight of y (1 on answer tokens, 0
+        elsewhere; the class weight with class_weights). Right padding needs no
+        attention mask: under the causal mask no real token sees a pad."""
+        if all(len(self.rows[r]) == 1 for r in idx):
+            return self._plain_batch(idx, pad_id) + (None,)
+        return self._layout_batch(idx, pad_id)
+
+    def _weights(self, mk):
+        return self.weights[mk] if self.weights is not None else mk
+
+    def _plain_batch(self, idx, pad_id):
+        L = int(self.row_lens[idx].max()) - 1
+        x = np.full((len(idx), L), pad_id, dtype=np.int64)
+        y = np.full((len(idx), L), pad_id, dtype=np.int64)
+        m = np.zeros((len(idx), L), dtype=np.float32)
+        for b, r in enumerate(idx):
+            k = self.rows[r][0]
+            s, n = self.starts[k], int(self.lens[k])
+            t, mk = self.tokens[s:s + n], self._weights(self.mask[s:s + n])
+            x[b, :n - 1], y[b, :n - 1], m[b, :n - 1] = t[:-1], t[1:], mk[1:]
+        return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(m)
+
+    def _layout_batch(self, idx, pad_id):
+        """Rows holding a shared prefix and/or several examples: the tokens as in
+        _plain_batch, plus each token's position, sequence and previous token."""
+        L = int(self.row_lens[idx].max()) - 1
+        B = len(idx)
+        x = np.full((B, L), pad_id, dtype=np.int64)
+        y = np.full((B, L), pad_id, dtype=np.int64)
+        m = np.zeros((B, L), dtype=np.float32)
+        pos = np.tile(np.arange(L), (B, 1))
+        seg = np.full((B, L), -1, dtype=np.int64)         # 0: shared prefix, k: k-th example
+        prev = np.tile(np.arange(L) - 1, (B, 1))
+        for b, r in enumerate(idx):
+            p, row = self.prefix[r], self.rows[r]
+            s0 = self.starts[row[0]]
+            toks, msk = [self.tokens[s0:s0 + p]], [self.mask[s0:s0 + p]]
+            ps, sg, pv = [np.arange(p)], [np.zeros(p, dtype=np.int64)], [np.arange(p) - 1]
+            at = p
+            for k_i, k in enumerate(row, 1):
+                s, n = self.starts[k], int(self.lens[k])
+                toks.append(self.tokens[s + p:s + n])
+                msk.append(self.mask[s + p:s + n])
+                ps.append(np.arange(p, n))
+                sg.append(np.full(n - p, k_i))
+                # the first token after the prefix follows the prefix's last token
+                pv.append(np.concatenate([[p - 1], np.arange(at, at + n - p - 1)]))
+                at += n - p
+            t, mk = np.concatenate(toks), self._weights(np.concatenate(msk))
+            n = len(t) - 1
+            x[b, :n], y[b, :n], m[b, :n] = t[:-1], t[1:], mk[1:]
+            pos[b, :n], seg[b, :n], prev[b, :n] = np.concatenate(ps)[:-1], np.concatenate(sg)[:-1], np.concatenate(pv)[:-1]
+        layout = packed_layout(torch.from_numpy(pos), torch.from_numpy(seg), torch.from_numpy(prev))
+        return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(m), layout
+
+
+def packed_layout(pos, seg, prev):
+    """model.Layout for rows holding several sequences. pos, prev: (B, L) as in
+    Layout; seg: (B, L) 0 for a shared prefix that every sequence sees, k >= 1
+    for the k-th sequence, -1 for padding. Query t may attend to key s <= t of
+    its own sequence or of the prefix: block-diagonal causal, plus the prefix."""
+    L = seg.size(1)
+    q, k = seg[:, :, None], seg[:, None, :]                                     # (B, L, 1), (B, 1, L)
+    mask = ((k == 0) | (k == q)) & torch.ones(L, L, dtype=torch.bool).tril()   # (B, L, L)
+    return Layout(pos, mask[:, None], prev)                                     # mask (B, 1, L, L): all heads
+
+
+def pack_rows(lens, capacity, seed):
+    """Examples of the given lengths -> rows (lists of indices into lens) of at
+    most capacity tokens each. Best fit in a shuffled order: each example goes
+    to the row with the least room that still holds it, else opens a new row.
+    Shuffled rather than longest-first, so which examples share a row is not
+    tied to their length; with examples well under capacity it leaves only a
+    few percent empty all the same."""
+    order = np.random.default_rng([seed, 0x9ac]).permutation(len(lens))
+    rows, free = [], []      # free: sorted (room left, row number) of the rows still open
+    for i in order:
+        n = int(lens[i])
+        j = bisect.bisect_left(free, (n, -1))      # the first row with room >= n
+        if j < len(free):
+            room, r = free.pop(j)
+            rows[r].append(int(i))
+        else:
+            room, r = capacity, len(rows)
+            rows.append([int(i)])
+        if room - n > 0:
+            bisect.insort(free, (room - n, r))
+    return rows
+
+
+def batch_indices(split, seed, step, micro, batch_size, window=0):
+    """Which rows go into a micro-batch: a pure function of (seed, step, micro).
+    micro counts micro-batches over all processes (rank * grad_accum + i), so
+    2 processes with grad_accum 1 draw exactly what 1 process draws with 2.
+    With window > 0, the batch is drawn from `window` rows of neighbouring
+    length (around a random anchor), so little compute is spent on padding."""
+    rng = np.random.default_rng([seed, step, micro])
+    n = len(split)
+    if window <= 0 or window >= n:
+        return rng.integers(0, n, batch_size)
+    lo = int(rng.integers(0, n - window + 1))
+    return split.by_length[lo + rng.integers(0, window, batch_size)]
+
+
+def padding_fraction(split, rows_per_batch, window, seed, n_batches=20):
+    """The fraction of a batch's token slots that hold padding: each batch is
+    (rows, longest row - 1) after the one-token shift of inputs and targets,
+    and a row of n tokens fills n - 1 slots. Over the first n_batches training
+    batches (the same draws as step 0, 1, ...), token-weighted."""
+    real = total = 0
+    for step in range(n_batches):
+        lens = split.row_lens[batch_indices(split, seed, step, 0, rows_per_batch, window)]
+        real += int((lens - 1).sum())
+        total += len(lens) * int(lens.max() - 1)
+    return 1 - real / total
