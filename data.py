@@ -46,7 +46,7 @@ from tqdm import tqdm
 import wire
 from datadir import write_jsonl, write_tokens
 from model import file_sha256
-from imports import import_jsonl
+from formats import import_jsonl
 from runtime import die
 from invent import entry_from_tool, invent_tools
 from synth import CatalogueError, Generator, load_catalogue, load_json

@@ -28,9 +28,9 @@ with examples, and the most frequent tool confusions. Constrained answers carry
 a confidence: its calibration (accuracy per confidence bin, expected calibration
 error) and the accuracy left when the model abstains below a threshold are
 printed too. Writes all of it as JSON, and one line per item with the
-prediction and its error class, for error analysis (plots.py draws from both).
+prediction and its error class, for error analysis (utils/plots.py draws from both).
 
-External sets (evaluation only, never trained on; loaders in benchmarks.py):
+External sets (evaluation only, never trained on; loaders in evalsets.py):
     python eval.py --ckpt out/demo/best.pt --when2call ../shared/eval/when2call/when2call_test_llm_judge.jsonl
     python eval.py --ckpt out/demo/best.pt --apibank ../shared/eval/apibank/level-1-api.json
 
@@ -59,8 +59,9 @@ from jsonschema import Draft202012Validator
 from tqdm import tqdm
 
 import wire
-from benchmarks import DECISIONS, load_apibank, load_when2call
+from evalsets import DECISIONS, load_apibank, load_when2call
 from model import CheckpointError
+from runtime import die
 from sample import Router
 
 
@@ -497,10 +498,6 @@ def main(argv=None):
     p.add_argument("--no_constrain", action="store_true", help="score the raw model, without the answer grammar")
     p.add_argument("--quantize", choices=["int8"], default=None, help="int8 linear layers (CPU)")
     args = p.parse_args(argv)
-
-    def die(msg):
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(2)
 
     if args.compare:
         try:

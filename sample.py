@@ -12,7 +12,7 @@ timing. --tools takes OpenAI function definitions or bare {name, description,
 parameters} objects, as a JSON list. The tokenizer is the one in the checkpoint's
 data dir (or --data_dir), and must be the one the checkpoint was trained with.
 
-What makes it fast (each is measured in bench.py):
+What makes it fast (each is measured in utils/bench_latency.py):
     KV cache        the prompt runs once; each step feeds only the new tokens
     forced spans    text the grammar fixes (the rest of a tool name once its
                     prefix is unique, a key that is the only one left, a special
@@ -45,7 +45,9 @@ import torch.nn.functional as F
 
 import grammar
 import wire
+from datadir import DataDirError, load_data_dir
 from model import KVCache, CheckpointError, check_tokenizer, load_checkpoint
+from runtime import die
 
 MIN_ANSWER_TOKENS = 16     # a prompt must leave at least this much room in the context
 
@@ -62,17 +64,14 @@ class Router:
     """A loaded model + tokenizer that turns (tools, request) into an answer."""
 
     def __init__(self, ckpt_path, data_dir=None, device="cpu", quantize=None):
-        import sentencepiece as spm
         self.model, self.ckpt = load_checkpoint(ckpt_path, device)
         data_dir = data_dir or self.ckpt.get("data_dir", "")
-        meta_path = os.path.join(data_dir, "meta.json")
-        if not os.path.isfile(meta_path):
-            raise CheckpointError(f"{data_dir}: no meta.json; pass the data dir the checkpoint "
-                                  "was trained on with --data_dir")
-        with open(meta_path, encoding="utf-8") as f:
-            self.meta = json.load(f)
-        check_tokenizer(self.ckpt, self.meta["tokenizer_sha256"], ckpt_path)
-        self.sp = spm.SentencePieceProcessor(model_file=os.path.join(data_dir, "tok.model"))
+        try:
+            d = load_data_dir(data_dir)
+        except DataDirError as e:
+            raise CheckpointError(f"{e} (pass the data dir {ckpt_path} was trained on with --data_dir)") from None
+        check_tokenizer(self.ckpt, d.meta["tokenizer_sha256"], ckpt_path)
+        self.meta, self.sp = d.meta, d.sp
         self.device = device
         if quantize == "int8":
             if torch.device(device).type != "cpu":
@@ -90,11 +89,14 @@ class Router:
 
     def encode_prefix(self, tools):
         """Token ids of <|tools|>...<|user|>: the part shared by every request to a catalogue."""
-        return self.sp.encode(f"{wire.TOOLS}{wire.clean(wire.render_tools(tools))}{wire.USER}")
+        return self.sp.encode(wire.render_prefix(tools))
+
+    def encode_request(self, request):
+        # the request follows a special token, so it is tokenized on its own either way
+        return self.sp.encode(wire.clean(request.strip()))
 
     def encode_prompt(self, tools, request):
-        # the request follows a special token, so it is tokenized on its own either way
-        return self.encode_prefix(tools) + self.sp.encode(wire.clean(request.strip()))
+        return self.encode_prefix(tools) + self.encode_request(request)
 
     def grammar(self, tools, tool_choice="auto"):
         key = json.dumps([tools, tool_choice], sort_keys=True)
@@ -104,35 +106,22 @@ class Router:
             self.grammars.popitem(last=False)
         return g
 
-    def _prefill(self, prefix, rest, use_prefix_cache):
-        """Run the prompt -> (cache, logits of its last position)."""
-        cfg = self.model.config
-        if not use_prefix_cache:
-            cache = KVCache(cfg, 1, cfg.block_size, self.device)
-            return cache, self._logits(prefix + rest, cache)
-        key = tuple(prefix)
-        entry = self.prefixes.pop(key, None)
-        if entry is None:
-            cache = KVCache(cfg, 1, cfg.block_size, self.device)
-            self.model.hidden(self._tensor(prefix), cache)
-            entry = (cache, cache.last_k.clone())
-        self.prefixes[key] = entry
-        while len(self.prefixes) > 4:
-            self.prefixes.popitem(last=False)
-        cache, last_k = entry
-        # rewind to the end of the catalogue: what a previous request appended is
-        # overwritten as this one runs (smeared keys also need the last raw key back)
-        cache.pos = len(prefix)
-        cache.last_k.copy_(last_k)
-        return cache, self._logits(rest, cache)
+    def _budget(self, n_prompt, max_new_tokens):
+        room = self.model.config.block_size - n_prompt
+        if room < MIN_ANSWER_TOKENS:
+            raise ValueError(f"prompt is {n_prompt} tokens; the model's context is "
+                             f"{self.model.config.block_size}, which leaves too little room for an answer")
+        return min(max_new_tokens, room)
 
     def _tensor(self, ids):
         return torch.tensor([ids], dtype=torch.long, device=self.device)
 
-    def _logits(self, ids, cache=None):
-        """Run ids (continuing the cache, if any) -> logits of the last position only:
-        the vocabulary projection of the other positions would be thrown away."""
-        return self.model.head(self.model.hidden(self._tensor(ids), cache)[0, -1])
+    def _logits(self, ids, cache=None, first=-1):
+        """Run ids (continuing the cache, if any) -> logits of the last position
+        (first=-1), or of positions first.. (V) / (n, V): the vocabulary
+        projection of the other positions would be thrown away."""
+        h = self.model.hidden(self._tensor(ids), cache)[0]
+        return self.model.head(h[-1] if first == -1 else h[first:])
 
     # -- decoding
 
@@ -169,114 +158,122 @@ class Router:
         return out
 
     @torch.inference_mode()
+    def decode_reference(self, tools, request, max_new_tokens=128, tool_choice="auto"):
+        """Constrained greedy decoding in its plainest form -> token ids. Run the
+        prompt once (KV cache); then, until the grammar says the answer is
+        complete: where the grammar fixes the next text (the rest of a name once
+        only one fits, a special token that is the only one allowed, ...) write it;
+        otherwise mask every token the grammar does not allow here and take the
+        argmax. Feed what was written, repeat. generate_constrained gives the same
+        tokens in fewer, cheaper passes (a test checks, token for token)."""
+        g = self.grammar(tools, tool_choice)
+        prompt = self.encode_prompt(tools, request)
+        budget = self._budget(len(prompt), max_new_tokens)
+        cache = KVCache(self.model.config, 1, self.model.config.block_size, self.device)
+        logits = self._logits(prompt, cache)                  # (V): after the prompt
+        state, out, ends = g.start(), [], []
+        while state.phase != "done":
+            if g.step(state, wire.END) is not None:
+                ends.append(len(out))                         # the answer could close here
+            toks = self._forced(g, state)
+            if toks is None:
+                allowed = self.vocab.allowed(g, state)        # token ids the grammar takes here
+                if len(allowed) == 0:
+                    return self._cut(out, ends, budget)
+                toks = [int(allowed[logits[allowed].argmax()])]
+            if len(out) + len(toks) > budget:                 # out of tokens
+                return self._cut(out, ends, budget)
+            for t in toks:
+                state = self.vocab.advance(g, state, t)
+            out += toks
+            logits = self._logits(toks, cache)
+        return out
+
+    @torch.inference_mode()
     def generate_constrained(self, tools, request, max_new_tokens=128, use_cache=True,
                              forced_spans=True, prefix_cache=True, speculate=True, pick=None,
                              tool_choice="auto"):
-        """Greedy decoding under the answer grammar -> (token ids, info).
-        info: confidence, forward passes, truncated (the token budget ran out
-        and the answer was cut back to its last complete point).
-        use_cache / forced_spans / prefix_cache / speculate switch the speed-ups off
-        one by one (the tokens are the same, bench.py times them). pick(logits, allowed ids,
-        tokens so far) -> id replaces the argmax (bench.py follows a fixed answer).
-        tool_choice: auto | none | required | a tool's name (see grammar.Grammar)."""
+        """decode_reference's answer, faster -> (token ids, info).
+        info: confidence, forward passes, truncated (the token budget ran out and
+        the answer was cut back to its last complete point), dead_end.
+        What is faster (each can be switched off; utils/bench_latency.py times them):
+            prefix_cache  the catalogue's KV cache is kept across requests
+            forced_spans  tokens the grammar fixes, and tokens that are the only
+                          ones allowed, are not run one pass each: they wait
+                          (pending) and run in one pass with the next free choice
+            speculate     copy speculation (see _speculate)
+        use_cache=False re-runs the whole sequence every pass (the slowest check).
+        pick(logits, allowed ids, tokens so far) -> id replaces the argmax (utils/bench_latency.py
+        follows a fixed answer with it). tool_choice: auto | none | required | a
+        tool's name (see grammar.Grammar)."""
         g, vocab = self.grammar(tools, tool_choice), self.vocab
-        prefix = self.encode_prefix(tools)
-        rest = self.sp.encode(wire.clean(request.strip()))
-        n_prompt = len(prefix) + len(rest)
-        room = self.model.config.block_size - n_prompt
-        if room < MIN_ANSWER_TOKENS:
-            raise ValueError(f"prompt is {n_prompt} tokens; the model's context is "
-                             f"{self.model.config.block_size}, which leaves too little room for an answer")
-        budget = min(max_new_tokens, room)
-        passes = 1
-        if use_cache:
-            cache, logits = self._prefill(prefix, rest, prefix_cache)
-        else:
-            seq = prefix + rest
-            logits = self._logits(seq)
+        prefix, request_ids = self.encode_prefix(tools), self.encode_request(request)
+        budget = self._budget(len(prefix) + len(request_ids), max_new_tokens)
+        run = _Pass(self, prefix, request_ids, use_cache, prefix_cache)
+        state, out, ends, conf = g.start(), [], [], 1.0
 
-        out, pending = [], []       # tokens chosen; tokens not yet run through the model
-        state, conf, end_at = g.start(), 1.0, None
+        def finish(truncated, dead_end=False):
+            ids = self._cut(out, ends, budget) if truncated else out
+            return ids, {"confidence": conf, "passes": run.passes, "truncated": truncated, "dead_end": dead_end}
+
         while state.phase != "done":
             if g.step(state, wire.END) is not None:
-                end_at = len(out)                  # the answer could close here
+                ends.append(len(out))
             toks = self._forced(g, state)
             if toks is None:
                 allowed = vocab.allowed(g, state)
-                if len(allowed) == 0:              # a grammar bug; answer validly all the same
-                    return self._cut(out, end_at), {"confidence": conf, "passes": passes,
-                                                    "truncated": True, "dead_end": True}
+                if len(allowed) == 0:               # a grammar bug; answer validly all the same
+                    return finish(True, dead_end=True)
                 if len(allowed) == 1:
                     toks = [int(allowed[0])]
                 else:
-                    if pending:                    # the model must see them before it chooses
-                        passes += 1
-                        n_ok, guess = 0, []
-                        if speculate and use_cache and forced_spans:
-                            # no more guesses than the budget and the context leave room for
-                            room = min(budget - len(out), self.model.config.block_size - cache.pos - len(pending))
-                            guess = self._propose(rest, out, g, state, k=min(8, room))
+                    if speculate and use_cache and forced_spans and run.stale:
+                        guess = self._propose(request_ids, out, g, state,
+                                              k=min(8, budget - len(out), run.room()))
                         if guess:
-                            # Copy speculation (prompt lookup, Saxena 2023): values are mostly
-                            # copied from the request, so the tokens that followed the last one
-                            # there are fed in the same pass and kept while they are what the
-                            # model would have chosen anyway; greedy output is unchanged.
-                            start, last_k = cache.pos, cache.last_k.clone()
-                            rows = self._logit_rows(pending + guess, cache, len(pending) - 1)
-                            n_ok = 0
-                            for i, t in enumerate(guess):
-                                if len(out) >= budget:
-                                    break
-                                if g.step(state, wire.END) is not None:
-                                    end_at = len(out)
-                                allowed = vocab.allowed(g, state)
-                                tok, p = self._choose(rows[i], allowed, out, pick)
-                                if tok != t:
-                                    break
-                                conf, n_ok = min(conf, p), n_ok + 1
-                                state = vocab.advance(g, state, t)
-                                out.append(t)
-                            logits = rows[n_ok]
-                            if n_ok == len(guess):
-                                pending = []
-                            else:                  # forget the rejected guesses: the kept ones
-                                cache.pos = start  # run again with the next token, same pass count
-                                cache.last_k.copy_(last_k)
-                                pending = pending + guess[:n_ok]
-                        elif use_cache:
-                            logits, pending = self._logits(pending, cache), []
-                        else:
-                            seq += pending
-                            logits, pending = self._logits(seq), []
-                        if guess and n_ok:         # the state moved on: what is allowed now
-                            if g.step(state, wire.END) is not None:
-                                end_at = len(out)
+                            state, conf = self._speculate(run, guess, g, state, out, ends, conf, budget, pick)
                             allowed = vocab.allowed(g, state)
-                    tok, p = self._choose(logits, allowed, out, pick)
+                    tok, p = self._choose(run.logits(), allowed, out, pick)
                     conf = min(conf, p)
                     toks = [tok]
             if len(out) + len(toks) > budget:
-                out = self._cut(out, end_at)
-                return out, {"confidence": conf, "passes": passes, "truncated": True, "dead_end": False}
+                return finish(True)
             for t in toks:
                 state = vocab.advance(g, state, t)
                 assert state is not None, "the grammar rejected its own forced tokens"
             out += toks
-            pending += toks
-            if not forced_spans and state.phase != "done":
-                for t in pending:                  # one forward pass per token
-                    passes += 1
-                    if use_cache:
-                        logits = self._logits([t], cache)
-                    else:
-                        seq.append(t)
-                        logits = self._logits(seq)
-                pending = []
-        return out, {"confidence": conf, "passes": passes, "truncated": False, "dead_end": False}
+            run.add(toks, one_pass_each=not forced_spans and state.phase != "done")
+        return finish(False)
+
+    def _speculate(self, run, guess, g, state, out, ends, conf, budget, pick):
+        """Copy speculation (prompt lookup, Saxena 2023): argument values are mostly
+        copied from the request, so the tokens that followed the last answer token
+        there (guess) run in the same pass as the pending tokens, and each is kept
+        while it is what the model would have chosen anyway: greedy output is
+        unchanged, in fewer passes. Appends the kept tokens to out (and their end
+        points to ends) -> (state, confidence) after them; run.logits() is then the
+        model's next-token logits."""
+        rows = run.feed_with_guess(guess)     # rows[i]: logits after pending + guess[:i]
+        n_ok = 0
+        for i, t in enumerate(guess):
+            if len(out) >= budget:
+                break
+            if n_ok and g.step(state, wire.END) is not None:
+                ends.append(len(out))
+            tok, p = self._choose(rows[i], self.vocab.allowed(g, state), out, pick)
+            if tok != t:
+                break
+            conf, n_ok = min(conf, p), n_ok + 1
+            state = self.vocab.advance(g, state, t)
+            out.append(t)
+        if n_ok and g.step(state, wire.END) is not None:
+            ends.append(len(out))
+        run.keep_guess(n_ok, guess, rows[n_ok])
+        return state, conf
 
     def _choose(self, logits, allowed, out, pick):
         """The greedy choice among the allowed tokens -> (token id, its probability
-        under the constrained distribution); pick (bench.py) may override the argmax."""
+        under the constrained distribution); pick (utils/bench_latency.py) may override the argmax."""
         sub = logits[allowed]
         j = int(sub.argmax()) if pick is None else int((allowed == pick(logits, allowed, out)).nonzero()[0])
         return int(allowed[j]), float(F.softmax(sub, dim=-1)[j])
@@ -284,7 +281,7 @@ class Router:
     def _propose(self, request_ids, out, g, state, k=8):
         """Guess the next tokens of a value: what followed the last answer token
         (the last two, if they match) in the request; only tokens the grammar takes."""
-        if state.phase != "value" or not out or out[-1] not in request_ids:
+        if k <= 0 or state.phase != "value" or not out or out[-1] not in request_ids:
             return []
         spots = [j for j, t in enumerate(request_ids) if t == out[-1]]
         two = [j for j in spots if j > 0 and len(out) > 1 and request_ids[j - 1] == out[-2]]
@@ -296,10 +293,6 @@ class Router:
                 break
             guess.append(t)
         return guess
-
-    def _logit_rows(self, ids, cache, first):
-        """Run ids through the model (continuing the cache) -> logits of positions first.. ."""
-        return self.model.head(self.model.hidden(self._tensor(ids), cache)[0, first:])
 
     def _forced(self, g, state):
         """Token ids for the text the grammar determines next, or None."""
@@ -316,12 +309,35 @@ class Router:
                 return None
         return ids
 
-    def _cut(self, out, end_at):
-        """Out of tokens: keep the answer up to its last complete point, or decline."""
-        if end_at is not None:
-            return out[:end_at] + [self.end_id]
-        reason = self.sp.encode(wire.REASON_NO_TOOL)
-        return [self.nocall_id] + reason + [self.end_id]
+    def _cut(self, out, ends, budget):
+        """Out of tokens: keep the answer up to its last complete point that leaves
+        room for <|end|> within the budget, or decline."""
+        fits = [e for e in ends if e < budget]
+        if fits:
+            return out[:fits[-1]] + [self.end_id]
+        return [self.nocall_id] + self.sp.encode(wire.REASON_NO_TOOL) + [self.end_id]
+
+    def _prefill(self, prefix, rest, use_prefix_cache):
+        """Run the prompt -> (cache, logits of its last position)."""
+        cfg = self.model.config
+        if not use_prefix_cache:
+            cache = KVCache(cfg, 1, cfg.block_size, self.device)
+            return cache, self._logits(prefix + rest, cache)
+        key = tuple(prefix)
+        entry = self.prefixes.pop(key, None)
+        if entry is None:
+            cache = KVCache(cfg, 1, cfg.block_size, self.device)
+            self.model.hidden(self._tensor(prefix), cache)
+            entry = (cache, cache.last_k.clone())
+        self.prefixes[key] = entry
+        while len(self.prefixes) > 4:
+            self.prefixes.popitem(last=False)
+        cache, last_k = entry
+        # rewind to the end of the catalogue: what a previous request appended is
+        # overwritten as this one runs (smeared keys also need the last raw key back)
+        cache.pos = len(prefix)
+        cache.last_k.copy_(last_k)
+        return cache, self._logits(rest, cache)
 
     def answer(self, tools, request, max_new_tokens=128, constrain=True, tool_choice="auto"):
         """-> dict: calls, reason, valid, error, text, tokens, latency_ms,
@@ -352,6 +368,70 @@ class Router:
         return result
 
 
+class _Pass:
+    """The model side of one generate_constrained call: the KV cache, the tokens
+    chosen but not yet run through the model (pending), the logits after the
+    last token run, and the number of forward passes."""
+
+    def __init__(self, router, prefix, request_ids, use_cache, prefix_cache):
+        self.r, self.use_cache, self.pending, self.passes = router, use_cache, [], 1
+        self.stale = False    # chosen tokens since _last was computed
+        if use_cache:
+            self.cache, self._last = router._prefill(prefix, request_ids, prefix_cache)
+        else:
+            self.seq = prefix + request_ids
+            self._last = router._logits(self.seq)
+
+    def room(self):
+        """Tokens the context still holds after the pending ones."""
+        return self.r.model.config.block_size - self.cache.pos - len(self.pending)
+
+    def add(self, toks, one_pass_each=False):
+        """Chosen tokens: pending until the next logits() (one pass for all), or
+        with one_pass_each, run at once, a pass per token."""
+        self.pending += toks
+        self.stale = True
+        if one_pass_each:
+            for t in self.pending:
+                self._run([t])
+            self.pending = []
+
+    def logits(self):
+        """Next-token logits after everything chosen so far (runs what is pending)."""
+        if self.stale:
+            self._run(self.pending)
+            self.pending = []
+        return self._last
+
+    def _run(self, ids):
+        self.passes += 1
+        self.stale = False
+        if self.use_cache:
+            self._last = self.r._logits(ids, self.cache)
+        else:
+            self.seq = self.seq + ids
+            self._last = self.r._logits(self.seq)
+
+    def feed_with_guess(self, guess):
+        """Run pending + guess in one pass -> logits rows: rows[i] is what comes
+        after pending + guess[:i] (len(guess) + 1 rows)."""
+        self.passes += 1
+        self._mark = self.cache.pos, self.cache.last_k.clone()
+        return self.r._logits(self.pending + guess, self.cache, first=len(self.pending) - 1)
+
+    def keep_guess(self, n_ok, guess, next_logits):
+        """The first n_ok guesses were right. All of them: nothing pending, and
+        next_logits is what follows. Fewer: forget the pass (rewind the cache) and
+        make the kept ones pending, to run again with the next token."""
+        if n_ok == len(guess):
+            self.pending = []
+        else:
+            self.cache.pos = self._mark[0]
+            self.cache.last_k.copy_(self._mark[1])
+            self.pending = self.pending + guess[:n_ok]
+        self._last, self.stale = next_logits, False
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("request", help="the user's request, in quotes")
@@ -364,11 +444,6 @@ def main(argv=None):
     p.add_argument("--no_constrain", action="store_true", help="the raw model, without the answer grammar")
     p.add_argument("--quantize", choices=["int8"], default=None, help="int8 linear layers (CPU)")
     args = p.parse_args(argv)
-
-    def die(msg):
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(2)
-
     if not args.request.strip():
         die("the request is empty")
     try:

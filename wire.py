@@ -213,9 +213,15 @@ def clean(text):
 # -----------------------------------------------------------------------------
 # examples: prompt + answer text
 
+def render_prefix(tools):
+    """The part of every prompt that depends on the catalogue alone, up to and
+    including <|user|>: the decoder computes it once per catalogue (its prefix cache)."""
+    return f"{TOOLS}{clean(render_tools(tools))}{USER}"
+
+
 def render_prompt(tools, request):
     """The model's input: tools and request, ending right before the answer."""
-    return f"{TOOLS}{clean(render_tools(tools))}{USER}{clean(request.strip())}"
+    return render_prefix(tools) + clean(request.strip())
 
 
 def render_value(v):

@@ -6,12 +6,12 @@ set -uo pipefail
 PY=${PY:-.venv/bin/python}
 mkdir -p out/runs
 # 1. training throughput per preset, against a matmul measured in the same run
-$PY throughput.py --data_dir data/demo > out/runs/throughput.txt 2>&1
+$PY utils/bench_throughput.py --data_dir data/demo > out/runs/throughput.txt 2>&1
 # 2. the server under 8 concurrent clients for 60 s (the small60 model, constrained decoding)
 $PY serve.py --ckpt out/small60/best.pt --data_dir data/big --port 8011 > out/runs/serve.log 2>&1 &
 SERVER=$!
 for i in $(seq 60); do curl -sf localhost:8011/health > /dev/null && break; sleep 1; done
-$PY loadtest.py --base_url http://127.0.0.1:8011 --clients 8 --seconds 60 > out/runs/loadtest.txt 2>&1
+$PY utils/loadtest.py --base_url http://127.0.0.1:8011 --clients 8 --seconds 60 > out/runs/loadtest.txt 2>&1
 kill $SERVER; wait $SERVER 2>/dev/null
 # 3. architecture A/B on the small preset at equal parameters: 6 layers with the GELU MLP
 #    vs 15 attention-only layers (4.98M vs 4.98M), same data, batches and steps; one thread each

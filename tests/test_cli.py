@@ -77,10 +77,15 @@ def test_bad_inputs_give_one_clear_line(toy_ckpt, toy_data, tmp_path):
 
 
 def test_checkpoint_with_other_tokenizer_is_refused(toy_ckpt, toy_data, tmp_path):
+    """A data dir whose tokenizer is another one (consistent with its meta.json)."""
+    import sentencepiece as spm
+    from model import file_sha256
     other = str(tmp_path / "other")
     shutil.copytree(toy_data, other)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["a different tokenizer for a test"] * 50),
+                                   model_prefix=os.path.join(other, "tok"), vocab_size=16, minloglevel=2)
     meta = json.load(open(os.path.join(other, "meta.json")))
-    meta["tokenizer_sha256"] = "0" * 64
+    meta["tokenizer_sha256"] = file_sha256(os.path.join(other, "tok.model"))
     json.dump(meta, open(os.path.join(other, "meta.json"), "w"))
     line = _one_clear_line(run("sample.py", "--ckpt", toy_ckpt, "--data_dir", other,
                                "--tools", TOOLS, "hi"))

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from benchmarks import Skip, apibank_request, load_apibank, load_when2call, parse_apibank_call
+from evalsets import Skip, apibank_request, load_apibank, load_when2call, parse_apibank_call
 from eval import (ERROR_CLASSES, breakdowns, classify_error, compare, decision_of, decision_report,
                   error_report, main, matched_calls, score_item, summarize, tools_bin, values_equal)
-from imports import apibank_tool
+from formats import apibank_tool
 
 
 def call(name, **args):

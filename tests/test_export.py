@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import export
+from utils import export
 from model import GPT, GPTConfig, CheckpointError, config_dict, file_sha256, load_checkpoint, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,13 +81,13 @@ def test_tokenizer_mismatch_and_missing_data_dir_are_refused(toy_ckpt, toy_data,
     other = str(tmp_path / "other")
     shutil.copytree(toy_data, other)
     with open(os.path.join(other, "tok.model"), "ab") as f:
-        f.write(b"\0")                      # a different tokenizer file
+        f.write(b"\0")                      # a tokenizer file swapped under meta.json
     out = str(tmp_path / "e")
     code, err = run_main(["--ckpt", toy_ckpt, "--out_dir", out, "--data_dir", other], capsys)
-    assert code == 2 and "different tokenizer" in err
+    assert code == 2 and "not the tokenizer meta.json was written with" in err
     os.remove(os.path.join(other, "tok.model"))
     code, err = run_main(["--ckpt", toy_ckpt, "--out_dir", out, "--data_dir", other], capsys)
-    assert "tok.model: missing" in err
+    assert "no tok.model" in err
     code, err = run_main(["--ckpt", toy_ckpt, "--out_dir", out, "--data_dir", str(tmp_path / "nowhere")], capsys)
     assert "no such data dir" in err
     assert not os.path.exists(out)          # nothing half-written
@@ -106,7 +106,7 @@ def test_load_export_refuses_a_swapped_tokenizer(toy_ckpt, tmp_path):
 
 def test_cli_end_to_end(toy_ckpt, tmp_path):
     out = str(tmp_path / "e")
-    ok = subprocess.run([sys.executable, "export.py", "--ckpt", toy_ckpt, "--out_dir", out],
+    ok = subprocess.run([sys.executable, "utils/export.py", "--ckpt", toy_ckpt, "--out_dir", out],
                         cwd=ROOT, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "exported" in ok.stdout and os.path.isfile(os.path.join(out, "model.safetensors"))

@@ -356,10 +356,12 @@ def test_copy_speculation_keeps_the_greedy_answer_in_fewer_passes(router):
             for spec in (False, True):
                 router.model = StubModel(router, target, n_prompt)
                 runs[spec] = router.generate_constrained(tools, request, 64, speculate=spec, prefix_cache=False)
+            router.model = StubModel(router, target, n_prompt)
+            reference = router.decode_reference(tools, request, 64)
         finally:
             router.model = real
         assert router.sp.decode(runs[True][0]) == router.sp.decode(runs[False][0]) == target
-        assert runs[True][0] == runs[False][0]
+        assert runs[True][0] == runs[False][0] == reference
         assert runs[True][1]["passes"] < runs[False][1]["passes"]
 
 

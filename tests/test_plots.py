@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from plots import main, read_log
+from utils.plots import main, read_log
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

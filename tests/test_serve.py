@@ -468,7 +468,7 @@ def test_agent_loop_example(capsys):
 
 
 def test_loadtest_runs_against_the_server(live):
-    import loadtest
+    from utils import loadtest
     s = loadtest.main(["--base_url", live.url, "--clients", "2", "--seconds", "1", "--max_tokens", "16"])
     assert s["requests"] >= 2 and s["errors"] == 0 and s["p50_ms"] <= s["p99_ms"] <= s["max_ms"]
 

@@ -1,8 +1,8 @@
 """
 Export a trained checkpoint as a plain directory that needs no pickle to read:
 
-    python export.py --ckpt out/demo/best.pt --out_dir out/demo/export
-    python export.py --ckpt out/small/best.pt --out_dir out/small/export --data_dir data/demo
+    python utils/export.py --ckpt out/demo/best.pt --out_dir out/demo/export
+    python utils/export.py --ckpt out/small/best.pt --out_dir out/small/export --data_dir data/demo
 
 writes into --out_dir
     model.safetensors   the weights, float32; the output head is tied to the input
@@ -24,8 +24,11 @@ import os
 import shutil
 import sys
 
+# run from anywhere: the project's modules live one folder up
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from safetensors.torch import load_file, save_file
 
+from datadir import DataDirError, load_data_dir
 from model import GPT, CheckpointError, check_tokenizer, config_dict, config_from_dict, file_sha256, load_checkpoint
 
 FORMAT = "nanotool-export"
@@ -40,16 +43,14 @@ def export(ckpt_path, out_dir, data_dir=None):
     if not data_dir or not os.path.isdir(data_dir):
         raise CheckpointError(f"{data_dir}: no such data dir (the checkpoint's tokenizer lives "
                               "there); pass the one it was trained on with --data_dir")
-    meta_path, tok_path = os.path.join(data_dir, "meta.json"), os.path.join(data_dir, "tok.model")
-    for path in (meta_path, tok_path):
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{path}: missing; pass the data dir the checkpoint was trained on with --data_dir")
-    tok_sha = file_sha256(tok_path)
+    try:
+        meta = load_data_dir(data_dir).meta
+    except DataDirError as e:
+        raise CheckpointError(f"{e}; pass the data dir the checkpoint was trained on with --data_dir") from None
+    tok_path, tok_sha = os.path.join(data_dir, "tok.model"), meta["tokenizer_sha256"]
     check_tokenizer(ckpt, tok_sha, ckpt_path)
-    with open(meta_path, encoding="utf-8") as f:
-        meta = json.load(f)
     if meta.get("vocab_size") != model.config.vocab_size:
-        raise CheckpointError(f"{meta_path}: vocab_size {meta.get('vocab_size')} but the model has "
+        raise CheckpointError(f"{data_dir}/meta.json: vocab_size {meta.get('vocab_size')} but the model has "
                               f"{model.config.vocab_size}")
 
     # state_dict holds no head weight (the head reads embed.weight), and the
@@ -87,7 +88,7 @@ def load_export(export_dir, device="cpu"):
     Reads json and safetensors only; never torch.load (no pickle)."""
     config_path = os.path.join(export_dir, "config.json")
     if not os.path.isfile(config_path):
-        raise CheckpointError(f"{config_path}: missing; not an export directory (see export.py)")
+        raise CheckpointError(f"{config_path}: missing; not an export directory (see utils/export.py)")
     with open(config_path, encoding="utf-8") as f:
         config = json.load(f)
     if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:

@@ -1,8 +1,8 @@
 """
 Latency benchmark of one routed request, speed-up by speed-up, per preset.
 
-    python bench.py                                  # tiny, small, 26m; ~10 min on a 2-core CPU
-    python bench.py --presets 26m --n_requests 30 --out out/bench/latency.json
+    python utils/bench_latency.py                                  # tiny, small, 26m; ~10 min on a 2-core CPU
+    python utils/bench_latency.py --presets 26m --n_requests 30 --out out/bench/latency.json
 
 Random weights are fine for timing, but a random model would write anything, so
 each request follows a fixed typical answer: at every free choice the decoder
@@ -35,7 +35,11 @@ import time
 import numpy as np
 import torch
 
+# run from anywhere: the project's modules live one folder up
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import wire
+from datadir import DataDirError, load_meta
+from runtime import die
 from model import GPT, config_from_preset, config_dict
 from sample import Router
 
@@ -110,8 +114,7 @@ def measure_matmul(n=1024, reps=10):
 
 
 def make_checkpoint(preset, data_dir, path):
-    with open(os.path.join(data_dir, "meta.json"), encoding="utf-8") as f:
-        meta = json.load(f)
+    meta = load_meta(data_dir)
     torch.manual_seed(0)
     config = config_from_preset(preset, vocab_size=meta["vocab_size"])
     model = GPT(config)
@@ -157,11 +160,11 @@ def main(argv=None):
     p.add_argument("--n_requests_nocache", type=int, default=5, help="row a is slow: fewer requests")
     p.add_argument("--out", default="out/bench/latency.json")
     args = p.parse_args(argv)
-    if not os.path.isfile(os.path.join(args.data_dir, "meta.json")):
-        print(f"error: {args.data_dir}: no meta.json; run `python data.py --out_dir {args.data_dir}` first "
-              "(the benchmark needs its tokenizer)", file=sys.stderr)
-        sys.exit(2)
-    tools = wire.load_tools(os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples", "tools.json"))
+    try:
+        load_meta(args.data_dir)
+    except DataDirError as e:
+        die(f"{e} (the benchmark needs its tokenizer)")
+    tools = wire.load_tools(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "tools.json"))
     torch.set_grad_enabled(False)
 
     bw, mm = measure_bandwidth(), measure_matmul()

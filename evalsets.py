@@ -13,12 +13,12 @@ could not be converted, by reason, so that nothing is dropped silently. A file
 that is not of the expected kind at all raises ValueError (one clear line).
 
 When2Call (NVIDIA): a decision per item, call / ask for missing information /
-decline. Tools are in the BFCL dialect (imports.to_schema_tool).
+decline. Tools are in the BFCL dialect (formats.to_schema_tool).
 
 API-Bank level-1 (Li et al., EMNLP 2023): a dialogue, 1-4 API descriptions in
 the instruction, and the next API request, written as Python call syntax:
 "API-Request: [ApiName(key='value', ...)]". What we do with it:
-- API descriptions -> JSON Schema tools (imports.apibank_tool).
+- API descriptions -> JSON Schema tools (formats.apibank_tool).
 - The request the model sees is the whole dialogue so far, its turns joined by
   spaces ("User: ... AI: ... API-Request: [GetUserToken(...)]->{'token': ...}
   User: ..."), not only the last user utterance: the arguments are spread over
@@ -44,7 +44,7 @@ import re
 from collections import Counter
 
 import wire
-from imports import apibank_tool, to_schema_tool
+from formats import apibank_tool, to_schema_tool
 
 DECISIONS = ["tool_call", "request_for_info", "cannot_answer"]
 

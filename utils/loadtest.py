@@ -3,8 +3,8 @@ Load test a running serve.py: N clients, each sending requests back to back for 
 fixed time; prints the request count, errors, throughput and latency percentiles.
 
     python serve.py --ckpt out/demo/best.pt                  # in another terminal
-    python loadtest.py                                       # 8 clients, 60 s, chat completions
-    python loadtest.py --seconds 5 --endpoint tool-call      # a quick check
+    python utils/loadtest.py                                       # 8 clients, 60 s, chat completions
+    python utils/loadtest.py --seconds 5 --endpoint tool-call      # a quick check
 
 The server runs one model call at a time (the Router is not thread-safe), so with
 8 closed-loop clients a request waits for the ~7 ahead of it: throughput is
@@ -20,6 +20,10 @@ import sys
 import threading
 import time
 from urllib.parse import urlsplit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)   # run from anywhere: the project's modules live one folder up
+from runtime import die  # noqa: E402
 
 REQUESTS = [
     "Where's my order ORD-1234?",
@@ -78,14 +82,10 @@ def main(argv=None):
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--endpoint", choices=["chat", "tool-call"], default="chat")
-    p.add_argument("--tools", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples", "tools.json"))
+    p.add_argument("--tools", default=os.path.join(ROOT, "examples", "tools.json"))
     p.add_argument("--max_tokens", type=int, default=64)
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     args = p.parse_args(argv)
-
-    def die(msg):
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(2)
 
     if args.clients < 1 or args.seconds <= 0:
         die("--clients and --seconds must be positive")

@@ -12,7 +12,7 @@ Two JSONL forms are read, one example per line, detected per line:
                                  message's tool_calls are the answer
 
 Tool dialects other people use are converted here too: xLAM/BFCL (to_schema_tool)
-and API-Bank's API descriptions (apibank_tool, used by benchmarks.py).
+and API-Bank's API descriptions (apibank_tool, used by evalsets.py).
 
 A line that cannot be used is counted under a reason and skipped; a bad line
 never stops the import. Every imported call is validated against its tools.

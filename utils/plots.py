@@ -1,8 +1,8 @@
 """
 Pictures of a run: training curves, accuracy by catalogue size, calibration.
 
-    python plots.py --log out/demo/log.txt --eval out/demo/eval_test.json --out_dir out/demo/plots
-    python plots.py --log out/a/log.txt out/b/log.txt --out_dir out/plots     # two runs on one chart
+    python utils/plots.py --log out/demo/log.txt --eval out/demo/eval_test.json --out_dir out/demo/plots
+    python utils/plots.py --log out/a/log.txt out/b/log.txt --out_dir out/plots     # two runs on one chart
 
 Writes PNGs into --out_dir (matplotlib, no display needed):
     loss.png         train loss (every logged step) and val loss (each evaluation)

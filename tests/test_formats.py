@@ -1,6 +1,6 @@
 import json
 
-from imports import fix_types, import_jsonl, to_schema_tool
+from formats import fix_types, import_jsonl, to_schema_tool
 
 XLAM_TOOLS = [{"name": "get_weather", "description": "Current weather.",
                "parameters": {"city": {"type": "str", "description": "City name."},

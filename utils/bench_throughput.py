@@ -2,10 +2,10 @@
 Training throughput per preset on this machine: tokens/s, achieved GFLOP/s, and
 that as a fraction of what a plain fp32 matmul reaches in the same run.
 
-    python throughput.py                                 # tiny, small, 26m: ~1-3 min on 2 CPU cores
-    python throughput.py --presets tiny --steps 3        # a quick check, ~15 s
-    python throughput.py --data_dir data/demo            # + padding of real batches, unpacked vs --pack
-    python throughput.py --batch_tokens 8192 --steps 10  # bigger steps, longer timing
+    python utils/bench_throughput.py                                 # tiny, small, 26m: ~1-3 min on 2 CPU cores
+    python utils/bench_throughput.py --presets tiny --steps 3        # a quick check, ~15 s
+    python utils/bench_throughput.py --data_dir data/demo            # + padding of real batches, unpacked vs --pack
+    python utils/bench_throughput.py --batch_tokens 8192 --steps 10  # bigger steps, longer timing
 
 Prints a markdown table (one row per preset) to stdout; writes nothing.
 
@@ -48,8 +48,12 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+import sys
+# run from anywhere: the project's modules live one folder up
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import GPT, PRESETS, config_from_preset
-from datadir import Split, packed_layout, padding_fraction
+from datadir import DataDirError, Split, load_meta, packed_layout, padding_fraction
+from runtime import die
 from train import answer_loss, make_optimizer
 
 
@@ -173,8 +177,10 @@ def report_padding(args, block_sizes):
 def main(argv=None):
     args = parse_args(argv)
     if args.data_dir:
-        with open(os.path.join(args.data_dir, "meta.json"), encoding="utf-8") as f:
-            args.vocab_size = json.load(f)["vocab_size"]
+        try:
+            args.vocab_size = load_meta(args.data_dir)["vocab_size"]
+        except DataDirError as e:
+            die(str(e))
     print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, fp32; "
           f"{args.steps} timed steps after {args.warmup} warm-up, ~{args.batch_tokens} tokens per step, "
           f"vocab {args.vocab_size}; matmul reference {args.matmul_n}^2, best of {args.matmul_reps}")
