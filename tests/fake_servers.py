@@ -30,6 +30,8 @@ request text:
                              OpenAI: 400 invalid_prompt
   ("finish", reason)         Gemini finishReason / OpenAI finish_reason other than a normal stop
   ("refusal", text)          OpenAI: message.refusal
+Setting fake.every to a behaviour applies it to every request from then on (a quota
+that runs out mid-run: on_request(fake) runs after each request is counted).
 Under a forced tool choice (Gemini ANY, OpenAI required or a named tool) a text
 answer becomes a call of the first allowed tool, as the services never answer text then.
 It counts the requests it received per user text.
@@ -123,7 +125,7 @@ class Fake:
 
     def __init__(self, kind):
         self.kind, self.script, self.counts, self.requests = kind, defaultdict(list), Counter(), []
-        self.lock, self.on_request = threading.Lock(), None
+        self.lock, self.on_request, self.every = threading.Lock(), None, None
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -156,7 +158,7 @@ class Fake:
         with self.lock:
             self.counts[text] += 1
             self.requests.append((h.path, dict(h.headers), body))
-            step = self.script[text].pop(0) if self.script[text] else rule(text)
+            step = self.every or (self.script[text].pop(0) if self.script[text] else rule(text))
         if self.on_request:
             self.on_request(self)
         if not m:

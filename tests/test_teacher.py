@@ -91,6 +91,8 @@ def test_label_call_and_reasons(fake, tmp_path, capsys):
     reqs = ["What's the weather in Paris?", "hi there", "what's the forecast?",
             "weather please for zip 12345", "book me a taxi", "is water wet?", "Oslo and Rome weather"]
     results, stats = run(fake, reqs, tmp_path)
+    reported = {"gemini": "gemini-3.5-flash-lite", "openai": "gpt-6-luna-2026-09-22"}[fake.kind]
+    assert [r and r.pop("model") for r in results] == [reported] * 3 + [None, None] + [reported] * 2
     assert results[0] == {"calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}], "reason": None}
     assert results[1] == {"calls": [], "reason": "chit-chat"}
     assert results[2] == {"calls": [], "reason": "missing argument: city"}
@@ -311,7 +313,7 @@ def test_the_model_that_answered_is_stored_with_the_answer(fake, tmp_path, capsy
     fake.teacher = teacher.make_teacher(fake.kind, model=model, base_url=fake.url, api_key="k")
     results, _ = run(fake, ["weather in Oslo?", "hello"], tmp_path)
     assert [r["model"] for r in results] == [reported, reported]
-    assert all(json.loads(line)["model"] == reported for line in cache_lines(tmp_path))
+    assert all(json.loads(line)["answer"]["model"] == reported for line in cache_lines(tmp_path))
     assert f"answered by {reported} 2" in capsys.readouterr().out
     results, stats = run(fake, ["weather in Oslo?"], tmp_path)       # and from the cache
     assert stats["sent"] == 0 and results[0]["model"] == reported
@@ -379,7 +381,7 @@ def test_exhausted_quota_stops_the_run_keeps_what_was_paid_and_a_rerun_continues
     with pytest.raises(teacher.StopRun) as e:
         run(fake, reqs, tmp_path, concurrency=1)
     msg = str(e.value)
-    assert "quota exhausted" in msg and "\n" not in msg and "2 answers" in msg and "run again" in msg
+    assert "quota exhausted" in msg and "\n" not in msg and "2 of 6 answers" in msg and "again once the quota is back" in msg
     assert fake.counts[reqs[2]] == 1                       # not retried: it will not get better today
     assert not any(fake.counts[r] for r in reqs[3:])       # and nothing more is sent
     assert len(cache_lines(tmp_path)) == 2
@@ -435,17 +437,24 @@ def test_a_tool_with_refs_is_labelled(fake, tmp_path):
     assert "$ref" not in json.dumps(fake.requests[0][2])   # sent resolved, so any service reads it
 
 
-def test_tool_names_are_checked_against_the_provider_before_the_first_request(fake, tmp_path):
-    dotted = dict(WEATHER, name="weather.get")             # wire.py allows it, OpenAI does not
-    fake.script["weather in Oslo?"].append(("call", "weather.get", {"city": "Oslo"}))
-    items = [{"tools": [dotted], "request": "weather in Oslo?"}] + [{"tools": TOOLS, "request": "hello"}]
+def test_tool_names_the_provider_refuses_are_mapped_or_refused_before_the_first_request(fake, tmp_path):
+    """wire.py (and invent.py's dotted style) allow "api.x"; OpenAI answers 400 to a dot
+    on every item, so its teacher sends "api_x" and maps the calls back; a name that
+    cannot be mapped is one error before anything is sent."""
+    dotted = dict(WEATHER, name="weather.get")
+    sent_as = {"gemini": "weather.get", "openai": "weather_get"}[fake.kind]
+    fake.script["weather in Oslo?"].append(("call", sent_as, {"city": "Oslo"}))
+    results, _ = teacher.label([{"tools": [dotted], "request": "weather in Oslo?"}], fake.teacher,
+                               str(tmp_path / "cache.jsonl"), **FAST)
+    assert results[0]["calls"] == [{"name": "weather.get", "arguments": {"city": "Oslo"}}]
+    body = fake.requests[0][2]
+    assert (body["tools"][0]["functionDeclarations"][0]["name"] if fake.kind == "gemini"
+            else body["tools"][0]["function"]["name"]) == sent_as
     if fake.kind == "openai":
-        with pytest.raises(teacher.TeacherError, match=r"tool 'weather\.get'.*openai.*letters, digits, _ and -"):
-            teacher.label(items, fake.teacher, str(tmp_path / "cache.jsonl"), **FAST)
-        assert not fake.counts
-    else:                                                  # Gemini allows dots
-        results, _ = teacher.label(items, fake.teacher, str(tmp_path / "cache.jsonl"), **FAST)
-        assert results[0]["calls"][0]["name"] == "weather.get"
+        clash = [dotted, dict(WEATHER, name="weather_get")]
+        with pytest.raises(teacher.TeacherError, match=r"'weather\.get' and 'weather_get' are both sent .* as 'weather_get'"):
+            teacher.label([{"tools": clash, "request": "hello"}], fake.teacher, str(tmp_path / "c2.jsonl"), **FAST)
+        assert sum(fake.counts.values()) == 1
 
 
 def test_openai_compatible_arguments_as_an_object_are_read(tmp_path):
