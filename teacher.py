@@ -156,17 +156,10 @@ def _value(x):
 
 class GeminiTeacher:
     kind = "gemini"
-    # FunctionDeclaration.name (wire.py caps names at 64)
-    NAME_RULE = (re.compile(r"[A-Za-z_][A-Za-z0-9_.:\-]{0,63}"),
-                 "1-64 letters, digits, _ . : - starting with a letter or _")
 
     def check_tools(self, tools):
-        """Raise TeacherError (before any request) for a tool name Gemini refuses."""
-        pattern, rule = self.NAME_RULE
-        for t in tools:
-            if not pattern.fullmatch(t["name"]):
-                raise TeacherError(f"tool '{t['name']}': the gemini teacher accepts tool names of {rule} only; "
-                                   "rename the tool")
+        """Nothing to refuse: every name wire.NAME_RE lets in (a letter or _, then letters,
+        digits, _ . -; at most 64) is one Gemini's FunctionDeclaration.name takes."""
 
     def __init__(self, model, api_key, base_url=None, timeout=30.0, temperature=None):
         from google import genai
@@ -183,7 +176,6 @@ class GeminiTeacher:
         the client's own): a call is forced with mode ANY and the allowed names."""
         from google.genai import errors
         t = self.types
-        self.check_tools(tools)
         decls = [t.FunctionDeclaration(name=x["name"], description=x["description"],
                                        parameters_json_schema=x["parameters"]) for x in tools]
         if tool_choice in ("auto", "none"):
@@ -259,13 +251,13 @@ class OpenAITeacher:
             settings["reasoning_effort"] = self.reasoning_effort
         if tool_choice not in ("auto", "none", "required"):
             tool_choice = {"type": "function", "function": {"name": alias.get(tool_choice, tool_choice)}}
+        if tools:                       # OpenAI refuses an empty list, and a tool_choice without one
+            settings["tools"] = [{"type": "function", "function": {**x, "name": alias[x["name"]]}} for x in tools]
+            settings["tool_choice"] = tool_choice
         try:
             r = self.client.chat.completions.create(
-                model=self.model, tool_choice=tool_choice,
-                messages=[{"role": "system", "content": SYSTEM_PROMPT},
-                          {"role": "user", "content": request}],
-                tools=[{"type": "function", "function": {**x, "name": alias[x["name"]]}} for x in tools],
-                **settings)
+                model=self.model, messages=[{"role": "system", "content": SYSTEM_PROMPT},
+                                            {"role": "user", "content": request}], **settings)
         except openai.APIConnectionError as e:  # includes APITimeoutError
             raise RetryableError(f"openai: {type(e).__name__}: {e}") from e
         except openai.APIStatusError as e:
