@@ -4,7 +4,7 @@ Build a training set: tool catalogue -> examples -> sentencepiece tokenizer -> t
     python data.py                                  # data/demo, ~20k examples, ~1 min on a laptop CPU
     python data.py --out_dir data/big --n_train 200000 --vocab_size 8192
     python data.py --tools my_tools.json --out_dir data/mine          # requests for your own tools
-    python data.py --teacher gemini --teacher_model gemini-2.5-flash  # labels from a cloud model
+    python data.py --teacher gemini --teacher_model gemini-3.8-flash  # labels from a cloud model
     python data.py --import xlam.jsonl --import chats.jsonl           # add examples from datasets
 
 Examples come from three kinds of tools: the hand-written catalogue
@@ -222,12 +222,15 @@ def label_with_teacher(args, examples):
         print(f"\ninterrupted: every answer received so far is in {cache}; "
               "run the same command again to continue from there", file=sys.stderr)
         sys.exit(130)
+    except T.TeacherError as e:        # a tool name it refuses; quota exhausted, unknown model (StopRun)
+        die(str(e))
     kept, agree = [], 0
     for ex, r in zip(examples, results):
         if r is None:
             continue
         agree += answer_key(r["calls"], r["reason"]) == answer_key(ex["calls"], ex["reason"])
-        kept.append({**ex, "calls": r["calls"], "reason": r["reason"], "label": t.id})
+        # label: the teacher asked; label_model: the model that answered (an alias's snapshot, ...)
+        kept.append({**ex, "calls": r["calls"], "reason": r["reason"], "label": t.id, "label_model": r["model"]})
     print(f"teacher {t.id}: kept {len(kept)}/{len(examples)}; agrees with the generator on "
           f"{agree / max(1, len(kept)):.1%} of kept answers")
     return kept

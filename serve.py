@@ -246,8 +246,8 @@ def ask_teacher(teacher, tools, request, choice):
     """-> (answer {"calls", "reason"}, None) or (None, why it is not used)."""
     if choice not in CHOICES:          # a named tool: the teacher sees only that one
         tools = [t for t in tools if t["name"] == choice]
-    try:
-        raw = teacher.ask(tools, request)
+    try:                               # the teacher is held to the client's own tool_choice
+        raw = teacher.ask(tools, request, tool_choice=choice)
     except Exception as e:             # whatever the teacher does, the local answer stands
         return None, f"{type(e).__name__}: {e}"
     ans, problem = clean_answer(raw, tools, request)
@@ -261,7 +261,7 @@ def ask_teacher(teacher, tools, request, choice):
 def create_app(router, model_id="nanotool", teacher=None, fallback_below=0.0,
                max_new_tokens=128, max_request_bytes=1_000_000):
     """The FastAPI app around one loaded Router. teacher: None, or an object with .id and
-    .ask(tools, request) -> {"calls", "text"} (teacher.make_teacher gives one)."""
+    .ask(tools, request, tool_choice) -> {"calls", "text"} (teacher.make_teacher gives one)."""
     # The Router is not thread-safe (its KV prefix cache is rewound and overwritten by
     # every request), so all model calls run on this one thread, in arrival order. The
     # event loop stays free to parse requests and answer /health meanwhile.

@@ -7,8 +7,27 @@ data.py can train the small model on a big model's answers:
 Answers cost money, so each raw answer is appended to a JSONL cache as soon as it
 arrives: an interrupted run loses nothing already paid for, a re-run sends only
 what is missing, and the cleaning rules can change without asking again.
+
+What the real services do, and what this file does about it (read against the
+google-genai 3.6 and openai 3.57 SDKs and the providers' pages, 2026-12-01;
+tests/fake_servers.py plays each part):
+- Every answer reports the model that gave it, which can differ from the name asked
+  for (an alias, a dated snapshot, a retired model routed to its replacement). It is
+  stored with the answer, in the cache and in the labels.
+- An answer can be unfinished: a blocked prompt (Gemini promptFeedback.blockReason), a
+  finish reason other than a normal stop (truncated, safety, a malformed call), a
+  refusal. It is kept in the cache (it was paid for) but not as final: a re-run asks
+  again, up to max_unfinished times.
+- A rate limit says how long to wait (Retry-After headers, Gemini RetryInfo.retryDelay):
+  retries wait that long, else back off exponentially with jitter, at most a minute.
+- Some refusals will meet every request alike: an exhausted quota (OpenAI
+  insufficient_quota, a Gemini per-day quota), a bad key, an unknown model, a setting
+  the model refuses. The run stops (StopRun) with one line, after saving what arrived.
+- Sampling parameters are sent only when set: OpenAI's reasoning models refuse a
+  temperature, and Google advises against changing it on Gemini 3.
 """
 
+import email.utils
 import functools
 import hashlib
 import json
@@ -17,6 +36,7 @@ import random
 import re
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from tqdm import tqdm
@@ -40,14 +60,27 @@ SYSTEM_PROMPT = (
     f"'{wire.REASON_NO_TOOL}' when the user wants an action no tool performs."
 )
 PROBLEMS = ["malformed", "unknown_tool", "schema_invalid", "ungrounded", "no_reason", "failed"]
+# OpenAI 400s about these request settings are the same for every item: stop the run
+RUN_SETTINGS = {"model", "temperature", "reasoning_effort", "top_p"}
 
 
 class TeacherError(RuntimeError):
-    """A configuration problem (no API key, unknown teacher): fix it and re-run."""
+    """A configuration problem (no API key, unknown teacher, a tool name the provider
+    refuses): fix it and re-run."""
+
+
+class StopRun(TeacherError):
+    """The service will refuse every request alike (quota exhausted, bad key, unknown
+    model, a setting the model refuses): label() stops the whole run."""
 
 
 class RetryableError(RuntimeError):
-    """Worth asking again later: rate limit, server error, timeout, lost connection."""
+    """Worth asking again later: rate limit, server error, timeout, lost connection.
+    delay: the seconds the server asked us to wait, if it said."""
+
+    def __init__(self, message, delay=None):
+        super().__init__(message)
+        self.delay = delay
 
 
 class PermanentError(RuntimeError):
@@ -56,6 +89,10 @@ class PermanentError(RuntimeError):
 
 # -----------------------------------------------------------------------------
 # teachers: one raw request each, no retries (label() owns the retry loop)
+#
+# ask(tools, request, tool_choice) -> {"calls", "text", "model", "stop"}: "model" is the
+# model that answered, "stop" None for a finished answer, else its kind
+# ("blocked:SAFETY", "finish:MAX_TOKENS", "refusal", ...).
 
 def _transport_errors():
     """httpx's network and timeout errors, from whichever httpx the SDK uses."""
@@ -63,92 +100,230 @@ def _transport_errors():
     return tuple(__import__(m).TransportError for m in ("httpx", "httpx2") if importlib.util.find_spec(m))
 
 
-def _status_error(who, code, message):
-    """Rate limits and server errors pass; any other 4xx will not."""
-    err = RetryableError if code in (408, 429) or code >= 500 else PermanentError
-    return err(f"{who} {code}: {message}")
+def _retry_after(headers):
+    """Seconds a server asks us to wait (retry-after-ms, or Retry-After in seconds or
+    as an HTTP date), or None."""
+    if headers is None:
+        return None
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        try:
+            return max(0.0, float(headers.get(name)) * scale)
+        except (TypeError, ValueError):
+            pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(headers.get("retry-after")).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _status_error(who, code, message, delay=None, quota=None, stop=False):
+    """An HTTP error -> the exception label() acts on. quota: why the quota counts as
+    exhausted (else None); stop: the server refuses something every request shares."""
+    message = " ".join(str(message).split())[:400]   # one line, whatever the server sent
+    if quota:
+        return StopRun(f"{who}: quota exhausted ({quota}): {message}")
+    if stop or code in (401, 403, 404):           # bad key, no access, unknown model
+        return StopRun(f"{who} {code}: {message}")
+    if code in (408, 409, 429) or code >= 500:
+        return RetryableError(f"{who} {code}: {message}", delay)
+    return PermanentError(f"{who} {code}: {message}")
+
+
+def _gemini_error(e):
+    """google.genai APIError -> RetryableError / PermanentError / StopRun, from the
+    google.rpc details Google sends: RetryInfo (how long to wait), QuotaFailure (a
+    per-day quota will not come back this run), ErrorInfo (a bad key)."""
+    body = e.details if isinstance(e.details, dict) else {}
+    delay, per_day, bad_key = None, None, False
+    for d in (body.get("error", body) or {}).get("details") or []:
+        kind = str(d.get("@type", "")) if isinstance(d, dict) else ""
+        if kind.endswith("RetryInfo"):
+            m = re.fullmatch(r"([\d.]+)s", str(d.get("retryDelay", "")))
+            delay = float(m.group(1)) if m else None
+        elif kind.endswith("QuotaFailure"):
+            ids = [str(v.get("quotaId", "")) for v in d.get("violations") or [] if isinstance(v, dict)]
+            per_day = next((q for q in ids if "PerDay" in q), per_day)
+        elif kind.endswith("ErrorInfo"):
+            bad_key |= d.get("reason") == "API_KEY_INVALID"
+    header = _retry_after(getattr(getattr(e, "response", None), "headers", None))
+    delay = header if header is not None else delay
+    return _status_error("gemini", e.code or 0, f"{e.status or 'error'}: {e.message}", delay, per_day, bad_key)
+
+
+def _value(x):
+    return getattr(x, "value", x)    # an SDK enum -> its wire name
 
 
 class GeminiTeacher:
-    def __init__(self, model, api_key, base_url=None, timeout=30.0):
+    kind = "gemini"
+
+    def check_tools(self, tools):
+        """Nothing to refuse: every name wire.NAME_RE lets in (a letter or _, then letters,
+        digits, _ . -; at most 64) is one Gemini's FunctionDeclaration.name takes."""
+
+    def __init__(self, model, api_key, base_url=None, timeout=30.0, temperature=None):
         from google import genai
         from google.genai import types
-        self.types, self.model, self.id = types, model, f"gemini:{model}"
+        self.types, self.model, self.id, self.temperature = types, model, f"gemini:{model}", temperature
+        # The SDK's own retries stay off: label() retries, counts the attempts, honours
+        # RetryInfo and stops the whole run on an exhausted quota.
         self.client = genai.Client(api_key=api_key, vertexai=False, http_options=types.HttpOptions(
             base_url=base_url, timeout=int(timeout * 1000),
             retry_options=types.HttpRetryOptions(attempts=1)))
 
-    def ask(self, tools, request):
+    def ask(self, tools, request, tool_choice="auto"):
+        """tool_choice: auto | none | required | a tool name (serve.py's fallback passes
+        the client's own): a call is forced with mode ANY and the allowed names."""
         from google.genai import errors
         t = self.types
         decls = [t.FunctionDeclaration(name=x["name"], description=x["description"],
                                        parameters_json_schema=x["parameters"]) for x in tools]
+        if tool_choice in ("auto", "none"):
+            fcc = t.FunctionCallingConfig(mode=t.FunctionCallingConfigMode(tool_choice.upper()))
+        else:
+            names = [x["name"] for x in tools] if tool_choice == "required" else [tool_choice]
+            fcc = t.FunctionCallingConfig(mode=t.FunctionCallingConfigMode.ANY, allowed_function_names=names)
         config = t.GenerateContentConfig(
-            system_instruction=SYSTEM_PROMPT, temperature=0,
-            tools=[t.Tool(function_declarations=decls)],
+            system_instruction=SYSTEM_PROMPT, tools=[t.Tool(function_declarations=decls)],
             automatic_function_calling=t.AutomaticFunctionCallingConfig(disable=True),
-            tool_config=t.ToolConfig(function_calling_config=t.FunctionCallingConfig(
-                mode=t.FunctionCallingConfigMode.AUTO)))
+            tool_config=t.ToolConfig(function_calling_config=fcc),
+            **({"temperature": self.temperature} if self.temperature is not None else {}))
         try:
             r = self.client.models.generate_content(model=self.model, contents=request, config=config)
         except errors.APIError as e:
-            raise _status_error("gemini", e.code or 0, e.message) from e
+            raise _gemini_error(e) from e
         except _transport_errors() as e:
             raise RetryableError(f"gemini: {type(e).__name__}: {e}") from e
+        stop = None
+        cand = r.candidates[0] if r.candidates else None
+        if r.prompt_feedback is not None and r.prompt_feedback.block_reason:
+            stop = f"blocked:{_value(r.prompt_feedback.block_reason)}"
+        elif cand is None:
+            stop = "empty"
+        elif cand.finish_reason and _value(cand.finish_reason) != "STOP":
+            stop = f"finish:{_value(cand.finish_reason)}"
         calls = [{"name": fc.name, "arguments": fc.args if fc.args is not None else {}}
                  for fc in r.function_calls or []]
-        parts = (r.candidates[0].content.parts or []) if r.candidates and r.candidates[0].content else []
+        parts = (cand.content.parts or []) if cand and cand.content else []
         text = "".join(p.text for p in parts if p.text and not p.thought) or None
-        return {"calls": calls, "text": text}
+        return {"calls": calls, "text": text, "model": r.model_version or self.model, "stop": stop}
 
 
 class OpenAITeacher:
-    def __init__(self, model, api_key, base_url=None, timeout=30.0):
+    kind = "openai"
+
+    @staticmethod
+    def aliases(tools):
+        """name -> the name OpenAI is sent. It takes 1-64 letters, digits, _ and - only,
+        while wire.py (like Gemini and MCP-style catalogues) allows dots, and invent.py
+        makes dotted names on purpose: a dot is sent as "_", and the calls mapped back.
+        Raises TeacherError (before any request) when an alias is another tool's name."""
+        out = {t["name"]: t["name"].replace(".", "_") for t in tools}
+        seen = {}
+        for name, alias in out.items():
+            if not re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", alias):
+                raise TeacherError(f"tool '{name}': the openai teacher accepts tool names of 1-64 letters, "
+                                   "digits, _ and - only; rename the tool")
+            if alias in seen:
+                raise TeacherError(f"tools '{seen[alias]}' and '{name}' are both sent to the openai teacher as "
+                                   f"'{alias}' (it refuses dots in names); rename one")
+            seen[alias] = name
+        return out
+
+    check_tools = aliases
+
+    def __init__(self, model, api_key, base_url=None, timeout=30.0, temperature=None, reasoning_effort=None):
         import openai
         self.model, self.id = model, f"openai:{model}"
+        self.temperature, self.reasoning_effort = temperature, reasoning_effort
+        # max_retries=0: label() retries, honouring the same retry-after headers the
+        # client would, and stops the whole run on insufficient_quota.
         self.client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
 
-    def ask(self, tools, request):
+    def ask(self, tools, request, tool_choice="auto"):
         import openai
+        alias = self.aliases(tools)
+        back = {a: n for n, a in alias.items()}
+        settings = {}
+        if self.temperature is not None:
+            settings["temperature"] = self.temperature
+        if self.reasoning_effort is not None:
+            settings["reasoning_effort"] = self.reasoning_effort
+        if tool_choice not in ("auto", "none", "required"):
+            tool_choice = {"type": "function", "function": {"name": alias.get(tool_choice, tool_choice)}}
+        if tools:                       # OpenAI refuses an empty list, and a tool_choice without one
+            settings["tools"] = [{"type": "function", "function": {**x, "name": alias[x["name"]]}} for x in tools]
+            settings["tool_choice"] = tool_choice
         try:
             r = self.client.chat.completions.create(
-                model=self.model, temperature=0, tool_choice="auto",
-                messages=[{"role": "system", "content": SYSTEM_PROMPT},
-                          {"role": "user", "content": request}],
-                tools=[{"type": "function", "function": x} for x in tools])
+                model=self.model, messages=[{"role": "system", "content": SYSTEM_PROMPT},
+                                            {"role": "user", "content": request}], **settings)
         except openai.APIConnectionError as e:  # includes APITimeoutError
             raise RetryableError(f"openai: {type(e).__name__}: {e}") from e
         except openai.APIStatusError as e:
-            raise _status_error("openai", e.status_code, e.message) from e
+            message = (e.body.get("message") if isinstance(e.body, dict) else None) or e.message
+            quota = "insufficient_quota" if "insufficient_quota" in (e.code, e.type) else None
+            if not quota:
+                message = f"{e.code or e.type or 'error'}{f' ({e.param})' if e.param else ''}: {message}"
+            raise _status_error("openai", e.status_code, message, _retry_after(e.response.headers), quota,
+                                e.status_code == 400 and e.param in RUN_SETTINGS) from e
         if not r.choices:
-            return {"calls": [], "text": None}
-        msg = r.choices[0].message
+            return {"calls": [], "text": None, "model": r.model or self.model, "stop": "empty"}
+        choice, msg = r.choices[0], r.choices[0].message
+        stop = "refusal" if getattr(msg, "refusal", None) else \
+            f"finish:{choice.finish_reason}" if choice.finish_reason in ("length", "content_filter") else None
         calls = []
         for tc in msg.tool_calls or []:
             fn = getattr(tc, "function", None)  # a custom (non-function) tool call has none
-            try:
-                args = json.loads(fn.arguments or "{}")
-            except (AttributeError, json.JSONDecodeError):
-                args = getattr(fn, "arguments", None)  # kept raw: clean_answer calls it malformed
-            calls.append({"name": getattr(fn, "name", None), "arguments": args})
-        return {"calls": calls, "text": msg.content}
+            args = getattr(fn, "arguments", None)
+            if isinstance(args, str):           # some compatible servers send an object: used as it is
+                try:
+                    args = json.loads(args or "{}")
+                except json.JSONDecodeError:
+                    pass                        # kept raw: clean_answer calls it malformed
+            name = getattr(fn, "name", None)
+            calls.append({"name": back.get(name, name), "arguments": args})
+        return {"calls": calls, "text": msg.content, "model": r.model or self.model, "stop": stop}
 
 
-TEACHERS = {"gemini": (GeminiTeacher, "gemini-2.5-flash", ["GEMINI_API_KEY", "GOOGLE_API_KEY"]),
-            "openai": (OpenAITeacher, "gpt-4o-mini", ["OPENAI_API_KEY"])}
+# kind -> (class, default model, API key variables). The defaults are the providers'
+# own replacements for the gemini-2.5-flash and gpt-4o-mini used before (shut down on
+# 2026-12-01, and shutting down on 2027-01-14): the fast, cheap tier of each.
+TEACHERS = {"gemini": (GeminiTeacher, "gemini-3.5-flash-lite", ["GEMINI_API_KEY", "GOOGLE_API_KEY"]),
+            "openai": (OpenAITeacher, "gpt-6-luna", ["OPENAI_API_KEY"])}
 
 
-def make_teacher(kind, model=None, base_url=None, api_key=None, timeout=30.0):
-    """kind 'gemini' or 'openai'; the API key comes from the argument or the environment."""
+def openai_reasoning_default(model):
+    """'none' for OpenAI's GPT-5.1-and-later names, else None (not sent). Those models
+    reason by default, and Chat Completions refuses function tools unless the effort is
+    'none' (OpenAI's advice for moving GPT-4.x work, too); older models, and the models
+    of other OpenAI-compatible servers, do not know the parameter."""
+    m = re.search(r"(?:^|/)gpt-(\d+)(?:\.(\d+))?", model)
+    return "none" if m and (int(m.group(1)), int(m.group(2) or 0)) >= (5, 1) else None
+
+
+def make_teacher(kind, model=None, base_url=None, api_key=None, timeout=30.0, temperature=None,
+                 reasoning_effort="auto"):
+    """kind 'gemini' or 'openai'; the API key comes from the argument or the environment.
+    temperature: sent only if given. reasoning_effort (OpenAI): 'auto' picks it from the
+    model name (openai_reasoning_default), None never sends it."""
     if kind not in TEACHERS:
         raise TeacherError(f"unknown teacher {kind!r}: expected one of {', '.join(TEACHERS)}")
     cls, default_model, env = TEACHERS[kind]
     api_key = api_key or next((os.environ[v] for v in env if os.environ.get(v)), None)
     if not api_key:
         raise TeacherError(f"no API key for the {kind} teacher: set {' or '.join(env)}")
-    if kind == "openai" and base_url is None:
+    model = model or default_model
+    if kind == "gemini":
+        if reasoning_effort not in ("auto", None):
+            raise TeacherError("reasoning_effort is an OpenAI setting; the gemini teacher does not take it")
+        return cls(model, api_key, base_url=base_url, timeout=timeout, temperature=temperature)
+    if base_url is None:
         base_url = os.environ.get("OPENAI_BASE_URL") or None
-    return cls(model or default_model, api_key, base_url=base_url, timeout=timeout)
+    if reasoning_effort == "auto":
+        reasoning_effort = openai_reasoning_default(model)
+    return cls(model, api_key, base_url=base_url, timeout=timeout, temperature=temperature,
+               reasoning_effort=reasoning_effort)
 
 
 # -----------------------------------------------------------------------------
@@ -191,7 +366,10 @@ def ungrounded(request, args, props):
 
 
 def clean_answer(answer, tools, request):
-    """Raw answer {"calls", "text"} -> ({"calls", "reason"}, None) or (None, problem)."""
+    """Raw answer {"calls", "text", ...} -> ({"calls", "reason"}, None) or (None, problem):
+    one of PROBLEMS, or the kind of an unfinished answer ("blocked:SAFETY", "refusal", ...)."""
+    if isinstance(answer, dict) and answer.get("stop"):
+        return None, answer["stop"]
     by_name = {t["name"]: t for t in tools}
     calls = answer.get("calls") if isinstance(answer, dict) else None
     if not isinstance(calls, list):
@@ -238,7 +416,8 @@ def cache_key(teacher_id, request, tools):
 
 
 def load_cache(path):
-    """key -> raw answer. A line that does not parse (a run killed mid-write) is skipped."""
+    """key -> the raw answers received for it, oldest first (several when earlier ones
+    were unfinished). A line that does not parse (a run killed mid-write) is skipped."""
     out = {}
     if not os.path.exists(path):
         return out
@@ -246,10 +425,16 @@ def load_cache(path):
         for line in f:
             try:
                 rec = json.loads(line)
-                out[rec["key"]] = rec["answer"]
+                out.setdefault(rec["key"], []).append(rec["answer"])
             except (json.JSONDecodeError, KeyError, TypeError):
                 pass
     return out
+
+
+def final_answer(answers):
+    """The finished answer among a key's answers, else None. (Answers cached before
+    unfinished ones were told apart have no "stop": they count as finished.)"""
+    return next((a for a in reversed(answers) if isinstance(a, dict) and not a.get("stop")), None)
 
 
 def _open_for_append(path):
@@ -280,8 +465,16 @@ class RateLimiter:
         time.sleep(max(0.0, start - now))
 
 
-def _ask_with_retries(teacher, tools, request, limiter, stop, max_retries, backoff):
-    """-> (raw answer or None, HTTP attempts, error message or None)."""
+def retry_delay(attempt, hint, backoff, max_delay):
+    """Seconds to wait before retry number attempt+1: the server's hint if it gave one,
+    else backoff * 2**attempt; stretched by up to a quarter at random (workers that
+    failed together should not retry together), never more than max_delay."""
+    base = hint if hint is not None else backoff * 2 ** attempt
+    return min(max_delay, base * (1 + 0.25 * random.random()))
+
+
+def _ask_with_retries(teacher, tools, request, limiter, stop, max_retries, backoff, max_delay, pause):
+    """-> (raw answer or None, HTTP attempts, error: None, a message, or a StopRun)."""
     for attempt in range(max_retries + 1):
         limiter.wait()
         if stop.is_set():
@@ -291,33 +484,50 @@ def _ask_with_retries(teacher, tools, request, limiter, stop, max_retries, backo
         except RetryableError as e:
             if attempt == max_retries:
                 return None, attempt + 1, str(e)
-            stop.wait(backoff * 2 ** attempt * (1 + 0.1 * random.random()))  # wakes on Ctrl-C
+            pause(retry_delay(attempt, e.delay, backoff, max_delay))
+        except StopRun as e:
+            stop.set()                        # every other request would meet the same refusal
+            return None, attempt + 1, e
         except PermanentError as e:
             return None, attempt + 1, str(e)
         except Exception as e:  # an unreadable response must not kill a long paid run
             return None, attempt + 1, f"{type(e).__name__}: {e}"
 
 
-def label(items, teacher, cache_path, concurrency=4, rps=5.0, max_retries=5, backoff=1.0, progress=True):
+def label(items, teacher, cache_path, concurrency=4, rps=5.0, max_retries=6, backoff=2.0, max_delay=60.0,
+          max_unfinished=3, progress=True, pause=None):
     """items: [{"tools", "request"}] -> (results in the same order, stats). A result is
-    {"calls", "reason"} for an accepted answer, None for a rejected or failed one."""
+    {"calls", "reason", "model"} for an accepted answer ("model": the one that answered),
+    None for a rejected, unfinished or failed one.
+
+    Retries (rate limits, server errors, timeouts) wait what the server asks, else
+    backoff * 2**n, at most max_delay seconds each (6 retries: about 2 minutes, longer
+    than a per-minute quota window); pause(seconds) does the waiting (default: a wait
+    that Ctrl-C cuts short; tests pass a recorder). An unfinished answer is asked again
+    on the next run, until a key has max_unfinished of them. Raises TeacherError before
+    the first request for a tool name the provider refuses, and StopRun, once every
+    answer in flight is saved, when the service refuses everything alike."""
     # Items share a few tool lists, and checking a schema costs milliseconds: do each once.
     normalize = functools.lru_cache(maxsize=None)(lambda s: wire.normalize_tools(json.loads(s)))
     tools = [normalize(json.dumps(it["tools"], sort_keys=True)) for it in items]
+    for t in {id(t): t for t in tools}.values():
+        teacher.check_tools(t)
     keys = [cache_key(teacher.id, it["request"], t) for it, t in zip(items, tools)]
-    answers = load_cache(cache_path)
-    stats = dict(items=len(items), cached=sum(k in answers for k in keys), sent=0, retries=0, ok=0,
-                 **{p: 0 for p in PROBLEMS})
+    history = load_cache(cache_path)
     todo = {}  # key -> indices of the items that share it: identical items are sent once
     for i, k in enumerate(keys):
-        if k not in answers:
+        past = history.get(k, [])
+        if final_answer(past) is None and len(past) < max_unfinished:
             todo.setdefault(k, []).append(i)
-    errors = []
+    stats = dict(items=len(items), cached=len(items) - sum(map(len, todo.values())), sent=0, retries=0, ok=0,
+                 **{p: 0 for p in PROBLEMS}, not_final={}, given_up=0)
+    errors, fatal = [], []
     limiter, stop = RateLimiter(rps), threading.Event()
+    pause = pause or stop.wait    # stop.wait: Ctrl-C or a StopRun elsewhere ends the wait
     bar = tqdm(total=len(items), initial=stats["cached"], desc="teacher", disable=not progress)
     with _open_for_append(cache_path) as cache, ThreadPoolExecutor(max(1, concurrency)) as pool:
         futures = {pool.submit(_ask_with_retries, teacher, tools[ix[0]], items[ix[0]]["request"],
-                               limiter, stop, max_retries, backoff): k for k, ix in todo.items()}
+                               limiter, stop, max_retries, backoff, max_delay, pause): k for k, ix in todo.items()}
         recorded = set()
 
         def record(fut):
@@ -329,12 +539,16 @@ def label(items, teacher, cache_path, concurrency=4, rps=5.0, max_retries=5, bac
             recorded.add(key)
             stats["sent"] += attempts
             stats["retries"] += max(0, attempts - 1)
-            if answer is not None:
+            if answer is not None:   # finished or not, it is paid for: kept
                 rec = {"key": key, "teacher": teacher.id, "request": items[todo[key][0]]["request"],
                        "answer": answer}
                 cache.write(json.dumps(rec, ensure_ascii=False) + "\n")  # one write: no torn line
                 cache.flush()
-                answers[key] = answer
+                history.setdefault(key, []).append(answer)
+            elif isinstance(error, StopRun):
+                fatal.append(error)
+                for f in futures:    # nothing queued is sent; what is in flight is kept
+                    f.cancel()
             elif error != "interrupted":
                 errors.append(error)
             bar.update(len(todo[key]))
@@ -352,18 +566,40 @@ def label(items, teacher, cache_path, concurrency=4, rps=5.0, max_retries=5, bac
             raise
         finally:
             bar.close()
+    if fatal:
+        have = sum(k in history for k in keys)
+        why = str(fatal[0]).rstrip(". ")
+        then = "run the same command again once the quota is back" if "quota exhausted" in why \
+            else "fix that and run again"
+        raise StopRun(f"teacher stopped: {why}. {have} of {len(items)} answers are saved in {cache_path}; "
+                      f"{then} to continue")
 
-    results = []
+    results, models = [], Counter()
     for it, t, k in zip(items, tools, keys):
-        if k not in answers:
+        past = history.get(k, [])
+        answer = final_answer(past) or (past[-1] if past else None)
+        if answer is None:
             results.append(None)
             stats["failed"] += 1
             continue
-        result, problem = clean_answer(answers[k], t, it["request"])
+        models[answer.get("model") or "unknown"] += 1
+        result, problem = clean_answer(answer, t, it["request"])
+        if problem in PROBLEMS:
+            stats[problem] += 1
+        elif problem:                # unfinished: asked again next run, up to the limit
+            stats["not_final"][problem] = stats["not_final"].get(problem, 0) + 1
+            stats["given_up"] += len(past) >= max_unfinished
+        else:
+            stats["ok"] += 1
+            result["model"] = answer.get("model")
         results.append(result)
-        stats[problem or "ok"] += 1
+    unfinished = sum(stats["not_final"].values())
     print(f"teacher: {stats['items']} items, {stats['cached']} cached, {stats['sent']} sent "
           f"({stats['retries']} retries); accepted {stats['ok']}; rejected: "
           + ", ".join(f"{p} {stats[p]}" for p in PROBLEMS)
+          + (f"; not final {unfinished} (" + ", ".join(f"{k} {n}" for k, n in sorted(stats["not_final"].items()))
+             + f"): asked again on the next run, up to {max_unfinished} tries; given up {stats['given_up']}"
+             if unfinished else "")
+          + "; answered by " + (", ".join(f"{m} {n}" for m, n in models.most_common()) or "nobody")
           + (f" (first failure: {errors[0]})" if errors else ""))
     return results, stats

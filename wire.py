@@ -101,6 +101,7 @@ def normalize_tool(tool, index=0):
     params = tool.get("parameters", {"type": "object", "properties": {}})
     if not isinstance(params, dict):
         raise ToolError(f"{where}: 'parameters' must be a JSON Schema object")
+    params = _resolve_refs({k: v for k, v in params.items() if k not in ("$defs", "definitions")}, params, where)
     if params.get("type", "object") != "object":
         raise ToolError(f"{where}: parameters.type must be 'object', got {params.get('type')!r}")
     props = params.get("properties", {})
@@ -132,6 +133,31 @@ def normalize_tool(tool, index=0):
     except SchemaError as e:
         raise ToolError(f"{where}: invalid JSON Schema: {e.message}") from None
     return {"name": name, "description": desc.strip(), "parameters": schema}
+
+
+def _resolve_refs(node, root, where, seen=()):
+    """node with every local $ref ("#/$defs/X", "#/definitions/X" of root) replaced by
+    what it points to. normalize_tool rebuilds the root schema without its definitions
+    (and the schema is rendered for the model and sent to teachers that may not read
+    $ref), so a $ref left in it would point nowhere. A recursive $ref cannot be
+    inlined: refused."""
+    if isinstance(node, list):
+        return [_resolve_refs(x, root, where, seen) for x in node]
+    if not isinstance(node, dict):
+        return node
+    ref = node.get("$ref")
+    if isinstance(ref, str):
+        m = re.fullmatch(r"#/(\$defs|definitions)/([^/]+)", ref)
+        if not ref.startswith("#"):
+            raise ToolError(f"{where}: $ref {ref!r} is not local; only '#/$defs/...' references are supported")
+        if not m or not isinstance(root.get(m.group(1)), dict) or m.group(2) not in root[m.group(1)]:
+            raise ToolError(f"{where}: $ref {ref!r} points to nothing in the tool's $defs")
+        if ref in seen:
+            raise ToolError(f"{where}: $ref {ref!r} is recursive; a recursive schema cannot be used")
+        target = root[m.group(1)][m.group(2)]
+        rest = {k: v for k, v in node.items() if k != "$ref"}   # siblings (a description) win
+        return _resolve_refs({**target, **rest} if isinstance(target, dict) else target, root, where, seen + (ref,))
+    return {k: _resolve_refs(v, root, where, seen) for k, v in node.items()}
 
 
 def normalize_tools(tools):

@@ -141,14 +141,44 @@ def test_teacher_labels_train_and_val_and_resumes_from_cache(tmp_path, monkeypat
     finally:
         fake.close()
     printed = capsys.readouterr().out
-    assert "teacher openai:gpt-4o-mini: kept" in printed
+    assert "teacher openai:gpt-6-luna: kept" in printed and "answered by gpt-6-luna-2026-09-22" in printed
     train = _rows(os.path.join(out, "train.jsonl"))
-    assert train and all(ex["label"] == "openai:gpt-4o-mini" for ex in train)
+    assert train and all(ex["label"] == "openai:gpt-6-luna" for ex in train)
+    assert all(ex["label_model"] == "gpt-6-luna-2026-09-22" for ex in train)   # the snapshot that answered
     # the fake teacher calls nothing unless asked for the weather, so its no-calls win
     assert sum(not ex["calls"] for ex in train) > 0.8 * len(train)
     assert all(ex["reason"] == "chit-chat" for ex in train if not ex["calls"])
     assert sent == 150 + 10   # every train and val example asked exactly once
     assert not any("label" in ex for ex in _rows(os.path.join(out, "test.jsonl")))
+
+
+def test_teacher_quota_running_out_stops_with_one_line_and_a_rerun_continues(tmp_path, monkeypatch, capsys):
+    from fake_servers import Fake
+    fake = Fake("openai")
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    out = str(tmp_path / "d")
+    argv = ["--out_dir", out, "--teacher", "openai", "--teacher_base_url", fake.url, "--teacher_rps", "1000", *SMALL]
+
+    def run_out(f):
+        if len(f.requests) == 40:
+            f.every = ("quota",)                 # insufficient_quota from here on
+    fake.on_request = run_out
+    try:
+        import pytest
+        with pytest.raises(SystemExit) as e:
+            data.main(argv)
+        assert e.value.code == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if "data.py" in line]
+        assert len(err) == 1 and "quota exhausted" in err[0] and "run the same command again" in err[0], err
+        with open(os.path.join(out, "teacher_cache.jsonl")) as f:
+            saved = len(f.read().splitlines())
+        assert 40 <= saved < 150                 # everything answered before the stop is kept
+        fake.every = fake.on_request = None      # the quota is back
+        sent = sum(fake.counts.values())
+        data.main(argv)
+        assert sum(fake.counts.values()) - sent == 160 - saved   # only the rest is asked
+    finally:
+        fake.close()
 
 
 def test_bad_sources_fail_with_one_line(tmp_path, capsys, monkeypatch):

@@ -85,7 +85,7 @@ class FakeTeacher:
     def __init__(self, answer=None, error=None):
         self.id, self.answer, self.error, self.calls = "fake:teacher", answer, error, 0
 
-    def ask(self, tools, request):
+    def ask(self, tools, request, tool_choice="auto"):
         self.calls += 1
         if self.error:
             raise self.error

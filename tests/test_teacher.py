@@ -1,5 +1,6 @@
 """teacher.py against local fake Gemini / OpenAI servers (tests/fake_servers.py),
-through the real SDKs: no network, tiny backoff, whole file in a few seconds."""
+through the real SDKs: no network, tiny backoff (or a recorded one: nothing sleeps
+for the seconds a server asks for), whole file in a few seconds."""
 
 import json
 import signal
@@ -10,6 +11,7 @@ import pytest
 
 import teacher
 import wire
+import fake_servers
 from fake_servers import Fake
 
 WEATHER = {"name": "get_weather", "description": "Current weather for a city.",
@@ -20,7 +22,7 @@ WEATHER = {"name": "get_weather", "description": "Current weather for a city.",
                                          "alerts": {"type": "boolean"}},
                           "required": ["city"]}}
 TOOLS = [WEATHER]
-FAST = dict(concurrency=4, rps=1000.0, max_retries=3, backoff=0.01, progress=False)
+FAST = dict(concurrency=4, rps=1000.0, max_retries=3, backoff=0.01, max_delay=0.05, progress=False)
 
 
 @pytest.fixture(params=["gemini", "openai"])
@@ -49,25 +51,26 @@ def test_ask_speaks_the_real_protocol(fake):
     assert answer["calls"] == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
     path, headers, body = fake.requests[0]
     if fake.kind == "gemini":
-        assert path.endswith("/models/gemini-2.5-flash:generateContent")
+        assert path.endswith("/models/gemini-3.5-flash-lite:generateContent")
         assert headers["x-goog-api-key"] == "test-key"
-        assert body["toolConfig"]["functionCallingConfig"]["mode"] == "AUTO"
-        assert body["generationConfig"]["temperature"] == 0
+        assert body["toolConfig"]["functionCallingConfig"] == {"mode": "AUTO"}
+        assert "temperature" not in body.get("generationConfig", {})   # only when asked for
         assert body["tools"][0]["functionDeclarations"][0]["name"] == "get_weather"
         assert "chit-chat" in body["systemInstruction"]["parts"][0]["text"]
-        assert fake.teacher.id == "gemini:gemini-2.5-flash"
+        assert fake.teacher.id == "gemini:gemini-3.5-flash-lite"
     else:
         assert path == "/v1/chat/completions"
         assert headers["authorization"] == "Bearer test-key"
-        assert body["tool_choice"] == "auto" and body["temperature"] == 0
+        assert body["tool_choice"] == "auto" and "temperature" not in body
+        assert body["reasoning_effort"] == "none"     # gpt-6-luna takes function tools only so
         assert body["tools"] == [{"type": "function", "function": WEATHER}]
         assert [m["role"] for m in body["messages"]] == ["system", "user"]
-        assert fake.teacher.id == "openai:gpt-4o-mini"
+        assert fake.teacher.id == "openai:gpt-6-luna"
 
 
 def test_ask_classifies_http_errors(fake):
     for code, err in [(429, teacher.RetryableError), (503, teacher.RetryableError),
-                      (400, teacher.PermanentError), (404, teacher.PermanentError)]:
+                      (400, teacher.PermanentError), (404, teacher.StopRun)]:
         fake.script["x"].append(("status", code))
         with pytest.raises(err, match=str(code)):
             fake.teacher.ask(TOOLS, "x")
@@ -88,6 +91,8 @@ def test_label_call_and_reasons(fake, tmp_path, capsys):
     reqs = ["What's the weather in Paris?", "hi there", "what's the forecast?",
             "weather please for zip 12345", "book me a taxi", "is water wet?", "Oslo and Rome weather"]
     results, stats = run(fake, reqs, tmp_path)
+    reported = {"gemini": "gemini-3.5-flash-lite", "openai": "gpt-6-luna-2026-09-22"}[fake.kind]
+    assert [r and r.pop("model") for r in results] == [reported] * 3 + [None, None] + [reported] * 2
     assert results[0] == {"calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}], "reason": None}
     assert results[1] == {"calls": [], "reason": "chit-chat"}
     assert results[2] == {"calls": [], "reason": "missing argument: city"}
@@ -284,3 +289,202 @@ def test_rate_limiter_spaces_request_starts():
     for t in threads:
         t.join()
     assert time.monotonic() - t0 >= 5 / 50.0 * 0.9
+
+
+# -----------------------------------------------------------------------------
+# the services as they are: current models, unfinished answers, the servers' wait
+# hints, quotas, settings, schemas, tool names, tool_choice (issue 18)
+
+def test_default_models_are_current():
+    """Neither default may be past or near an announced shutdown, and both must be
+    names the services know (the fakes hold the providers' lists)."""
+    known = {"gemini": fake_servers.GEMINI_MODELS, "openai": fake_servers.OPENAI_MODELS}
+    for kind, (_, default, _) in teacher.TEACHERS.items():
+        assert default in known[kind], default
+        assert default not in fake_servers.SHUTDOWN, f"{default} shuts down {fake_servers.SHUTDOWN[default]}"
+        assert teacher.make_teacher(kind, api_key="k").id == f"{kind}:{default}"
+
+
+def test_the_model_that_answered_is_stored_with_the_answer(fake, tmp_path, capsys):
+    # Google routes the shut-down gemini-2.5-flash to gemini-3.5-flash-lite; OpenAI
+    # answers an alias with a dated snapshot
+    model = {"gemini": "gemini-2.5-flash", "openai": "gpt-6-luna"}[fake.kind]
+    reported = {"gemini": "gemini-3.5-flash-lite", "openai": "gpt-6-luna-2026-09-22"}[fake.kind]
+    fake.teacher = teacher.make_teacher(fake.kind, model=model, base_url=fake.url, api_key="k")
+    results, _ = run(fake, ["weather in Oslo?", "hello"], tmp_path)
+    assert [r["model"] for r in results] == [reported, reported]
+    assert all(json.loads(line)["answer"]["model"] == reported for line in cache_lines(tmp_path))
+    assert f"answered by {reported} 2" in capsys.readouterr().out
+    results, stats = run(fake, ["weather in Oslo?"], tmp_path)       # and from the cache
+    assert stats["sent"] == 0 and results[0]["model"] == reported
+
+
+UNFINISHED = {
+    "gemini": {"weather in Oslo?": ("blocked", "SAFETY"), "weather in Rome?": ("finish", "MAX_TOKENS"),
+               "weather in Lima?": ("finish", "MALFORMED_FUNCTION_CALL"), "weather in Kyiv?": ("finish", "SAFETY")},
+    "openai": {"weather in Oslo?": ("refusal", "I can't help with that."), "weather in Rome?": ("finish", "length"),
+               "weather in Lima?": ("finish", "content_filter")},
+}
+KINDS = {"gemini": {"blocked:SAFETY": 1, "finish:MAX_TOKENS": 1, "finish:MALFORMED_FUNCTION_CALL": 1,
+                    "finish:SAFETY": 1},
+         "openai": {"refusal": 1, "finish:length": 1, "finish:content_filter": 1}}
+
+
+def test_blocks_truncations_and_refusals_are_counted_and_asked_again(fake, tmp_path, capsys):
+    script = UNFINISHED[fake.kind]
+    for text, step in script.items():
+        fake.script[text].append(step)
+    reqs = list(script) + ["weather in Baku?"]
+    results, stats = run(fake, reqs, tmp_path)
+    assert results[:-1] == [None] * len(script) and results[-1]["calls"][0]["arguments"] == {"city": "Baku"}
+    assert stats["not_final"] == KINDS[fake.kind] and stats["ok"] == 1 and stats["no_reason"] == 0
+    assert len(cache_lines(tmp_path)) == len(reqs)       # paid for, so kept, but not as final
+    out = capsys.readouterr().out
+    assert f"not final {len(script)} (" in out and "asked again on the next run" in out
+    for kind in KINDS[fake.kind]:
+        assert f"{kind} 1" in out
+    results, stats = run(fake, reqs, tmp_path)           # a re-run asks those again, and only those
+    assert all(r is not None for r in results) and stats["not_final"] == {}
+    assert (stats["cached"], stats["sent"]) == (1, len(script))
+    assert [fake.counts[r] for r in reqs] == [2] * len(script) + [1]
+
+
+def test_an_answer_that_never_finishes_is_given_up_after_the_limit(fake, tmp_path, capsys):
+    step = {"gemini": ("finish", "SAFETY"), "openai": ("finish", "content_filter")}[fake.kind]
+    fake.script["weather in Oslo?"] += [step] * 5
+    for _ in range(3):
+        results, stats = run(fake, ["weather in Oslo?"], tmp_path, max_unfinished=2)
+    assert results == [None] and fake.counts["weather in Oslo?"] == 2
+    assert stats["sent"] == 0 and stats["given_up"] == 1 and "given up 1" in capsys.readouterr().out
+
+
+def test_retries_wait_as_long_as_the_server_asks(fake, tmp_path):
+    fake.script["weather in Oslo?"] += [("rate_limit", 7)]
+    waits = []
+    results, stats = run(fake, ["weather in Oslo?"], tmp_path, max_delay=60.0, pause=waits.append)
+    assert results[0]["calls"][0]["arguments"] == {"city": "Oslo"} and stats["retries"] == 1
+    assert len(waits) == 1 and 7 <= waits[0] <= 7 * 1.25   # Retry-After / RetryInfo, plus jitter
+
+
+def test_retry_delay_is_exponential_with_jitter_and_capped():
+    delays = [teacher.retry_delay(a, None, 2.0, 60.0) for a in range(8) for _ in range(20)]
+    for a in range(5):       # 2, 4, 8, 16, 32 s, each stretched by up to a quarter
+        assert all(2.0 * 2 ** a <= d <= 2.5 * 2 ** a for d in delays[20 * a:20 * a + 20])
+    assert len(set(delays[:20])) > 1                      # jittered: workers do not retry in lockstep
+    assert max(delays) == 60.0 and delays[-20:] == [60.0] * 20
+    assert teacher.retry_delay(0, 30.0, 2.0, 60.0) >= 30.0 and teacher.retry_delay(0, 600.0, 2.0, 60.0) == 60.0
+
+
+def test_exhausted_quota_stops_the_run_keeps_what_was_paid_and_a_rerun_continues(fake, tmp_path):
+    reqs = [f"weather in {c}?" for c in CITIES[:6]]
+    fake.script[reqs[2]].append(("quota",))
+    with pytest.raises(teacher.StopRun) as e:
+        run(fake, reqs, tmp_path, concurrency=1)
+    msg = str(e.value)
+    assert "quota exhausted" in msg and "\n" not in msg and "2 of 6 answers" in msg and "again once the quota is back" in msg
+    assert fake.counts[reqs[2]] == 1                       # not retried: it will not get better today
+    assert not any(fake.counts[r] for r in reqs[3:])       # and nothing more is sent
+    assert len(cache_lines(tmp_path)) == 2
+    results, stats = run(fake, reqs, tmp_path)             # the quota is back
+    assert all(r is not None for r in results) and (stats["cached"], stats["sent"]) == (2, 4)
+
+
+def test_unknown_model_stops_the_run_at_the_first_request(fake, tmp_path):
+    fake.teacher = teacher.make_teacher(fake.kind, model="no-such-model", base_url=fake.url, api_key="k")
+    with pytest.raises(teacher.StopRun, match="no-such-model"):
+        run(fake, [f"weather in {c}?" for c in CITIES[:4]], tmp_path, concurrency=1)
+    assert sum(fake.counts.values()) == 1
+
+
+def test_sampling_parameters_are_sent_only_when_set(fake):
+    fake.teacher.ask(TOOLS, "weather in Oslo?")
+    t = teacher.make_teacher(fake.kind, base_url=fake.url, api_key="k", temperature=0.2)
+    t.ask(TOOLS, "weather in Oslo?")
+    bodies = [b for _, _, b in fake.requests]
+    if fake.kind == "gemini":
+        assert [b.get("generationConfig", {}).get("temperature") for b in bodies] == [None, 0.2]
+    else:
+        assert "temperature" not in bodies[0] and bodies[1]["temperature"] == 0.2
+
+
+def test_openai_reasoning_effort_follows_the_model(tmp_path):
+    """OpenAI's reasoning models take function tools on Chat Completions only with
+    reasoning_effort "none"; its older models refuse the parameter itself."""
+    f = Fake("openai")
+    try:
+        for model, sent in [("gpt-6-luna", "none"), ("gpt-5.4-mini", "none"), ("gpt-4o-mini", None)]:
+            t = teacher.make_teacher("openai", model=model, base_url=f.url, api_key="k")
+            assert t.ask(TOOLS, "weather in Oslo?")["calls"]
+            assert f.requests[-1][2].get("reasoning_effort") == sent
+        t = teacher.make_teacher("openai", model="gpt-6-luna", base_url=f.url, api_key="k", reasoning_effort="low")
+        with pytest.raises(teacher.StopRun, match=r"reasoning_effort.*set reasoning_effort to 'none'"):
+            teacher.label([{"tools": TOOLS, "request": "weather in Oslo?"}] * 1, t, str(tmp_path / "c.jsonl"), **FAST)
+    finally:
+        f.close()
+
+
+ROUTE = {"name": "plan_route", "description": "Plan a route through some cities.",
+         "parameters": {"type": "object", "$defs": {"Stop": {"type": "string", "description": "A city."}},
+                        "properties": {"stops": {"type": "array", "items": {"$ref": "#/$defs/Stop"}}},
+                        "required": ["stops"]}}
+
+
+def test_a_tool_with_refs_is_labelled(fake, tmp_path):
+    fake.script["route via Oslo and Rome"].append(("call", "plan_route", {"stops": ["Oslo", "Rome"]}))
+    results, stats = teacher.label([{"tools": [ROUTE], "request": "route via Oslo and Rome"}], fake.teacher,
+                                   str(tmp_path / "cache.jsonl"), **FAST)
+    assert results[0]["calls"] == [{"name": "plan_route", "arguments": {"stops": ["Oslo", "Rome"]}}]
+    assert "$ref" not in json.dumps(fake.requests[0][2])   # sent resolved, so any service reads it
+
+
+def test_tool_names_the_provider_refuses_are_mapped_or_refused_before_the_first_request(fake, tmp_path):
+    """wire.py (and invent.py's dotted style) allow "api.x"; OpenAI answers 400 to a dot
+    on every item, so its teacher sends "api_x" and maps the calls back; a name that
+    cannot be mapped is one error before anything is sent."""
+    dotted = dict(WEATHER, name="weather.get")
+    sent_as = {"gemini": "weather.get", "openai": "weather_get"}[fake.kind]
+    fake.script["weather in Oslo?"].append(("call", sent_as, {"city": "Oslo"}))
+    results, _ = teacher.label([{"tools": [dotted], "request": "weather in Oslo?"}], fake.teacher,
+                               str(tmp_path / "cache.jsonl"), **FAST)
+    assert results[0]["calls"] == [{"name": "weather.get", "arguments": {"city": "Oslo"}}]
+    body = fake.requests[0][2]
+    assert (body["tools"][0]["functionDeclarations"][0]["name"] if fake.kind == "gemini"
+            else body["tools"][0]["function"]["name"]) == sent_as
+    if fake.kind == "openai":
+        clash = [dotted, dict(WEATHER, name="weather_get")]
+        with pytest.raises(teacher.TeacherError, match=r"'weather\.get' and 'weather_get' are both sent .* as 'weather_get'"):
+            teacher.label([{"tools": clash, "request": "hello"}], fake.teacher, str(tmp_path / "c2.jsonl"), **FAST)
+        assert sum(fake.counts.values()) == 1
+
+
+def test_openai_compatible_arguments_as_an_object_are_read(tmp_path):
+    f = Fake("openai")
+    f.teacher = teacher.make_teacher("openai", base_url=f.url, api_key="k")
+    try:
+        f.script["weather in Oslo?"].append(("obj_args", {"city": "Oslo", "days": 2}))
+        results, stats = run(f, ["weather in Oslo?"], tmp_path)
+        assert results[0]["calls"] == [{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}]
+    finally:
+        f.close()
+
+
+def test_serve_fallback_asks_with_the_clients_tool_choice(fake):
+    import serve
+    time_tool = {"name": "get_time", "description": "Local time in a city.",
+                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    tools = wire.normalize_tools([WEATHER, time_tool])
+    fake.script["time in Oslo?"] += [("call", "get_time", {"city": "Oslo"})] * 2
+    for choice in ("get_time", "required"):
+        answer, why = serve.ask_teacher(fake.teacher, tools, "time in Oslo?", choice)
+        assert why is None and answer["calls"] == [{"name": "get_time", "arguments": {"city": "Oslo"}}]
+    named, required = fake.requests[0][2], fake.requests[1][2]
+    if fake.kind == "gemini":
+        assert named["toolConfig"]["functionCallingConfig"] == {"mode": "ANY", "allowedFunctionNames": ["get_time"]}
+        assert required["toolConfig"]["functionCallingConfig"] == {
+            "mode": "ANY", "allowedFunctionNames": ["get_weather", "get_time"]}
+    else:
+        assert named["tool_choice"] == {"type": "function", "function": {"name": "get_time"}}
+        assert required["tool_choice"] == "required"
+    fake.script["hello"].append(("blocked", "SAFETY"))  # a blocked or refused answer is not used
+    answer, why = serve.ask_teacher(fake.teacher, tools, "hello", "auto")
+    assert answer is None and ("blocked:SAFETY" in why if fake.kind == "gemini" else "invalid_prompt" in why)

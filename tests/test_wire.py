@@ -132,3 +132,38 @@ def test_a_type_that_is_not_a_string_is_a_tool_error():
     bad = {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": {"x": 1}}}}}
     with pytest.raises(wire.ToolError, match="unknown type"):
         wire.normalize_tool(bad)
+
+
+ROUTE = {"name": "plan_route", "description": "Plan a route.",
+         "parameters": {"type": "object",
+                        "$defs": {"Stop": {"type": "string"}},
+                        "definitions": {"Unit": {"enum": ["km", "mi"]}},
+                        "properties": {"stops": {"type": "array", "items": {"$ref": "#/$defs/Stop"}},
+                                       "unit": {"$ref": "#/definitions/Unit", "description": "Distance unit."}},
+                        "required": ["stops"]}}
+
+
+def test_refs_to_defs_are_resolved_so_the_tool_validates():
+    """Dropping $defs used to leave a $ref pointing nowhere: every validation raised."""
+    tool = wire.normalize_tool(ROUTE)
+    assert "$ref" not in json.dumps(tool) and "$defs" not in json.dumps(tool) and "definitions" not in json.dumps(tool)
+    assert tool["parameters"]["properties"]["unit"] == {"enum": ["km", "mi"], "description": "Distance unit."}
+    by_name = {"plan_route": tool}
+    assert wire.validate_call({"name": "plan_route", "arguments": {"stops": ["Oslo"], "unit": "km"}}, by_name) is None
+    assert "not of type" in wire.validate_call({"name": "plan_route", "arguments": {"stops": [5]}}, by_name)
+    assert wire.render_tool(tool) == 'plan_route( stops: list[str], unit?: km|mi "Distance unit.") Plan a route.'
+
+
+@pytest.mark.parametrize("props, words", [
+    ({"a": {"$ref": "#/$defs/Nope"}}, ["'plan_route'", "#/$defs/Nope", "nothing"]),
+    ({"a": {"$ref": "https://example.com/a.json"}}, ["'plan_route'", "https://example.com/a.json", "local"]),
+    ({"a": {"$ref": "#/$defs/Node"}}, ["'plan_route'", "#/$defs/Node", "recursive"]),
+])
+def test_refs_that_cannot_be_resolved_are_a_tool_error(props, words):
+    tool = {"name": "plan_route", "parameters": {
+        "type": "object", "properties": props,
+        "$defs": {"Node": {"type": "object", "properties": {"next": {"$ref": "#/$defs/Node"}}}}}}
+    with pytest.raises(wire.ToolError) as e:
+        wire.normalize_tool(tool)
+    for w in words:
+        assert w in str(e.value)
