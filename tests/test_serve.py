@@ -141,9 +141,11 @@ def ask(client, content, tools=TOOLS, **kw):
 
 
 def check_calls(resp, names=None):
-    """Every tool call is well formed and validates against its tool; returns the calls."""
+    """Every tool call is well formed and validates against its tool; returns the calls.
+    finish_reason "length": the token budget cut the answer after these calls."""
     choice = resp.choices[0]
-    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert choice.message.content is None
+    assert choice.finish_reason == "tool_calls" or (choice.finish_reason == "length" and resp.x_nanotool["truncated"])
     assert choice.message.tool_calls
     calls = []
     for tc in choice.message.tool_calls:
@@ -166,15 +168,17 @@ def test_named_tool_choice_gives_valid_calls_of_that_tool(client, router):
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     ext = r.x_nanotool
     assert ext["answered_by"] == MODEL and 0 < ext["confidence"] <= 1 and "fallback_error" not in ext
-    # a tool without arguments: "{}" (the toy model calls it again and again: several calls)
+    # a tool without arguments: "{}" (the toy model calls it again and again: identical
+    # calls, sent once)
     r = ask(client, ORDER, tools=ALL, tool_choice={"type": "function", "function": {"name": "get_time"}})
-    assert all(c == {"name": "get_time", "arguments": {}} for c in check_calls(r, {"get_time"}))
-    # a string tool: the toy model never closes the value, so the router declines: "length"
+    assert check_calls(r, {"get_time"}) == [{"name": "get_time", "arguments": {}}]
+    assert r.x_nanotool["duplicates_dropped"] >= 1
+    # a string tool: the toy model never closes the value, so the budget cuts the answer:
+    # "length", with the call as far as it was complete, or a decline
     r = ask(client, ORDER, tools=ALL, tool_choice={"type": "function", "function": {"name": "track_order"}})
     c = r.choices[0]
-    assert (c.finish_reason == "tool_calls") == bool(c.message.tool_calls)
-    if not c.message.tool_calls:
-        assert c.finish_reason == "length" and r.x_nanotool["truncated"] and c.message.content
+    assert c.finish_reason == "length" and r.x_nanotool["truncated"]
+    assert bool(c.message.tool_calls) != bool(c.message.content)
 
 
 def test_required_gives_calls_and_none_gives_a_reason(client):
@@ -192,13 +196,13 @@ def test_auto_with_every_role_and_text_parts(client):
                 {"role": "user", "content": [{"type": "text", "text": "Where is my order"},
                                              {"type": "text", "text": "ORD-1234?"}]}]
     r = client.chat.completions.create(model="anything", messages=messages, tools=ALL, max_tokens=16)
-    if r.choices[0].finish_reason == "tool_calls":
+    if r.choices[0].message.tool_calls:
         check_calls(r)
     else:
         assert r.choices[0].finish_reason in ("stop", "length") and r.choices[0].message.content
 
 
-def test_last_message_a_tool_result_ends_the_turn_without_the_model(client):
+def test_last_message_a_tool_result_ends_the_turn_without_the_model(client, router):
     messages = [{"role": "user", "content": ORDER},
                 {"role": "assistant", "content": None, "tool_calls": [
                     {"id": "call_1", "type": "function",
@@ -207,16 +211,18 @@ def test_last_message_a_tool_result_ends_the_turn_without_the_model(client):
     r = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, tool_choice="required")
     assert r.choices[0].finish_reason == "stop" and not r.choices[0].message.tool_calls
     assert r.choices[0].message.content == '{"status": "shipped"}'
-    assert r.usage.total_tokens == 0 and "tool result" in r.x_nanotool["note"]
+    # usage: no model ran, so nothing was generated; the prompt is what the answer was decided on
+    assert r.usage.completion_tokens == 0 and "tool result" in r.x_nanotool["note"]
+    assert r.usage.prompt_tokens == len(router.encode_prompt(wire.normalize_tools(TOOLS), '{"status": "shipped"}'))
     two = messages + [{"role": "tool", "tool_call_id": "call_2", "content": [{"type": "text", "text": "done 2"}]}]
     r = client.chat.completions.create(model=MODEL, messages=two, tools=TOOLS)
     assert r.choices[0].message.content == '{"status": "shipped"}\ndone 2'
 
 
-def test_no_tools_is_a_no_call_without_the_model(client):
+def test_no_tools_is_a_no_call_without_the_model(client, router):
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": ORDER}])
     assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == wire.REASON_NO_TOOL
-    assert r.usage.total_tokens == 0
+    assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(router.encode_prompt([], ORDER)) > 0
 
 
 def test_multi_call_shaping():
@@ -349,6 +355,14 @@ def _params(**props):
     return {"type": "object", "properties": props}
 
 
+def _nest(key, n):
+    """A parameter schema n levels deep: objects in objects ("properties") or lists of lists ("items")."""
+    p = {"type": "string"}
+    for _ in range(n):
+        p = {"type": "object", "properties": {"a": p}} if key == "properties" else {"type": "array", "items": p}
+    return p
+
+
 CHAT, FLAT = "/v1/chat/completions", "/tool-call"
 LONG = "order " * 3000    # ~3000 tokens against a 512-token context, well under the 64 kB limit
 MALFORMED = [  # (path, body: bytes or a JSON value, expected status, words the message must contain)
@@ -390,7 +404,6 @@ MALFORMED = [  # (path, body: bytes or a JSON value, expected status, words the 
     (CHAT, _chat(max_tokens="ten"), 400, "'max_tokens' must be a positive integer"),
     (CHAT, _chat(max_tokens=0), 400, "'max_tokens' must be a positive integer"),
     (CHAT, _chat(max_completion_tokens=True), 400, "'max_completion_tokens' must be a positive integer"),
-    (CHAT, _chat(stream=True), 400, "stream"),
     (CHAT, _chat(n=3), 400, "'n' must be 1"),
     (CHAT, _chat(model=123), 400, "'model' must be a string"),
     (CHAT, _chat(parallel_tool_calls="yes"), 400, "'parallel_tool_calls' must be a boolean"),
@@ -402,20 +415,81 @@ MALFORMED = [  # (path, body: bytes or a JSON value, expected status, words the 
     (FLAT, {"prompt": ORDER, "available_functions": [{"description": "x"}]}, 400, "tool #0: missing 'name'"),
     (FLAT, {"prompt": ORDER, "available_functions": TOOLS, "max_tokens": -5}, 400, "'max_tokens'"),
     (FLAT, {"prompt": LONG, "available_functions": TOOLS}, 400, "context"),
+    # the issue's eight 500s: deep schemas (both endpoints), 5,000 digits, lone surrogates
+    (CHAT, _chat(tools=[_tool(parameters=_params(q=_nest("properties", 100)))]), 400, "nested more than 32 levels"),
+    (CHAT, _chat(tools=[_tool(parameters=_params(q=_nest("items", 300)))]), 400, "nested more than 32 levels"),
+    (FLAT, {"prompt": ORDER, "available_functions": [_tool(parameters=_params(q=_nest("properties", 100)))]},
+     400, "nested more than 32 levels"),
+    (FLAT, {"prompt": ORDER, "available_functions": [_tool(parameters=_params(q=_nest("items", 300)))]},
+     400, "nested more than 32 levels"),
+    (CHAT, json.dumps(_chat())[:-1].encode() + b', "max_tokens": ' + b"9" * 5000 + b"}", 400, "5000 digits"),
+    (CHAT, _chat(messages=[{"role": "user", "content": "where is \ud800 ORD-1"}]), 400, "lone surrogate"),
+    (CHAT, _chat(tools=[_tool(description="Look \ud800 up")]), 400, "lone surrogate"),
+    (FLAT, {"prompt": "where is \udfff", "available_functions": TOOLS}, 400, "lone surrogate"),
+    (CHAT, _chat(messages=[{"role": "user", "content": "hi"}, {"role": "tool", "content": "\ud800"}]),
+     400, "lone surrogate"),
+    # other numbers JSON or Python cannot carry, and the limits
+    (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "NaN is not a JSON value"),
+    (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e999}', 400, "out of range"),
+    (CHAT, _chat(tools=[_tool(name=f"t{i}") for i in range(300)]), 400, "the limit is 256"),
+    (CHAT, _chat(tools=[_tool(parameters=_params(q={"enum": [0] * 10_001}))]), 400, "more than 10000 JSON values"),
+    # names and values an answer cannot carry: refused, never accepted and then uncallable
+    (CHAT, _chat(tools=[_tool(name="get_time\n")]), 400, "name must be"),
+    (CHAT, _chat(tools=[_tool(parameters=_params(**{"": {"type": "string"}}))]), 400, "argument name '' is empty"),
+    (CHAT, _chat(tools=[_tool(parameters=_params(**{"a:b": {"type": "string"}}))]), 400, "'a:b' contains ':'"),
+    (CHAT, _chat(tools=[_tool(parameters=_params(**{"q<|call|>": {"type": "string"}}))]), 400, "special token (<|call|>)"),
+    (CHAT, _chat(tools=[_tool(parameters=_params(**{"a\u2581b": {"type": "string"}}))]), 400, "U+2581"),
+    (CHAT, _chat(tools=[_tool(parameters=_params(q={"type": "string", "enum": ["eco<|end|>", "boost"]}))]),
+     400, "enum value 'eco<|end|>', which contains a special token"),
+    (CHAT, _chat(tools=[_tool(parameters=_params(q={"type": "string", "enum": ["", "boost"]}))]), 400, "is empty"),
+    (CHAT, _chat(tools=[_tool(parameters=_params(q={"type": "string", "enum": ["eco ", "boost"]}))]),
+     400, "ends with white space"),
+    (CHAT, _chat(tools=[_tool(parameters=_params(q={"type": "array", "items": {"enum": [1, "<|arg|>"]}}))]),
+     400, "special token"),
+    (CHAT, _chat(tools=[_tool(parameters=_params(q={"type": "array", "items": {"$ref": "#/$defs/Q"}}))]),
+     400, "'$ref' is not supported"),
+    (CHAT, _chat(tools=[_tool(parameters=_params(q={"type": "string", "pattern": "^(a+)+$"}))]), 400, "exponential"),
+    # OpenAI fields: honoured, or checked and refused
+    (CHAT, _chat(temperature=3), 400, "'temperature' must be a number from 0 to 2"),
+    (CHAT, _chat(temperature="hot"), 400, "'temperature' must be a number"),
+    (CHAT, _chat(top_p=1.5), 400, "'top_p' must be a number from 0 to 1"),
+    (CHAT, _chat(frequency_penalty=-9), 400, "'frequency_penalty'"),
+    (CHAT, _chat(seed="x"), 400, "'seed' must be a 64-bit integer"),
+    (CHAT, _chat(seed=2 ** 64), 400, "'seed' must be a 64-bit integer"),
+    (CHAT, _chat(stop=5), 400, "'stop' must be"),
+    (CHAT, _chat(stop=["a", "b", "c", "d", "e"]), 400, "'stop' must be"),
+    (CHAT, _chat(logprobs="yes"), 400, "'logprobs' must be a boolean"),
+    (CHAT, _chat(logprobs=True, top_logprobs=21), 400, "'top_logprobs' must be an integer from 0 to 20"),
+    (CHAT, _chat(top_logprobs=2), 400, "needs \"logprobs\": true"),
+    (CHAT, _chat(response_format={"type": "json_object"}), 400, "'json_object' is not supported"),
+    (CHAT, _chat(response_format="text"), 400, "'response_format' must be"),
+    (CHAT, _chat(logit_bias={"5": 10}), 400, "'logit_bias' is not supported"),
+    (CHAT, _chat(functions=[{"name": "lookup"}]), 400, "deprecated"),
+    (CHAT, _chat(modalities=["audio"]), 400, "only text output"),
+    (CHAT, _chat(stream="yes"), 400, "'stream' must be a boolean"),
+    (CHAT, _chat(stream_options={"include_usage": True}), 400, "only allowed with"),
+    (CHAT, _chat(stream=True, stream_options={"include_usage": "yes"}), 400, "'stream_options' must be"),
 ]
+CODES = {"not valid JSON": "invalid_json", "limit": "request_too_large", "context": "context_length_exceeded",
+         "nested more than 32 levels": "limit_exceeded", "the limit is 256": "limit_exceeded",
+         "name must be": "invalid_tool", "'json_object' is not supported": "unsupported_value",
+         "'logit_bias' is not supported": "unsupported_parameter"}   # words -> error.code
 
 
 def test_malformed_requests_get_a_4xx_with_a_message_then_a_good_one_works(live, client):
-    assert len(MALFORMED) >= 30
+    assert len(MALFORMED) >= 90
     for path, body, status, words in MALFORMED:
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         got, r = live.http("POST", path, raw)
         what = f"{path} {raw[:80]!r}"
         assert got == status, f"{what}: HTTP {got} {r}"
         assert words in r["error"]["message"], f"{what}: {r}"
+        code = r["error"]["code"]
+        assert isinstance(code, str) and code and r["error"]["type"] == "invalid_request_error", f"{what}: {r}"
+        assert code == CODES.get(words, code), f"{what}: code {code}"
     for method, path, status in [("GET", FLAT, 405), ("POST", "/v1/nope", 404), ("DELETE", "/health", 405)]:
         got, r = live.http(method, path)
-        assert got == status and r["error"]["message"]
+        assert got == status and r["error"]["message"] and r["error"]["code"]
     # the same through the openai client: a readable BadRequestError, not a crash
     with pytest.raises(BadRequestError, match="not among the tools"):
         ask(client, ORDER, tool_choice={"type": "function", "function": {"name": "fly"}})
