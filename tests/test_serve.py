@@ -12,6 +12,7 @@ result."""
 import http.client
 import importlib.util
 import json
+import math
 import os
 import shutil
 import socket
@@ -570,3 +571,238 @@ def test_cli_starts_the_app_and_bad_flags_are_one_line(toy_ckpt, monkeypatch, ca
             serve.main(argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("error:") and words in err and err.count("\n") == 1
+
+
+# -----------------------------------------------------------------------------
+# streaming, LangChain, the OpenAI fields, the request log, a slow body
+
+FORCE_MODE = {"type": "function", "function": {"name": "set_mode"}}
+
+
+def sse(live, body):
+    """POST a streaming chat request -> (status, content type, the parsed events before [DONE])."""
+    conn = http.client.HTTPConnection("127.0.0.1", live.port, timeout=60)
+    conn.request("POST", CHAT, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    text = r.read().decode()
+    conn.close()
+    blocks = text.split("\n\n")
+    assert blocks[-2:] == ["data: [DONE]", ""], text[-200:]   # every event is one "data:" line
+    assert all(b.startswith("data: ") and "\n" not in b for b in blocks[:-1])
+    return r.status, r.getheader("content-type"), [json.loads(b[6:]) for b in blocks[:-2]]
+
+
+def test_streaming_matches_the_plain_answer(live, client):
+    whole = ask(client, ORDER, tools=EXTRA, tool_choice=FORCE_MODE)
+    status, ctype, events = sse(live, _chat(tools=EXTRA, tool_choice=FORCE_MODE, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert status == 200 and ctype.startswith("text/event-stream")
+    assert len({e["id"] for e in events}) == 1 and all(e["object"] == "chat.completion.chunk" for e in events)
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    *body, finish, usage = events
+    assert finish["choices"][0]["finish_reason"] == whole.choices[0].finish_reason and finish["choices"][0]["delta"] == {}
+    assert usage["choices"] == [] and usage["usage"] == whole.usage.model_dump(exclude_none=True)
+    assert all(e["usage"] is None for e in events[:-1])     # OpenAI: only the last chunk has it
+    # each call: id, type and name with empty arguments, then the arguments
+    deltas = [tc for e in body for tc in e["choices"][0]["delta"].get("tool_calls", [])]
+    assert deltas[0]["id"].startswith("call_") and deltas[0]["function"] == {"name": "set_mode", "arguments": ""}
+    args = "".join(d["function"]["arguments"] for d in deltas if d["index"] == 0)
+    assert json.loads(args) == json.loads(whole.choices[0].message.tool_calls[0].function.arguments)
+    # the official client's stream=True: the same answer, accumulated
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": ORDER}], tools=EXTRA,
+                                            tool_choice=FORCE_MODE, stream=True)
+    chunks = list(stream)
+    calls = {}
+    for ch in chunks:
+        for tc in (ch.choices[0].delta.tool_calls or []) if ch.choices else []:
+            c = calls.setdefault(tc.index, {"name": "", "arguments": ""})
+            c["name"] += tc.function.name or ""
+            c["arguments"] += tc.function.arguments or ""
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == \
+        [(tc.function.name, json.loads(tc.function.arguments)) for tc in whole.choices[0].message.tool_calls]
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    # a no-call streams its reason as content
+    status, _, events = sse(live, _chat(tool_choice="none", stream=True))
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events)
+    assert text == ask(client, ORDER, tool_choice="none").choices[0].message.content and text
+    assert events[-1]["choices"][0]["finish_reason"] == "stop" and "usage" not in events[-1]
+
+
+def test_streaming_with_the_official_stream_helper():
+    # The helper parses the final completion, and refuses one cut by the token budget
+    # (finish_reason "length", which the toy model's forced calls always are): scripted.
+    server = Live(serve.create_app(FakeRouter(TWO_CALLS), MODEL))
+    try:
+        c = server.client()
+        with c.chat.completions.stream(model=MODEL, messages=[{"role": "user", "content": ORDER}], tools=TOOLS,
+                                       stream_options={"include_usage": True}) as stream:
+            kinds = [e.type for e in stream]
+            final = stream.get_final_completion()
+        assert kinds.count("tool_calls.function.arguments.done") == 2
+        assert [(tc.function.name, json.loads(tc.function.arguments)) for tc in final.choices[0].message.tool_calls] \
+            == [(x["name"], x["arguments"]) for x in TWO_CALLS["calls"]]
+        assert final.choices[0].finish_reason == "tool_calls" and final.usage.completion_tokens == 12
+        r = ask(c, ORDER, stream=True, parallel_tool_calls=False)
+        assert sum(len(ch.choices[0].delta.tool_calls or []) for ch in r if ch.choices) == 2   # name chunk + args chunk
+    finally:
+        server.close()
+
+
+def test_langchain_bind_tools_invoke_and_stream(live):
+    from langchain_openai import ChatOpenAI
+    llm = ChatOpenAI(base_url=live.url + "/v1", api_key="local", model=MODEL, max_retries=0, timeout=60)
+    bound = llm.bind_tools(EXTRA, tool_choice="set_mode")
+    msg = bound.invoke(ORDER)
+    assert [(c["name"], c["args"]) for c in msg.tool_calls] == [("set_mode", msg.tool_calls[0]["args"])]
+    assert msg.tool_calls[0]["args"]["mode"] in ("eco", "boost")
+    total = None
+    for chunk in bound.stream(ORDER):
+        total = chunk if total is None else total + chunk
+    assert [(c["name"], c["args"]) for c in total.tool_calls] == [(c["name"], c["args"]) for c in msg.tool_calls]
+    assert total.response_metadata["finish_reason"] == msg.response_metadata["finish_reason"]
+    # usage in the stream (stream_options.include_usage), and a plain text answer
+    total = None
+    for chunk in ChatOpenAI(base_url=live.url + "/v1", api_key="local", model=MODEL, max_retries=0,
+                            stream_usage=True).bind_tools(TOOLS, tool_choice="none").stream(ORDER):
+        total = chunk if total is None else total + chunk
+    assert total.content and not total.tool_calls and wire.reason_kind(total.content) != "other"
+    assert total.usage_metadata["input_tokens"] > 0 and total.usage_metadata["output_tokens"] > 0
+
+
+def test_logprobs_are_the_models_own(live, client, router):
+    r = ask(client, ORDER, tools=EXTRA, tool_choice=FORCE_MODE, logprobs=True, top_logprobs=3)
+    entries = r.choices[0].logprobs.content
+    assert len(entries) == r.usage.completion_tokens
+    text = b"".join(bytes(e.bytes) for e in entries).decode()
+    call = r.choices[0].message.tool_calls[0]
+    assert text.startswith(f"{wire.CALL}set_mode{wire.ARG} mode: {json.loads(call.function.arguments)['mode']}")
+    for e in entries:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 3
+        tops = [t.logprob for t in e.top_logprobs]
+        assert tops == sorted(tops, reverse=True) and tops[0] >= e.logprob
+        if e.token in [t.token for t in e.top_logprobs]:
+            assert e.logprob in tops
+    # the same answer as without logprobs, and the probabilities sum to at most 1 per position
+    plain = ask(client, ORDER, tools=EXTRA, tool_choice=FORCE_MODE)
+    assert plain.choices[0].logprobs is None
+    assert plain.choices[0].message.tool_calls[0].function.arguments == call.function.arguments
+    assert all(sum(math.exp(t.logprob) for t in e.top_logprobs) <= 1 + 1e-6 for e in entries)
+    # streamed: the entries ride on the first tool-call chunk
+    status, _, events = sse(live, _chat(tools=EXTRA, tool_choice=FORCE_MODE, stream=True, logprobs=True))
+    lps = [e["choices"][0]["logprobs"] for e in events if e["choices"][0]["logprobs"]]
+    assert len(lps) == 1 and [x["logprob"] for x in lps[0]["content"]] == pytest.approx([e.logprob for e in entries])
+
+
+def test_sampling_fields_are_checked_and_ignored_stop_cuts_text(client):
+    base = ask(client, ORDER, tools=EXTRA, tool_choice=FORCE_MODE)
+    same = ask(client, ORDER, tools=EXTRA, tool_choice=FORCE_MODE, temperature=1.3, top_p=0.5, seed=7,
+               frequency_penalty=0.5, presence_penalty=-1, user="u1", extra_body={"top_k": 5})
+    assert same.choices[0].message.tool_calls[0].function.arguments == \
+        base.choices[0].message.tool_calls[0].function.arguments
+    assert same.x_nanotool["ignored"] == ["frequency_penalty", "presence_penalty", "seed", "temperature",
+                                          "top_k", "top_p", "user"]
+    reason = ask(client, ORDER, tool_choice="none").choices[0].message.content
+    r = ask(client, ORDER, tool_choice="none", stop=[reason[2:4], "zzz"])
+    assert r.choices[0].message.content == reason[:2] and r.choices[0].finish_reason == "stop"
+    r = ask(client, ORDER, tools=EXTRA, tool_choice=FORCE_MODE, stop=["eco", "boost", "mode"])   # never cuts a call
+    assert r.choices[0].message.tool_calls[0].function.arguments == base.choices[0].message.tool_calls[0].function.arguments
+
+
+def test_unknown_model_is_served_unless_strict(router, client):
+    r = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": ORDER}])
+    assert r.model == MODEL and r.choices[0].message.content         # the README's drop-in: any name
+    server = Live(serve.create_app(router, MODEL, max_new_tokens=8, strict_model=True))
+    try:
+        status, r = server.http("POST", CHAT, json.dumps(_chat(model="gpt-4o-mini", tool_choice="none")).encode())
+        assert status == 404 and r["error"]["code"] == "model_not_found" and "gpt-4o-mini" in r["error"]["message"]
+        status, r = server.http("POST", CHAT, json.dumps(_chat(tool_choice="none")).encode())
+        assert status == 200 and r["model"] == MODEL
+    finally:
+        server.close()
+
+
+def test_duplicates_once_and_length_when_the_budget_cut_the_calls():
+    twice = dict(ORDER_CALL, calls=ORDER_CALL["calls"] * 2 + [{"name": "track_order", "arguments": {"order_id": "X"}}])
+    fake = FakeRouter(twice)
+    server = Live(serve.create_app(fake, MODEL))
+    try:
+        c = server.client()
+        r = ask(c, ORDER)
+        assert [json.loads(tc.function.arguments)["order_id"] for tc in r.choices[0].message.tool_calls] == ["ORD-1234", "X"]
+        assert r.x_nanotool["duplicates_dropped"] == 1 and r.choices[0].finish_reason == "tool_calls"
+        fake.result = dict(ORDER_CALL, truncated=True)      # a value cut by the budget still validates
+        r = ask(c, ORDER)
+        assert r.choices[0].finish_reason == "length" and r.choices[0].message.tool_calls
+    finally:
+        server.close()
+
+
+def test_log_requests_is_training_data_that_imports(tmp_path):
+    import imports
+    path = tmp_path / "traffic.jsonl"
+    fake = FakeRouter(ORDER_CALL)
+    teacher = FakeTeacher({"calls": [], "text": "No tool fits."})
+    server = Live(serve.create_app(fake, MODEL, teacher=teacher, fallback_below=0.5, log_requests=str(path)))
+    try:
+        c = server.client()
+        ask(c, ORDER)                                                    # logged: the local model's call
+        server.http("POST", FLAT, json.dumps({"prompt": ORDER, "available_functions": TOOLS}).encode())   # logged
+        fake.result = dict(ORDER_CALL, confidence=0.2)
+        ask(c, "where is my parcel?")                                    # logged: the teacher's no-call
+        ask(c, ORDER, tool_choice="required")                            # forced: no label for the request alone
+        fake.result = dict(ORDER_CALL, truncated=True)
+        teacher.error = TimeoutError("down")
+        ask(c, ORDER)                                                    # cut by the budget: not a label
+        ask(c, ORDER, tools=None)                                        # no tools: nothing was decided
+        c.chat.completions.create(model=MODEL, tools=TOOLS, messages=[   # a tool result: nothing was decided
+            {"role": "user", "content": ORDER}, {"role": "tool", "tool_call_id": "1", "content": "ok"}])
+    finally:
+        server.close()
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [(x["x_nanotool"]["endpoint"], x["x_nanotool"]["answered_by"]) for x in lines] == \
+        [("chat", MODEL), ("tool-call", MODEL), ("chat", "fake:teacher")]
+    assert lines[2]["x_nanotool"]["confidence"] == 0.2
+    examples, counts = imports.import_jsonl(str(path))
+    assert counts == {"ok": 3}
+    assert [(e["request"], e["calls"], e["reason"]) for e in examples] == [
+        (ORDER, ORDER_CALL["calls"], None), (ORDER, ORDER_CALL["calls"], None),
+        ("where is my parcel?", [], wire.REASON_NO_TOOL)]
+    assert examples[0]["tools"] == wire.normalize_tools(TOOLS)
+
+
+def test_health_answers_while_a_large_body_is_checked(monkeypatch):
+    # Checking a large body's schemas takes up to ~1 s at the limits (the issue saw 3.5 s
+    # for 4,000 tools, on the event loop). A catalogue check made slow on purpose: /health
+    # and a small request must not wait for it.
+    real = wire.normalize_tools
+    started, seconds = threading.Event(), 1.5
+
+    def slow(tools):
+        started.set()
+        t = time.perf_counter()
+        while time.perf_counter() - t < seconds:    # busy, holding the GIL as real checks do
+            pass
+        return real(tools)
+
+    monkeypatch.setattr(wire, "normalize_tools", slow)
+    server = Live(serve.create_app(FakeRouter(ORDER_CALL), MODEL))
+    try:
+        big = _chat(messages=[{"role": "system", "content": "x" * 100_000}, {"role": "user", "content": ORDER}],
+                    tools=TOOLS + [_tool(description=f"a slow body {time.time()}")])
+        slow_req = threading.Thread(target=server.http, args=("POST", CHAT, json.dumps(big).encode()))
+        t0 = time.perf_counter()
+        slow_req.start()
+        assert started.wait(10)
+        t1 = time.perf_counter()
+        status, health = server.http("GET", "/health")
+        t_health = time.perf_counter() - t1
+        monkeypatch.setattr(wire, "normalize_tools", real)   # the small request's catalogue is cached
+        status2, r = server.http("POST", CHAT, json.dumps(_chat(tools=TOOLS[:2])).encode())
+        t_small = time.perf_counter() - t1
+        still_checking = slow_req.is_alive()
+        slow_req.join(30)
+    finally:
+        server.close()
+    assert status == 200 and health["status"] == "ok" and status2 == 200
+    assert still_checking and time.perf_counter() - t0 >= seconds   # they really overlapped
+    assert t_health < 0.5 and t_small < 0.5, (t_health, t_small)
