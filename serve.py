@@ -92,6 +92,7 @@ MAX_TOOL_VALUES = 10_000   # JSON values in all tool definitions (~1 s of schema
 INLINE_BYTES = 16_384      # smaller bodies are checked on the event loop (< ~10 ms)
 MAX_TOP_LOGPROBS = 20      # OpenAI's own limit
 MAX_STOP = 4               # stop sequences, as OpenAI
+CHARS_PER_TOKEN = 32       # more than any token holds (sentencepiece pieces are <= 16 characters)
 
 # Fields of a chat request the server reads; the rest are listed in x_nanotool.ignored.
 USED_FIELDS = {"model", "messages", "tools", "tool_choice", "parallel_tool_calls", "max_tokens",
@@ -467,7 +468,16 @@ def parse_options(body):
             "ignored": sorted(k for k in body if k not in USED_FIELDS and body[k] is not None)}
 
 
-def parse_chat(body, cap, only_model=None):
+def check_fits(tools, text, context):
+    """Refuse a prompt that cannot fit the context by its length in characters alone,
+    before the model thread spends ~0.7 s tokenizing a 1 MB request to find that out."""
+    chars = len(wire.render_tools(tools)) + len(text)
+    if chars > CHARS_PER_TOKEN * context:
+        raise BadRequest(f"prompt is {chars} characters, at least {chars // CHARS_PER_TOKEN} tokens; the model's "
+                         f"context is {context}", "messages", code="context_length_exceeded")
+
+
+def parse_chat(body, cap, context, only_model=None):
     """A chat-completions body (bytes) -> the job it asks for; BadRequest if anything is wrong."""
     data = load_json(body)
     job = parse_options(data)
@@ -478,10 +488,12 @@ def parse_chat(body, cap, only_model=None):
     job["tools"] = parse_tools(data.get("tools"), "tools")
     job["choice"] = parse_tool_choice(data.get("tool_choice"), job["tools"])
     job["max_tokens"] = parse_max_tokens(data, ["max_completion_tokens", "max_tokens"], cap)
+    if job["tool_result"] is None:
+        check_fits(job["tools"], job["text"], context)
     return job
 
 
-def parse_flat(body, cap):
+def parse_flat(body, cap, context):
     """A /tool-call body (bytes) -> its job."""
     data = load_json(body)
     prompt = data.get("prompt")
@@ -492,6 +504,7 @@ def parse_flat(body, cap):
                          "(an empty list means no tool can be called)", "available_functions",
                          code="missing_required_parameter")
     tools = parse_tools(data["available_functions"], "available_functions")
+    check_fits(tools, prompt, context)
     return {"text": prompt, "tools": tools, "choice": parse_tool_choice(data.get("tool_choice"), tools),
             "max_tokens": parse_max_tokens(data, ["max_tokens"], cap)}
 
@@ -693,6 +706,7 @@ def create_app(router, model_id="nanotool", teacher=None, fallback_below=0.0,
     checker = ThreadPoolExecutor(max_workers=2, thread_name_prefix="check")
     log = RequestLog(log_requests) if log_requests else None
     created = int(time.time())
+    context = router.model.config.block_size
 
     @asynccontextmanager
     async def lifespan(app):
@@ -724,8 +738,9 @@ def create_app(router, model_id="nanotool", teacher=None, fallback_below=0.0,
         """One routing decision -> answer dict (see chat_response)."""
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
-        if not tools:      # nothing could be called: no need to ask the model
-            n = await loop.run_in_executor(worker, count_prompt, tools, request)
+        if not tools:      # nothing could be called: no need to ask the model (counting is
+            # sentencepiece only, thread-safe and off the GIL: not on the model's thread)
+            n = await loop.run_in_executor(None, count_prompt, tools, request)
             ans = {"calls": [], "reason": wire.REASON_NO_TOOL, "confidence": 1.0, "truncated": False,
                    "prompt_tokens": n, "completion_tokens": 0,
                    "note": "no tools given: answered without the model"}
@@ -779,7 +794,7 @@ def create_app(router, model_id="nanotool", teacher=None, fallback_below=0.0,
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_id, "context": router.model.config.block_size,
+        return {"status": "ok", "model": model_id, "context": context,
                 "fallback": getattr(teacher, "id", None), "fallback_below": fallback_below if teacher else None}
 
     @app.get("/v1/models")
@@ -789,18 +804,18 @@ def create_app(router, model_id="nanotool", teacher=None, fallback_below=0.0,
 
     @app.post("/tool-call")
     async def tool_call(request: Request):
-        job = await checked(request, functools.partial(parse_flat, cap=max_new_tokens))
+        job = await checked(request, functools.partial(parse_flat, cap=max_new_tokens, context=context))
         ans = await route(job["tools"], job["text"], job["choice"], job["max_tokens"], endpoint="tool-call")
         return tool_call_response(ans)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        job = await checked(request, functools.partial(parse_chat, cap=max_new_tokens,
+        job = await checked(request, functools.partial(parse_chat, cap=max_new_tokens, context=context,
                                                        only_model=model_id if strict_model else None))
         if job["tool_result"] is not None:
             # The call was made and its result is in: routing that turn is done. (A chat
             # model would now write prose from the result; this one passes it on.)
-            n = await asyncio.get_running_loop().run_in_executor(worker, count_prompt, job["tools"],
+            n = await asyncio.get_running_loop().run_in_executor(None, count_prompt, job["tools"],
                                                                  job["tool_result"])
             ans = {"calls": [], "reason": job["tool_result"], "confidence": None, "answered_by": model_id,
                    "prompt_tokens": n, "completion_tokens": 0, "finish_reason": "stop",

@@ -365,7 +365,9 @@ def _nest(key, n):
 
 
 CHAT, FLAT = "/v1/chat/completions", "/tool-call"
-LONG = "order " * 3000    # ~3000 tokens against a 512-token context, well under the 64 kB limit
+LONG = "order " * 3000    # ~3000 tokens against a 512-token context, well under the 64 kB limit:
+                          # refused by its length in characters, before it is tokenized
+MEDIUM = "order " * 1000  # ~1000 tokens: refused when the model's thread tokenizes it
 MALFORMED = [  # (path, body: bytes or a JSON value, expected status, words the message must contain)
     (CHAT, b'{"messages": [', 400, "not valid JSON"),
     (CHAT, b"", 400, "empty"),
@@ -416,6 +418,8 @@ MALFORMED = [  # (path, body: bytes or a JSON value, expected status, words the 
     (FLAT, {"prompt": ORDER, "available_functions": [{"description": "x"}]}, 400, "tool #0: missing 'name'"),
     (FLAT, {"prompt": ORDER, "available_functions": TOOLS, "max_tokens": -5}, 400, "'max_tokens'"),
     (FLAT, {"prompt": LONG, "available_functions": TOOLS}, 400, "context"),
+    (CHAT, _chat(messages=[{"role": "user", "content": MEDIUM}]), 400, "context"),
+    (FLAT, {"prompt": MEDIUM, "available_functions": TOOLS}, 400, "context"),
     # the eight 500s: deep schemas (both endpoints), 5,000 digits, lone surrogates
     (CHAT, _chat(tools=[_tool(parameters=_params(q=_nest("properties", 100)))]), 400, "nested more than 32 levels"),
     (CHAT, _chat(tools=[_tool(parameters=_params(q=_nest("items", 300)))]), 400, "nested more than 32 levels"),
