@@ -727,8 +727,8 @@ def create_app(router, model_id="nanotool", teacher=None, fallback_below=0.0,
     async def lifespan(app):
         yield
         worker.shutdown(wait=False, cancel_futures=True)
-        if checker["pool"] is not None:
-            checker["pool"].shutdown(wait=False, cancel_futures=True)
+        if checker["pool"] is not None:   # waited for: a process left behind would outlive the server
+            checker["pool"].shutdown(wait=True, cancel_futures=True)
 
     app = FastAPI(title="nanotool", lifespan=lifespan)
 

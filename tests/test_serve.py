@@ -533,10 +533,14 @@ def test_agent_loop_example(capsys):
     spec.loader.exec_module(agent_loop)
     server = Live(serve.create_app(FakeRouter(ORDER_CALL), MODEL))
     try:
+        agent_loop.main(["--base_url", server.url + "/v1", "--prompt", ORDER, "--stream"])
+        streamed = capsys.readouterr().out
         agent_loop.main(["--base_url", server.url + "/v1", "--prompt", ORDER])
     finally:
         server.close()
-    lines = capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out
+    assert streamed == out                         # streamed or not, the same loop and answers
+    lines = out.splitlines()
     assert lines[0] == f"user: {ORDER}"
     assert lines[1] == f'assistant [{MODEL}] calls track_order({{"order_id": "ORD-1234"}})'
     assert lines[2].startswith('tool track_order -> {"order_id": "ORD-1234", "status": ')
