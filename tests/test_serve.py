@@ -9,6 +9,7 @@ tools, whose answers always close: no arguments, or an enum. Exact multi-call
 shaping, the fallback threshold and the agent loop use a FakeRouter with a scripted
 result."""
 
+import asyncio
 import http.client
 import importlib.util
 import json
@@ -21,10 +22,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
+from typing import Literal
 
 import pytest
 import uvicorn
 from openai import BadRequestError, OpenAI
+from pydantic import BaseModel
 
 import serve
 import wire
@@ -674,6 +677,19 @@ def test_langchain_bind_tools_invoke_and_stream(live):
         total = chunk if total is None else total + chunk
     assert [(c["name"], c["args"]) for c in total.tool_calls] == [(c["name"], c["args"]) for c in msg.tool_calls]
     assert total.response_metadata["finish_reason"] == msg.response_metadata["finish_reason"]
+    # astream_events (async, over the stream) and with_structured_output (a forced tool)
+
+    async def events():
+        return [e async for e in bound.astream_events(ORDER, version="v2")]
+    evs = asyncio.run(events())
+    assert any(e["event"] == "on_chat_model_stream" for e in evs)
+    end = [e["data"]["output"] for e in evs if e["event"] == "on_chat_model_end"]
+    assert [(c["name"], c["args"]) for c in end[0].tool_calls] == [(c["name"], c["args"]) for c in msg.tool_calls]
+
+    class set_mode(BaseModel):
+        """Switch the heater mode."""
+        mode: Literal["eco", "boost"]
+    assert llm.with_structured_output(set_mode, method="function_calling").invoke(ORDER).mode in ("eco", "boost")
     # usage in the stream (stream_options.include_usage), and a plain text answer
     total = None
     for chunk in ChatOpenAI(base_url=live.url + "/v1", api_key="local", model=MODEL, max_retries=0,
