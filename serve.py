@@ -170,7 +170,7 @@ def _constant(s):
 
 # A lone surrogate can only arrive as a \\uD800-\\uDFFF escape (the UTF-8 decoder refuses
 # the raw bytes), so bodies without one skip the per-string check.
-SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def where(path):
@@ -191,10 +191,12 @@ def load_json(body, tools_key=None):
     text Python can encode, or a BadRequest naming what is wrong and where."""
     if not body.strip():
         raise BadRequest("request body is empty; expected a JSON object", code="invalid_json")
-    try:
-        data = json.loads(body, parse_float=_float, parse_int=_int, parse_constant=_constant)
-    except UnicodeDecodeError:     # json.loads(bytes) decodes first
+    try:                           # UTF-8 only, as JSON on the wire must be (json.loads would also
+        text = body.decode("utf-8-sig")   # take UTF-16, where the surrogate check below cannot look)
+    except UnicodeDecodeError:
         raise BadRequest("request body is not valid UTF-8 text", code="invalid_json") from None
+    try:
+        data = json.loads(text, parse_float=_float, parse_int=_int, parse_constant=_constant)
     except json.JSONDecodeError as e:
         raise BadRequest(f"request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})",
                          code="invalid_json") from None
@@ -206,7 +208,7 @@ def load_json(body, tools_key=None):
     tools = data.get(tools_key)
     if isinstance(tools, list) and len(tools) > MAX_TOOLS:     # the cheapest refusal of the largest bodies
         raise too_many_tools(tools_key, len(tools))
-    strings = SURROGATE_ESCAPE.search(body) is not None
+    strings = SURROGATE_ESCAPE.search(text) is not None
     stack = [(data, 1, ())]
     while stack:                   # iterative: the body may be as deep as the parser allows
         v, depth, path = stack.pop()

@@ -436,6 +436,7 @@ MALFORMED = [  # (path, body: bytes or a JSON value, expected status, words the 
     (FLAT, {"prompt": "where is \udfff", "available_functions": TOOLS}, 400, "lone surrogate"),
     (CHAT, _chat(messages=[{"role": "user", "content": "hi"}, {"role": "tool", "content": "\ud800"}]),
      400, "lone surrogate"),
+    (CHAT, json.dumps(_chat(messages=[{"role": "user", "content": "\ud800"}])).encode("utf-16"), 400, "UTF-8"),
     # other numbers JSON or Python cannot carry, and the limits
     (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "NaN is not a JSON value"),
     (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e999}', 400, "out of range"),

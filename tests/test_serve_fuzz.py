@@ -142,6 +142,8 @@ def known_bad():
         put(b, path, "\ud800" if path[-1] != 1 else {"role": "tool", "content": "\ud800"})
         out.append((serve_chat, json.dumps(b).encode()))
     out.append((serve_flat, json.dumps(dict(good_flat(), prompt="where \ud800")).encode()))
+    out.append((serve_chat, json.dumps(dict(good_chat(), messages=[{"role": "user", "content": "\ud800"}]))
+                .encode("utf-16")))                    # JSON that is not UTF-8 (json.loads would take it)
     many = [{"type": "function", "function": {"name": f"t{i}", "description": "A tool.", "parameters": {
         "type": "object", "properties": {"x": {"type": "string"}}}}} for i in range(4000)]
     out.append((serve_chat, json.dumps(dict(good_chat(), tools=many, tool_choice="auto")).encode()))
