@@ -61,7 +61,8 @@ REASON_INFO = "information request"
 REASON_NO_TOOL = "no tool fits"
 REASON_MISSING = "missing argument: "
 
-NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
+# \Z, not $: "$" also matches before a trailing newline, and "get_time\n" would pass
+NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}\Z")
 JSON_TYPES = {"string", "integer", "number", "boolean", "array", "object", "null"}
 SHORT_TYPE = {"string": "str", "integer": "int", "number": "num", "boolean": "bool",
               "array": "list", "object": "obj", "null": "null"}
@@ -158,6 +159,56 @@ def _resolve_refs(node, root, where, seen=()):
         rest = {k: v for k, v in node.items() if k != "$ref"}   # siblings (a description) win
         return _resolve_refs({**target, **rest} if isinstance(target, dict) else target, root, where, seen + (ref,))
     return {k: _resolve_refs(v, root, where, seen) for k, v in node.items()}
+
+
+def carry_problem(tool):
+    """None if every argument name and fixed value of a tool (normalize_tool's form)
+    can be written in an answer and read back unchanged, else a message naming the
+    first that cannot. Such a tool is valid JSON Schema, so normalize_tool takes it,
+    but the model could never call it as given: the grammar leaves out an argument
+    name it cannot write (and a tool that requires one), and an enum value that
+    reads back differently never validates. Servers refuse these tools up front."""
+
+    def bad_text(s):
+        if clean(s) != s:
+            return "contains a special token (" + next(t for t in SPECIAL_TOKENS if t in s) + ")"
+        if "\u2581" in s:     # sentencepiece's space symbol: decoded as a plain space
+            return "contains U+2581, which the tokenizer reads back as a space"
+        return None
+
+    where = f"tool '{tool['name']}'"
+    for key, prop in tool["parameters"].get("properties", {}).items():
+        # an answer writes '<|arg|> key: value' and the grammar matches the key up to ':'
+        why = "is empty" if not key else "contains ':'" if ":" in key else bad_text(key)
+        if why:
+            return f"{where}: argument name {key!r} {why}, so an answer cannot carry it"
+        # every enum value and nested property name in the argument's schema
+        stack = [(prop, True)]
+        while stack:
+            node, top = stack.pop()
+            if isinstance(node, list):
+                stack += [(x, False) for x in node]
+                continue
+            if not isinstance(node, dict):
+                continue
+            enum = node.get("enum")
+            if isinstance(enum, list):
+                raw = top and all(isinstance(v, str) for v in enum)   # written raw, not as JSON
+                for v in enum:
+                    text = v if raw else json.dumps(v, ensure_ascii=False)
+                    why = bad_text(text)
+                    if raw and not why:
+                        why = "is empty" if not v else "ends with white space" if v != v.rstrip() else None
+                    if why:
+                        return f"{where}: argument '{key}' has enum value {v!r}, which {why}"
+            props = node.get("properties")
+            if isinstance(props, dict):
+                for k in props:
+                    why = bad_text(k)
+                    if why:
+                        return f"{where}: argument '{key}' has a property name {k!r}, which {why}"
+            stack += [(v, False) for k, v in node.items() if k != "enum"]
+    return None
 
 
 def normalize_tools(tools):

@@ -6,6 +6,7 @@ back as a tool message, and prints what happened.
     python serve.py --ckpt out/demo/best.pt                  # in another terminal
     python examples/agent_loop.py --prompt "Where's my order ORD-1234?"
     python examples/agent_loop.py --prompt "What's the weather in Paris?" --tool_choice required
+    python examples/agent_loop.py --stream     # the same loop over streamed answers (server-sent events)
 
 The server is a router, not a chat model: once the last message is a tool result it
 answers finish_reason "stop" with that result as content, so the loop ends there. With
@@ -72,6 +73,33 @@ def run_tool(name, arguments):
         return {"error": str(e)}
 
 
+def complete(client, stream, **request):
+    """One chat completion -> (model, finish_reason, content, [{"id", "name", "arguments"}]).
+    Streamed, the answer comes as chunks: the role, then for each call its id and name
+    (arguments "") and then its arguments, keyed by the call's index; the last chunk
+    carries the finish reason."""
+    if not stream:
+        r = client.chat.completions.create(**request)
+        msg = r.choices[0].message
+        calls = [{"id": tc.id, "name": tc.function.name, "arguments": tc.function.arguments}
+                 for tc in msg.tool_calls or []]
+        return r.model, r.choices[0].finish_reason, msg.content, calls
+    model, finish, content, calls = None, None, "", {}
+    for chunk in client.chat.completions.create(stream=True, **request):
+        model = chunk.model
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for tc in delta.tool_calls or []:
+            call = calls.setdefault(tc.index, {"id": None, "name": "", "arguments": ""})
+            call["id"] = tc.id or call["id"]
+            call["name"] += tc.function.name or ""
+            call["arguments"] += tc.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    return model, finish, content or None, [calls[i] for i in sorted(calls)]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base_url", default="http://127.0.0.1:8000/v1")
@@ -80,6 +108,7 @@ def main(argv=None):
     p.add_argument("--tool_choice", default="auto", choices=["auto", "required", "none"],
                    help="for the first turn (later turns, after a tool result, are auto)")
     p.add_argument("--max_turns", type=int, default=4)
+    p.add_argument("--stream", action="store_true", help="stream each answer (same output)")
     args = p.parse_args(argv)
 
     def die(msg):
@@ -95,24 +124,25 @@ def main(argv=None):
     print(f"user: {args.prompt}")
     for turn in range(args.max_turns):
         try:
-            r = client.chat.completions.create(model=model, messages=messages, tools=TOOLS,
-                                               tool_choice=args.tool_choice if turn == 0 else "auto")
+            answered_by, finish, content, calls = complete(client, args.stream, model=model, messages=messages,
+                                                           tools=TOOLS,
+                                                           tool_choice=args.tool_choice if turn == 0 else "auto")
         except (APIConnectionError, APIStatusError) as e:
             die(f"the server refused the request: {e}")
-        msg = r.choices[0].message
-        if not msg.tool_calls:
-            print(f"assistant [{r.model}, finish_reason {r.choices[0].finish_reason}]: {msg.content}")
+        if not calls:
+            print(f"assistant [{answered_by}, finish_reason {finish}]: {content}")
             return
         # the assistant turn goes back into the history exactly as it came, then one
         # tool message per call, matched by its id
-        messages.append({"role": "assistant", "content": msg.content,
-                         "tool_calls": [tc.model_dump(include={"id", "type", "function"}) for tc in msg.tool_calls]})
-        for tc in msg.tool_calls:
-            arguments = json.loads(tc.function.arguments)
-            print(f"assistant [{r.model}] calls {tc.function.name}({json.dumps(arguments, ensure_ascii=False)})")
-            result = run_tool(tc.function.name, arguments)
-            print(f"tool {tc.function.name} -> {json.dumps(result, ensure_ascii=False)}")
-            messages.append({"role": "tool", "tool_call_id": tc.id, "content": json.dumps(result, ensure_ascii=False)})
+        messages.append({"role": "assistant", "content": content, "tool_calls": [
+            {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+            for c in calls]})
+        for c in calls:
+            arguments = json.loads(c["arguments"])
+            print(f"assistant [{answered_by}] calls {c['name']}({json.dumps(arguments, ensure_ascii=False)})")
+            result = run_tool(c["name"], arguments)
+            print(f"tool {c['name']} -> {json.dumps(result, ensure_ascii=False)}")
+            messages.append({"role": "tool", "tool_call_id": c["id"], "content": json.dumps(result, ensure_ascii=False)})
     print(f"(stopped after --max_turns {args.max_turns})")
 
 

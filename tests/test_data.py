@@ -168,7 +168,7 @@ def test_teacher_quota_running_out_stops_with_one_line_and_a_rerun_continues(tmp
         with pytest.raises(SystemExit) as e:
             data.main(argv)
         assert e.value.code == 2
-        err = [line for line in capsys.readouterr().err.splitlines() if "data.py" in line]
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
         assert len(err) == 1 and "quota exhausted" in err[0] and "run the same command again" in err[0], err
         with open(os.path.join(out, "teacher_cache.jsonl")) as f:
             saved = len(f.read().splitlines())

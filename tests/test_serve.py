@@ -9,9 +9,11 @@ tools, whose answers always close: no arguments, or an enum. Exact multi-call
 shaping, the fallback threshold and the agent loop use a FakeRouter with a scripted
 result."""
 
+import asyncio
 import http.client
 import importlib.util
 import json
+import math
 import os
 import shutil
 import socket
@@ -20,10 +22,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
+from typing import Literal
 
 import pytest
 import uvicorn
 from openai import BadRequestError, OpenAI
+from pydantic import BaseModel
 
 import serve
 import wire
@@ -141,9 +145,11 @@ def ask(client, content, tools=TOOLS, **kw):
 
 
 def check_calls(resp, names=None):
-    """Every tool call is well formed and validates against its tool; returns the calls."""
+    """Every tool call is well formed and validates against its tool; returns the calls.
+    finish_reason "length": the token budget cut the answer after these calls."""
     choice = resp.choices[0]
-    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert choice.message.content is None
+    assert choice.finish_reason == "tool_calls" or (choice.finish_reason == "length" and resp.x_nanotool["truncated"])
     assert choice.message.tool_calls
     calls = []
     for tc in choice.message.tool_calls:
@@ -166,15 +172,17 @@ def test_named_tool_choice_gives_valid_calls_of_that_tool(client, router):
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     ext = r.x_nanotool
     assert ext["answered_by"] == MODEL and 0 < ext["confidence"] <= 1 and "fallback_error" not in ext
-    # a tool without arguments: "{}" (the toy model calls it again and again: several calls)
+    # a tool without arguments: "{}" (the toy model calls it again and again: identical
+    # calls, sent once)
     r = ask(client, ORDER, tools=ALL, tool_choice={"type": "function", "function": {"name": "get_time"}})
-    assert all(c == {"name": "get_time", "arguments": {}} for c in check_calls(r, {"get_time"}))
-    # a string tool: the toy model never closes the value, so the router declines: "length"
+    assert check_calls(r, {"get_time"}) == [{"name": "get_time", "arguments": {}}]
+    assert r.x_nanotool["duplicates_dropped"] >= 1
+    # a string tool: the toy model never closes the value, so the budget cuts the answer:
+    # "length", with the call as far as it was complete, or a decline
     r = ask(client, ORDER, tools=ALL, tool_choice={"type": "function", "function": {"name": "track_order"}})
     c = r.choices[0]
-    assert (c.finish_reason == "tool_calls") == bool(c.message.tool_calls)
-    if not c.message.tool_calls:
-        assert c.finish_reason == "length" and r.x_nanotool["truncated"] and c.message.content
+    assert c.finish_reason == "length" and r.x_nanotool["truncated"]
+    assert bool(c.message.tool_calls) != bool(c.message.content)
 
 
 def test_required_gives_calls_and_none_gives_a_reason(client):
@@ -192,13 +200,13 @@ def test_auto_with_every_role_and_text_parts(client):
                 {"role": "user", "content": [{"type": "text", "text": "Where is my order"},
                                              {"type": "text", "text": "ORD-1234?"}]}]
     r = client.chat.completions.create(model="anything", messages=messages, tools=ALL, max_tokens=16)
-    if r.choices[0].finish_reason == "tool_calls":
+    if r.choices[0].message.tool_calls:
         check_calls(r)
     else:
         assert r.choices[0].finish_reason in ("stop", "length") and r.choices[0].message.content
 
 
-def test_last_message_a_tool_result_ends_the_turn_without_the_model(client):
+def test_last_message_a_tool_result_ends_the_turn_without_the_model(client, router):
     messages = [{"role": "user", "content": ORDER},
                 {"role": "assistant", "content": None, "tool_calls": [
                     {"id": "call_1", "type": "function",
@@ -207,16 +215,18 @@ def test_last_message_a_tool_result_ends_the_turn_without_the_model(client):
     r = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, tool_choice="required")
     assert r.choices[0].finish_reason == "stop" and not r.choices[0].message.tool_calls
     assert r.choices[0].message.content == '{"status": "shipped"}'
-    assert r.usage.total_tokens == 0 and "tool result" in r.x_nanotool["note"]
+    # usage: no model ran, so nothing was generated; the prompt is what the answer was decided on
+    assert r.usage.completion_tokens == 0 and "tool result" in r.x_nanotool["note"]
+    assert r.usage.prompt_tokens == len(router.encode_prompt(wire.normalize_tools(TOOLS), '{"status": "shipped"}'))
     two = messages + [{"role": "tool", "tool_call_id": "call_2", "content": [{"type": "text", "text": "done 2"}]}]
     r = client.chat.completions.create(model=MODEL, messages=two, tools=TOOLS)
     assert r.choices[0].message.content == '{"status": "shipped"}\ndone 2'
 
 
-def test_no_tools_is_a_no_call_without_the_model(client):
+def test_no_tools_is_a_no_call_without_the_model(client, router):
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": ORDER}])
     assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == wire.REASON_NO_TOOL
-    assert r.usage.total_tokens == 0
+    assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(router.encode_prompt([], ORDER)) > 0
 
 
 def test_multi_call_shaping():
@@ -349,8 +359,18 @@ def _params(**props):
     return {"type": "object", "properties": props}
 
 
+def _nest(key, n):
+    """A parameter schema n levels deep: objects in objects ("properties") or lists of lists ("items")."""
+    p = {"type": "string"}
+    for _ in range(n):
+        p = {"type": "object", "properties": {"a": p}} if key == "properties" else {"type": "array", "items": p}
+    return p
+
+
 CHAT, FLAT = "/v1/chat/completions", "/tool-call"
-LONG = "order " * 3000    # ~3000 tokens against a 512-token context, well under the 64 kB limit
+LONG = "order " * 3000    # ~3000 tokens against a 512-token context, well under the 64 kB limit:
+                          # refused by its length in characters, before it is tokenized
+MEDIUM = "order " * 1000  # ~1000 tokens: refused when the model's thread tokenizes it
 MALFORMED = [  # (path, body: bytes or a JSON value, expected status, words the message must contain)
     (CHAT, b'{"messages": [', 400, "not valid JSON"),
     (CHAT, b"", 400, "empty"),
@@ -390,7 +410,6 @@ MALFORMED = [  # (path, body: bytes or a JSON value, expected status, words the 
     (CHAT, _chat(max_tokens="ten"), 400, "'max_tokens' must be a positive integer"),
     (CHAT, _chat(max_tokens=0), 400, "'max_tokens' must be a positive integer"),
     (CHAT, _chat(max_completion_tokens=True), 400, "'max_completion_tokens' must be a positive integer"),
-    (CHAT, _chat(stream=True), 400, "stream"),
     (CHAT, _chat(n=3), 400, "'n' must be 1"),
     (CHAT, _chat(model=123), 400, "'model' must be a string"),
     (CHAT, _chat(parallel_tool_calls="yes"), 400, "'parallel_tool_calls' must be a boolean"),
@@ -402,20 +421,84 @@ MALFORMED = [  # (path, body: bytes or a JSON value, expected status, words the 
     (FLAT, {"prompt": ORDER, "available_functions": [{"description": "x"}]}, 400, "tool #0: missing 'name'"),
     (FLAT, {"prompt": ORDER, "available_functions": TOOLS, "max_tokens": -5}, 400, "'max_tokens'"),
     (FLAT, {"prompt": LONG, "available_functions": TOOLS}, 400, "context"),
+    (CHAT, _chat(messages=[{"role": "user", "content": MEDIUM}]), 400, "context"),
+    (FLAT, {"prompt": MEDIUM, "available_functions": TOOLS}, 400, "context"),
+    # the issue's eight 500s: deep schemas (both endpoints), 5,000 digits, lone surrogates
+    (CHAT, _chat(tools=[_tool(parameters=_params(q=_nest("properties", 100)))]), 400, "nested more than 32 levels"),
+    (CHAT, _chat(tools=[_tool(parameters=_params(q=_nest("items", 300)))]), 400, "nested more than 32 levels"),
+    (FLAT, {"prompt": ORDER, "available_functions": [_tool(parameters=_params(q=_nest("properties", 100)))]},
+     400, "nested more than 32 levels"),
+    (FLAT, {"prompt": ORDER, "available_functions": [_tool(parameters=_params(q=_nest("items", 300)))]},
+     400, "nested more than 32 levels"),
+    (CHAT, json.dumps(_chat())[:-1].encode() + b', "max_tokens": ' + b"9" * 5000 + b"}", 400, "5000 digits"),
+    (CHAT, _chat(messages=[{"role": "user", "content": "where is \ud800 ORD-1"}]), 400, "lone surrogate"),
+    (CHAT, _chat(tools=[_tool(description="Look \ud800 up")]), 400, "lone surrogate"),
+    (FLAT, {"prompt": "where is \udfff", "available_functions": TOOLS}, 400, "lone surrogate"),
+    (CHAT, _chat(messages=[{"role": "user", "content": "hi"}, {"role": "tool", "content": "\ud800"}]),
+     400, "lone surrogate"),
+    (CHAT, json.dumps(_chat(messages=[{"role": "user", "content": "\ud800"}])).encode("utf-16"), 400, "UTF-8"),
+    # other numbers JSON or Python cannot carry, and the limits
+    (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "NaN is not a JSON value"),
+    (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e999}', 400, "out of range"),
+    (CHAT, _chat(tools=[_tool(name=f"t{i}") for i in range(300)]), 400, "the limit is 256"),
+    (CHAT, _chat(tools=[_tool(parameters=_params(q={"enum": [0] * 10_001}))]), 400, "more than 10000 JSON values"),
+    # names and values an answer cannot carry: refused, never accepted and then uncallable
+    (CHAT, _chat(tools=[_tool(name="get_time\n")]), 400, "name must be"),
+    (CHAT, _chat(tools=[_tool(parameters=_params(**{"": {"type": "string"}}))]), 400, "argument name '' is empty"),
+    (CHAT, _chat(tools=[_tool(parameters=_params(**{"a:b": {"type": "string"}}))]), 400, "'a:b' contains ':'"),
+    (CHAT, _chat(tools=[_tool(parameters=_params(**{"q<|call|>": {"type": "string"}}))]), 400, "special token (<|call|>)"),
+    (CHAT, _chat(tools=[_tool(parameters=_params(**{"a\u2581b": {"type": "string"}}))]), 400, "U+2581"),
+    (CHAT, _chat(tools=[_tool(parameters=_params(q={"type": "string", "enum": ["eco<|end|>", "boost"]}))]),
+     400, "enum value 'eco<|end|>', which contains a special token"),
+    (CHAT, _chat(tools=[_tool(parameters=_params(q={"type": "string", "enum": ["", "boost"]}))]), 400, "is empty"),
+    (CHAT, _chat(tools=[_tool(parameters=_params(q={"type": "string", "enum": ["eco ", "boost"]}))]),
+     400, "ends with white space"),
+    (CHAT, _chat(tools=[_tool(parameters=_params(q={"type": "array", "items": {"enum": [1, "<|arg|>"]}}))]),
+     400, "special token"),
+    (CHAT, _chat(tools=[_tool(parameters=_params(q={"type": "array", "items": {"$ref": "#/$defs/Q"}}))]),
+     400, "points to nothing"),
+    (CHAT, _chat(tools=[_tool(parameters=_params(q={"type": "string", "pattern": "^(a+)+$"}))]), 400, "exponential"),
+    # OpenAI fields: honoured, or checked and refused
+    (CHAT, _chat(temperature=3), 400, "'temperature' must be a number from 0 to 2"),
+    (CHAT, _chat(temperature="hot"), 400, "'temperature' must be a number"),
+    (CHAT, _chat(top_p=1.5), 400, "'top_p' must be a number from 0 to 1"),
+    (CHAT, _chat(frequency_penalty=-9), 400, "'frequency_penalty'"),
+    (CHAT, _chat(seed="x"), 400, "'seed' must be a 64-bit integer"),
+    (CHAT, _chat(seed=2 ** 64), 400, "'seed' must be a 64-bit integer"),
+    (CHAT, _chat(stop=5), 400, "'stop' must be"),
+    (CHAT, _chat(stop=["a", "b", "c", "d", "e"]), 400, "'stop' must be"),
+    (CHAT, _chat(logprobs="yes"), 400, "'logprobs' must be a boolean"),
+    (CHAT, _chat(logprobs=True, top_logprobs=21), 400, "'top_logprobs' must be an integer from 0 to 20"),
+    (CHAT, _chat(top_logprobs=2), 400, "needs \"logprobs\": true"),
+    (CHAT, _chat(response_format={"type": "json_object"}), 400, "'json_object' is not supported"),
+    (CHAT, _chat(response_format="text"), 400, "'response_format' must be"),
+    (CHAT, _chat(logit_bias={"5": 10}), 400, "'logit_bias' is not supported"),
+    (CHAT, _chat(functions=[{"name": "lookup"}]), 400, "deprecated"),
+    (CHAT, _chat(modalities=["audio"]), 400, "only text output"),
+    (CHAT, _chat(stream="yes"), 400, "'stream' must be a boolean"),
+    (CHAT, _chat(stream_options={"include_usage": True}), 400, "only allowed with"),
+    (CHAT, _chat(stream=True, stream_options={"include_usage": "yes"}), 400, "'stream_options' must be"),
 ]
+CODES = {"not valid JSON": "invalid_json", "limit": "request_too_large", "context": "context_length_exceeded",
+         "nested more than 32 levels": "limit_exceeded", "the limit is 256": "limit_exceeded",
+         "name must be": "invalid_tool", "'json_object' is not supported": "unsupported_value",
+         "'logit_bias' is not supported": "unsupported_parameter"}   # words -> error.code
 
 
 def test_malformed_requests_get_a_4xx_with_a_message_then_a_good_one_works(live, client):
-    assert len(MALFORMED) >= 30
+    assert len(MALFORMED) >= 90
     for path, body, status, words in MALFORMED:
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         got, r = live.http("POST", path, raw)
         what = f"{path} {raw[:80]!r}"
         assert got == status, f"{what}: HTTP {got} {r}"
         assert words in r["error"]["message"], f"{what}: {r}"
+        code = r["error"]["code"]
+        assert isinstance(code, str) and code and r["error"]["type"] == "invalid_request_error", f"{what}: {r}"
+        assert code == CODES.get(words, code), f"{what}: code {code}"
     for method, path, status in [("GET", FLAT, 405), ("POST", "/v1/nope", 404), ("DELETE", "/health", 405)]:
         got, r = live.http(method, path)
-        assert got == status and r["error"]["message"]
+        assert got == status and r["error"]["message"] and r["error"]["code"]
     # the same through the openai client: a readable BadRequestError, not a crash
     with pytest.raises(BadRequestError, match="not among the tools"):
         ask(client, ORDER, tool_choice={"type": "function", "function": {"name": "fly"}})
@@ -454,10 +537,14 @@ def test_agent_loop_example(capsys):
     spec.loader.exec_module(agent_loop)
     server = Live(serve.create_app(FakeRouter(ORDER_CALL), MODEL))
     try:
+        agent_loop.main(["--base_url", server.url + "/v1", "--prompt", ORDER, "--stream"])
+        streamed = capsys.readouterr().out
         agent_loop.main(["--base_url", server.url + "/v1", "--prompt", ORDER])
     finally:
         server.close()
-    lines = capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out
+    assert streamed == out                         # streamed or not, the same loop and answers
+    lines = out.splitlines()
     assert lines[0] == f"user: {ORDER}"
     assert lines[1] == f'assistant [{MODEL}] calls track_order({{"order_id": "ORD-1234"}})'
     assert lines[2].startswith('tool track_order -> {"order_id": "ORD-1234", "status": ')
@@ -471,6 +558,12 @@ def test_loadtest_runs_against_the_server(live):
     from utils import loadtest
     s = loadtest.main(["--base_url", live.url, "--clients", "2", "--seconds", "1", "--max_tokens", "16"])
     assert s["requests"] >= 2 and s["errors"] == 0 and s["p50_ms"] <= s["p99_ms"] <= s["max_ms"]
+    assert s["health_probes"] >= 5 and s["health_errors"] == 0 and s["health_p50_ms"] <= s["health_max_ms"]
+    # streamed, with a client sending large bodies (over this server's 64 kB limit: 413s)
+    s = loadtest.main(["--base_url", live.url, "--clients", "2", "--seconds", "1", "--max_tokens", "16",
+                       "--stream", "--big_clients", "1", "--big_tools", "600"])
+    assert s["requests"] >= 2 and s["errors"] == 0 and s["health_errors"] == 0
+    assert s["big_requests"] >= 1 and s["big_errors"] == 0 and set(s["big_statuses"]) == {413}
 
 
 def test_cli_starts_the_app_and_bad_flags_are_one_line(toy_ckpt, monkeypatch, capsys):
@@ -496,3 +589,248 @@ def test_cli_starts_the_app_and_bad_flags_are_one_line(toy_ckpt, monkeypatch, ca
             serve.main(argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("error:") and words in err and err.count("\n") == 1
+
+
+# -----------------------------------------------------------------------------
+# streaming, LangChain, the OpenAI fields, the request log, a slow body
+
+FORCE_MODE = {"type": "function", "function": {"name": "set_mode"}}
+
+
+def sse(live, body):
+    """POST a streaming chat request -> (status, content type, the parsed events before [DONE])."""
+    conn = http.client.HTTPConnection("127.0.0.1", live.port, timeout=60)
+    conn.request("POST", CHAT, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    text = r.read().decode()
+    conn.close()
+    blocks = text.split("\n\n")
+    assert blocks[-2:] == ["data: [DONE]", ""], text[-200:]   # every event is one "data:" line
+    assert all(b.startswith("data: ") and "\n" not in b for b in blocks[:-1])
+    return r.status, r.getheader("content-type"), [json.loads(b[6:]) for b in blocks[:-2]]
+
+
+def test_streaming_matches_the_plain_answer(live, client):
+    whole = ask(client, ORDER, tools=EXTRA, tool_choice=FORCE_MODE)
+    status, ctype, events = sse(live, _chat(tools=EXTRA, tool_choice=FORCE_MODE, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert status == 200 and ctype.startswith("text/event-stream")
+    assert len({e["id"] for e in events}) == 1 and all(e["object"] == "chat.completion.chunk" for e in events)
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    *body, finish, usage = events
+    assert finish["choices"][0]["finish_reason"] == whole.choices[0].finish_reason and finish["choices"][0]["delta"] == {}
+    assert usage["choices"] == [] and usage["usage"] == whole.usage.model_dump(exclude_none=True)
+    assert all(e["usage"] is None for e in events[:-1])     # OpenAI: only the last chunk has it
+    # each call: id, type and name with empty arguments, then the arguments
+    deltas = [tc for e in body for tc in e["choices"][0]["delta"].get("tool_calls", [])]
+    assert deltas[0]["id"].startswith("call_") and deltas[0]["function"] == {"name": "set_mode", "arguments": ""}
+    args = "".join(d["function"]["arguments"] for d in deltas if d["index"] == 0)
+    assert json.loads(args) == json.loads(whole.choices[0].message.tool_calls[0].function.arguments)
+    # the official client's stream=True: the same answer, accumulated
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": ORDER}], tools=EXTRA,
+                                            tool_choice=FORCE_MODE, stream=True)
+    chunks = list(stream)
+    calls = {}
+    for ch in chunks:
+        for tc in (ch.choices[0].delta.tool_calls or []) if ch.choices else []:
+            c = calls.setdefault(tc.index, {"name": "", "arguments": ""})
+            c["name"] += tc.function.name or ""
+            c["arguments"] += tc.function.arguments or ""
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == \
+        [(tc.function.name, json.loads(tc.function.arguments)) for tc in whole.choices[0].message.tool_calls]
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    # a no-call streams its reason as content
+    status, _, events = sse(live, _chat(tool_choice="none", stream=True))
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events)
+    assert text == ask(client, ORDER, tool_choice="none").choices[0].message.content and text
+    assert events[-1]["choices"][0]["finish_reason"] == "stop" and "usage" not in events[-1]
+
+
+def test_streaming_with_the_official_stream_helper():
+    # The helper parses the final completion, and refuses one cut by the token budget
+    # (finish_reason "length", which the toy model's forced calls always are): scripted.
+    server = Live(serve.create_app(FakeRouter(TWO_CALLS), MODEL))
+    try:
+        c = server.client()
+        with c.chat.completions.stream(model=MODEL, messages=[{"role": "user", "content": ORDER}], tools=TOOLS,
+                                       stream_options={"include_usage": True}) as stream:
+            kinds = [e.type for e in stream]
+            final = stream.get_final_completion()
+        assert kinds.count("tool_calls.function.arguments.done") == 2
+        assert [(tc.function.name, json.loads(tc.function.arguments)) for tc in final.choices[0].message.tool_calls] \
+            == [(x["name"], x["arguments"]) for x in TWO_CALLS["calls"]]
+        assert final.choices[0].finish_reason == "tool_calls" and final.usage.completion_tokens == 12
+        r = ask(c, ORDER, stream=True, parallel_tool_calls=False)
+        assert sum(len(ch.choices[0].delta.tool_calls or []) for ch in r if ch.choices) == 2   # name chunk + args chunk
+    finally:
+        server.close()
+
+
+def test_langchain_bind_tools_invoke_and_stream(live):
+    from langchain_openai import ChatOpenAI
+    llm = ChatOpenAI(base_url=live.url + "/v1", api_key="local", model=MODEL, max_retries=0, timeout=60)
+    bound = llm.bind_tools(EXTRA, tool_choice="set_mode")
+    msg = bound.invoke(ORDER)
+    assert [(c["name"], c["args"]) for c in msg.tool_calls] == [("set_mode", msg.tool_calls[0]["args"])]
+    assert msg.tool_calls[0]["args"]["mode"] in ("eco", "boost")
+    total = None
+    for chunk in bound.stream(ORDER):
+        total = chunk if total is None else total + chunk
+    assert [(c["name"], c["args"]) for c in total.tool_calls] == [(c["name"], c["args"]) for c in msg.tool_calls]
+    assert total.response_metadata["finish_reason"] == msg.response_metadata["finish_reason"]
+    # astream_events (async, over the stream) and with_structured_output (a forced tool)
+
+    async def events():
+        return [e async for e in bound.astream_events(ORDER, version="v2")]
+    evs = asyncio.run(events())
+    assert any(e["event"] == "on_chat_model_stream" for e in evs)
+    end = [e["data"]["output"] for e in evs if e["event"] == "on_chat_model_end"]
+    assert [(c["name"], c["args"]) for c in end[0].tool_calls] == [(c["name"], c["args"]) for c in msg.tool_calls]
+
+    class set_mode(BaseModel):
+        """Switch the heater mode."""
+        mode: Literal["eco", "boost"]
+    assert llm.with_structured_output(set_mode, method="function_calling").invoke(ORDER).mode in ("eco", "boost")
+    # usage in the stream (stream_options.include_usage), and a plain text answer
+    total = None
+    for chunk in ChatOpenAI(base_url=live.url + "/v1", api_key="local", model=MODEL, max_retries=0,
+                            stream_usage=True).bind_tools(TOOLS, tool_choice="none").stream(ORDER):
+        total = chunk if total is None else total + chunk
+    assert total.content and not total.tool_calls and wire.reason_kind(total.content) != "other"
+    assert total.usage_metadata["input_tokens"] > 0 and total.usage_metadata["output_tokens"] > 0
+
+
+def test_logprobs_are_the_models_own(live, client, router):
+    r = ask(client, ORDER, tools=EXTRA, tool_choice=FORCE_MODE, logprobs=True, top_logprobs=3)
+    entries = r.choices[0].logprobs.content
+    assert len(entries) == r.usage.completion_tokens
+    text = b"".join(bytes(e.bytes) for e in entries).decode()
+    call = r.choices[0].message.tool_calls[0]
+    assert text.startswith(f"{wire.CALL}set_mode{wire.ARG} mode: {json.loads(call.function.arguments)['mode']}")
+    for e in entries:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 3
+        tops = [t.logprob for t in e.top_logprobs]
+        assert tops == sorted(tops, reverse=True) and tops[0] >= e.logprob
+        if e.token in [t.token for t in e.top_logprobs]:
+            assert e.logprob in tops
+    # the same answer as without logprobs, and the probabilities sum to at most 1 per position
+    plain = ask(client, ORDER, tools=EXTRA, tool_choice=FORCE_MODE)
+    assert plain.choices[0].logprobs is None
+    assert plain.choices[0].message.tool_calls[0].function.arguments == call.function.arguments
+    assert all(sum(math.exp(t.logprob) for t in e.top_logprobs) <= 1 + 1e-6 for e in entries)
+    # streamed: the entries ride on the first tool-call chunk
+    status, _, events = sse(live, _chat(tools=EXTRA, tool_choice=FORCE_MODE, stream=True, logprobs=True))
+    lps = [e["choices"][0]["logprobs"] for e in events if e["choices"][0]["logprobs"]]
+    assert len(lps) == 1 and [x["logprob"] for x in lps[0]["content"]] == pytest.approx([e.logprob for e in entries])
+
+
+def test_sampling_fields_are_checked_and_ignored_stop_cuts_text(client):
+    base = ask(client, ORDER, tools=EXTRA, tool_choice=FORCE_MODE)
+    same = ask(client, ORDER, tools=EXTRA, tool_choice=FORCE_MODE, temperature=1.3, top_p=0.5, seed=7,
+               frequency_penalty=0.5, presence_penalty=-1, user="u1", extra_body={"top_k": 5})
+    assert same.choices[0].message.tool_calls[0].function.arguments == \
+        base.choices[0].message.tool_calls[0].function.arguments
+    assert same.x_nanotool["ignored"] == ["frequency_penalty", "presence_penalty", "seed", "temperature",
+                                          "top_k", "top_p", "user"]
+    reason = ask(client, ORDER, tool_choice="none").choices[0].message.content
+    r = ask(client, ORDER, tool_choice="none", stop=[reason[2:4], "zzz"])
+    assert r.choices[0].message.content == reason[:2] and r.choices[0].finish_reason == "stop"
+    r = ask(client, ORDER, tools=EXTRA, tool_choice=FORCE_MODE, stop=["eco", "boost", "mode"])   # never cuts a call
+    assert r.choices[0].message.tool_calls[0].function.arguments == base.choices[0].message.tool_calls[0].function.arguments
+
+
+def test_unknown_model_is_served_unless_strict(router, client):
+    r = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": ORDER}])
+    assert r.model == MODEL and r.choices[0].message.content         # the README's drop-in: any name
+    server = Live(serve.create_app(router, MODEL, max_new_tokens=8, strict_model=True))
+    try:
+        status, r = server.http("POST", CHAT, json.dumps(_chat(model="gpt-4o-mini", tool_choice="none")).encode())
+        assert status == 404 and r["error"]["code"] == "model_not_found" and "gpt-4o-mini" in r["error"]["message"]
+        status, r = server.http("POST", CHAT, json.dumps(_chat(tool_choice="none")).encode())
+        assert status == 200 and r["model"] == MODEL
+    finally:
+        server.close()
+
+
+def test_duplicates_once_and_length_when_the_budget_cut_the_calls():
+    twice = dict(ORDER_CALL, calls=ORDER_CALL["calls"] * 2 + [{"name": "track_order", "arguments": {"order_id": "X"}}])
+    fake = FakeRouter(twice)
+    server = Live(serve.create_app(fake, MODEL))
+    try:
+        c = server.client()
+        r = ask(c, ORDER)
+        assert [json.loads(tc.function.arguments)["order_id"] for tc in r.choices[0].message.tool_calls] == ["ORD-1234", "X"]
+        assert r.x_nanotool["duplicates_dropped"] == 1 and r.choices[0].finish_reason == "tool_calls"
+        fake.result = dict(ORDER_CALL, truncated=True)      # a value cut by the budget still validates
+        r = ask(c, ORDER)
+        assert r.choices[0].finish_reason == "length" and r.choices[0].message.tool_calls
+    finally:
+        server.close()
+
+
+def test_log_requests_is_training_data_that_imports(tmp_path):
+    import formats
+    path = tmp_path / "traffic.jsonl"
+    fake = FakeRouter(ORDER_CALL)
+    teacher = FakeTeacher({"calls": [], "text": "No tool fits."})
+    server = Live(serve.create_app(fake, MODEL, teacher=teacher, fallback_below=0.5, log_requests=str(path)))
+    try:
+        c = server.client()
+        ask(c, ORDER)                                                    # logged: the local model's call
+        server.http("POST", FLAT, json.dumps({"prompt": ORDER, "available_functions": TOOLS}).encode())   # logged
+        fake.result = dict(ORDER_CALL, confidence=0.2)
+        ask(c, "where is my parcel?")                                    # logged: the teacher's no-call
+        ask(c, ORDER, tool_choice="required")                            # forced: no label for the request alone
+        fake.result = dict(ORDER_CALL, truncated=True)
+        teacher.error = TimeoutError("down")
+        ask(c, ORDER)                                                    # cut by the budget: not a label
+        ask(c, ORDER, tools=None)                                        # no tools: nothing was decided
+        c.chat.completions.create(model=MODEL, tools=TOOLS, messages=[   # a tool result: nothing was decided
+            {"role": "user", "content": ORDER}, {"role": "tool", "tool_call_id": "1", "content": "ok"}])
+    finally:
+        server.close()
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [(x["x_nanotool"]["endpoint"], x["x_nanotool"]["answered_by"]) for x in lines] == \
+        [("chat", MODEL), ("tool-call", MODEL), ("chat", "fake:teacher")]
+    assert lines[2]["x_nanotool"]["confidence"] == 0.2
+    examples, counts = formats.import_jsonl(str(path))
+    assert counts == {"ok": 3}
+    assert [(e["request"], e["calls"], e["reason"]) for e in examples] == [
+        (ORDER, ORDER_CALL["calls"], None), (ORDER, ORDER_CALL["calls"], None),
+        ("where is my parcel?", [], wire.REASON_NO_TOOL)]
+    assert examples[0]["tools"] == wire.normalize_tools(TOOLS)
+
+
+def slow_body(tag):
+    """250 tools of 10 arguments (170 kB, 9,500 JSON values, within the limits): ~1-2 s
+    of schema checks on this machine; refused at the end as too long for the context."""
+    tools = [_tool(name=f"t{i}_{tag}", parameters=_params(**{f"p{j}": {"type": "string", "description": "A value."}
+                                                            for j in range(10)})) for i in range(250)]
+    return json.dumps(_chat(tools=tools)).encode()
+
+
+def test_health_and_the_model_answer_while_a_large_body_is_checked(router):
+    # The issue: a 1 MB body's schema checks ran on the event loop for 3.5 s, and /health
+    # and every other request waited. Now a large body is checked in another process.
+    server = Live(serve.create_app(router, MODEL, max_new_tokens=16, max_request_bytes=400_000))
+    try:
+        warm = _chat(messages=[{"role": "system", "content": "x" * 20_000}, {"role": "user", "content": ORDER}],
+                     tools=None)
+        assert server.http("POST", CHAT, json.dumps(warm).encode())[0] == 200   # starts the checker process
+        done = {}
+        slow = threading.Thread(target=lambda: done.update(r=server.http("POST", CHAT, slow_body(time.time()))))
+        slow.start()
+        time.sleep(0.1)
+        t = time.perf_counter()
+        status, health = server.http("GET", "/health")
+        t_health = time.perf_counter() - t
+        status2, r = server.http("POST", CHAT, json.dumps(_chat(tools=EXTRA, tool_choice="required")).encode())
+        t_both = time.perf_counter() - t
+        overlapped = slow.is_alive()
+        slow.join(60)
+    finally:
+        server.close()
+    assert status == 200 and health["status"] == "ok" and status2 == 200 and r["choices"][0]["message"]
+    assert done["r"][0] == 400 and "context" in done["r"][1]["error"]["message"]   # checked to the end
+    assert overlapped, "the large body was checked before the probes ran: make it larger"
+    assert t_health < 0.25 and t_both < 1.0, (t_health, t_both)

@@ -5,11 +5,19 @@ fixed time; prints the request count, errors, throughput and latency percentiles
     python serve.py --ckpt out/demo/best.pt                  # in another terminal
     python utils/loadtest.py                                       # 8 clients, 60 s, chat completions
     python utils/loadtest.py --seconds 5 --endpoint tool-call      # a quick check
+    python utils/loadtest.py --stream                              # chat completions, streamed (SSE)
+    python utils/loadtest.py --big_clients 2                       # + 2 clients sending ~1 MB bodies
 
 The server runs one model call at a time (the Router is not thread-safe), so with
 8 closed-loop clients a request waits for the ~7 ahead of it: throughput is
 1 / (time per model call), and the median latency about 8x that time. The run is
 bounded: no request starts after --seconds, and each has a --timeout.
+
+Meanwhile a prober GETs /health every --health_every seconds and reports its latency:
+what a load balancer's health check sees. --big_clients adds clients that send, back
+to back, a body of --big_tools small tools (4,000: ~0.9 MB, the body that stalled the
+server for seconds in issue 17); their answers (4xx expected: over the tool limit) are
+counted apart, and the prober and the normal clients show whether they hold anyone up.
 """
 
 import argparse
@@ -45,15 +53,27 @@ def percentile(sorted_values, q):
     return sorted_values[k]
 
 
-def body_for(endpoint, tools, request, max_tokens):
+def body_for(endpoint, tools, request, max_tokens, stream=False):
     if endpoint == "tool-call":
         return {"prompt": request, "available_functions": tools, "max_tokens": max_tokens}
-    return {"model": "nanotool", "messages": [{"role": "user", "content": request}],
+    body = {"model": "nanotool", "messages": [{"role": "user", "content": request}],
             "tools": tools, "max_tokens": max_tokens}
+    return dict(body, stream=True) if stream else body
 
 
-def client(i, url, path, payloads, deadline, timeout, out, lock):
-    """One closed-loop client on a keep-alive connection; appends (latency s, error or None)."""
+def big_body(n_tools):
+    """Issue 17's stalling request: one user message and n_tools small tools."""
+    tools = [{"type": "function", "function": {"name": f"tool_{i}", "description": f"Tool number {i}.",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "x": {"type": "string", "description": "A value."}}}}}
+             for i in range(n_tools)]
+    return json.dumps({"model": "nanotool", "messages": [{"role": "user", "content": REQUESTS[0]}],
+                       "tools": tools}).encode()
+
+
+def client(i, url, path, payloads, deadline, timeout, out, lock, ok=(200,)):
+    """One closed-loop client on a keep-alive connection; appends (latency s, error or
+    None, status). A streamed answer must end with the [DONE] event."""
     conn, n = None, i            # clients start at different requests
     while time.monotonic() < deadline:
         if conn is None:
@@ -61,19 +81,49 @@ def client(i, url, path, payloads, deadline, timeout, out, lock):
         body = payloads[n % len(payloads)]
         n += 1
         t0 = time.perf_counter()
+        status = None
         try:
             conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
             r = conn.getresponse()
             data = r.read()
-            err = None if r.status == 200 else f"HTTP {r.status}: {data[:200].decode('utf-8', 'replace')}"
+            status = r.status
+            err = None if r.status in ok else f"HTTP {r.status}: {data[:200].decode('utf-8', 'replace')}"
+            if err is None and r.getheader("content-type", "").startswith("text/event-stream") \
+                    and not data.endswith(b"data: [DONE]\n\n"):
+                err = "stream did not end with [DONE]"
         except (OSError, http.client.HTTPException) as e:
             err = f"{type(e).__name__}: {e}"
             conn.close()
             conn = None          # reconnect on the next request
         with lock:
-            out.append((time.perf_counter() - t0, err))
+            out.append((time.perf_counter() - t0, err, status))
     if conn is not None:
         conn.close()
+
+
+def prober(url, every, deadline, timeout, out):
+    """GET /health every `every` seconds on its own connection; appends (latency s, error)."""
+    conn = None
+    while time.monotonic() < deadline:
+        t0 = time.perf_counter()
+        try:
+            conn = conn or http.client.HTTPConnection(url.hostname, url.port or 80, timeout=timeout)
+            conn.request("GET", "/health")
+            r = conn.getresponse()
+            r.read()
+            err = None if r.status == 200 else f"HTTP {r.status}"
+        except (OSError, http.client.HTTPException) as e:
+            err, conn = f"{type(e).__name__}: {e}", None
+        dt = time.perf_counter() - t0
+        out.append((dt, err))
+        time.sleep(max(0.0, every - dt))
+
+
+def latency_summary(prefix, seconds):
+    lat = sorted(1000 * s for s in seconds)
+    return {f"{prefix}p50_ms": round(percentile(lat, 50), 1), f"{prefix}p90_ms": round(percentile(lat, 90), 1),
+            f"{prefix}p99_ms": round(percentile(lat, 99), 1),
+            f"{prefix}max_ms": round(lat[-1], 1) if lat else float("nan")}
 
 
 def main(argv=None):
@@ -85,10 +135,16 @@ def main(argv=None):
     p.add_argument("--tools", default=os.path.join(ROOT, "examples", "tools.json"))
     p.add_argument("--max_tokens", type=int, default=64)
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--stream", action="store_true", help="chat completions with \"stream\": true")
+    p.add_argument("--health_every", type=float, default=0.05, help="seconds between /health probes (0: none)")
+    p.add_argument("--big_clients", type=int, default=0, help="extra clients sending large bodies")
+    p.add_argument("--big_tools", type=int, default=4000, help="tools in each large body")
     args = p.parse_args(argv)
 
-    if args.clients < 1 or args.seconds <= 0:
-        die("--clients and --seconds must be positive")
+    if args.clients < 1 or args.seconds <= 0 or args.big_clients < 0 or args.health_every < 0:
+        die("--clients and --seconds must be positive, --big_clients and --health_every not negative")
+    if args.stream and args.endpoint != "chat":
+        die("--stream is for --endpoint chat")
     url = urlsplit(args.base_url)
     if url.scheme != "http" or not url.hostname:
         die(f"--base_url must look like http://host:port, got {args.base_url!r}")
@@ -105,31 +161,56 @@ def main(argv=None):
     except (OSError, http.client.HTTPException, ValueError) as e:
         die(f"no server at {args.base_url} ({e}); start one with: python serve.py --ckpt out/demo/best.pt")
     path = "/tool-call" if args.endpoint == "tool-call" else "/v1/chat/completions"
-    payloads = [json.dumps(body_for(args.endpoint, tools, r, args.max_tokens)).encode() for r in REQUESTS]
-    print(f"loadtest: {args.clients} clients x {args.seconds:g} s -> {args.base_url}{path} "
-          f"(model {health.get('model')}, {len(tools)} tools)")
+    payloads = [json.dumps(body_for(args.endpoint, tools, r, args.max_tokens, args.stream)).encode()
+                 for r in REQUESTS]
+    big = [big_body(args.big_tools)] if args.big_clients else []
+    print(f"loadtest: {args.clients} clients x {args.seconds:g} s -> {args.base_url}{path}"
+          f"{' (streamed)' if args.stream else ''} (model {health.get('model')}, {len(tools)} tools)"
+          + (f"; + {args.big_clients} clients sending {len(big[0]):,}-byte bodies ({args.big_tools} tools)"
+             if big else ""))
 
-    results, lock = [], threading.Lock()
+    results, big_results, probes, lock = [], [], [], threading.Lock()
     t0 = time.monotonic()
     deadline = t0 + args.seconds
     threads = [threading.Thread(target=client, args=(i, url, path, payloads, deadline, args.timeout, results, lock),
                                 daemon=True) for i in range(args.clients)]
+    # a large body's answer is a 4xx (over the tool limit) or a 200: either is "served"
+    threads += [threading.Thread(target=client, args=(i, url, "/v1/chat/completions", big, deadline, args.timeout,
+                                                      big_results, lock, range(200, 500)), daemon=True)
+                for i in range(args.big_clients)]
+    if args.health_every:
+        threads.append(threading.Thread(target=prober, args=(url, args.health_every, deadline, args.timeout, probes),
+                                        daemon=True))
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     elapsed = time.monotonic() - t0
 
-    lat = sorted(1000 * s for s, err in results if err is None)
-    errors = [err for _, err in results if err is not None]
-    summary = {"requests": len(results), "ok": len(lat), "errors": len(errors),
-               "seconds": round(elapsed, 2), "throughput_rps": round(len(lat) / elapsed, 2),
-               "p50_ms": round(percentile(lat, 50), 1), "p90_ms": round(percentile(lat, 90), 1),
-               "p99_ms": round(percentile(lat, 99), 1), "max_ms": round(lat[-1], 1) if lat else float("nan")}
+    ok = [s for s, err, _ in results if err is None]
+    errors = [err for _, err, _ in results if err is not None]
+    summary = {"requests": len(results), "ok": len(ok), "errors": len(errors),
+               "seconds": round(elapsed, 2), "throughput_rps": round(len(ok) / elapsed, 2),
+               **latency_summary("", ok)}
     print(f"requests {summary['requests']}  errors {summary['errors']}  time {summary['seconds']} s  "
           f"throughput {summary['throughput_rps']} req/s")
     print(f"latency ms: p50 {summary['p50_ms']}  p90 {summary['p90_ms']}  p99 {summary['p99_ms']}  "
           f"max {summary['max_ms']}")
+    if probes:
+        summary.update(health_probes=len(probes), health_errors=sum(err is not None for _, err in probes),
+                       **latency_summary("health_", [s for s, err in probes if err is None]))
+        print(f"/health ms: p50 {summary['health_p50_ms']}  p99 {summary['health_p99_ms']}  "
+              f"max {summary['health_max_ms']}  ({summary['health_probes']} probes, "
+              f"{summary['health_errors']} errors)")
+    if big:
+        statuses = {}
+        for _, _, st in big_results:
+            statuses[st] = statuses.get(st, 0) + 1
+        summary.update(big_requests=len(big_results), big_statuses=statuses,
+                       big_errors=sum(err is not None for _, err, _ in big_results),
+                       **latency_summary("big_", [s for s, err, _ in big_results if err is None]))
+        print(f"large bodies: {summary['big_requests']} sent, statuses {statuses}, p50 {summary['big_p50_ms']} ms, "
+              f"max {summary['big_max_ms']} ms")
     if errors:
         print(f"first error: {errors[0]}")
     return summary
