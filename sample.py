@@ -34,7 +34,6 @@ reports how well it is calibrated.
 
 import argparse
 import json
-import os
 import sys
 import time
 import warnings

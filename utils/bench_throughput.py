@@ -40,7 +40,6 @@ this matmul on the 2-core box, and ~110 GFLOP/s training a 23.6M GPT.
 """
 
 import argparse
-import json
 import os
 import time
 from types import SimpleNamespace
