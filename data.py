@@ -43,6 +43,7 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
+import formats
 import wire
 from datadir import write_jsonl, write_tokens
 from model import file_sha256
@@ -70,6 +71,16 @@ def parse_args(argv=None):
     p.add_argument("--p_invented", type=float, default=0.5, help="share of training targets that are invented")
     p.add_argument("--tools", default=None, help="your own tools (JSON list, OpenAI or bare form): "
                    "generate requests for these instead of the hand-written catalogue")
+    p.add_argument("--domains", default=None, metavar="A,B,...",
+                   help="only these domains of the hand-written catalogue (e.g. shopping,food_delivery)")
+    p.add_argument("--compiled", action="store_true",
+                   help="a compiled catalogue: the tools (--tools, or the catalogue's --domains) are fixed and "
+                   "learnt into the model, each name one token; the prompt is the request alone")
+    p.add_argument("--heldout_phrasings", type=float, default=0.2,
+                   help="--compiled: share of each tool's request templates kept for the test split only")
+    p.add_argument("--intent_slot", default=None, metavar="DIR",
+                   help="a compiled catalogue from an intent/slot folder in the ATIS format "
+                   "({train,valid,test}.{seq.in,seq.out,label}): intents become tools, slots arguments")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="JSONL",
                    help="add training examples from a JSONL dataset ({query, tools, answers} or OpenAI chat)")
     p.add_argument("--teacher", choices=["gemini", "openai"], default=None,
@@ -81,7 +92,7 @@ def parse_args(argv=None):
     p.add_argument("--teacher_cache", default=None, help="default: <out_dir>/teacher_cache.jsonl")
     p.add_argument("--vocab_size", type=int, default=4096)
     p.add_argument("--max_len", type=int, default=512, help="drop examples longer than this (tokens)")
-    p.add_argument("--group", type=int, default=4,
+    p.add_argument("--group", type=int, default=1,
                    help="training examples per shared tool list (for train.py --share_prefix; 1: none)")
     p.add_argument("--seed", type=int, default=1337)
     return p.parse_args(argv)
@@ -100,15 +111,17 @@ def choose_heldout(entries, n, rng):
     return held
 
 
-def generate(gen, rng, n, targets_pool, allowed, reserved, desc, split, group=1):
-    """n distinct examples. Exact duplicates (same request, same tools) are removed
-    within the split, and no request may repeat one in `reserved` (the requests of
-    the splits made before: test, then val), so test requests never reach training.
-    The split's own requests are added to `reserved` at the end.
+def generate(draw, sibling, n, reserved, desc, split, group=1):
+    """n distinct examples from draw() -> example. Exact duplicates (same request,
+    same tools) are removed within the split, and no request may repeat one in
+    `reserved` (the requests of the splits made before: test, then val), so test
+    requests never reach training. The split's own requests are added to
+    `reserved` at the end.
 
     group > 1: examples come in groups of up to `group` that share one tool list
-    (same tools, same order, same wording), numbered by ex["group"], so training
-    can run the tool prefix once per group (train.py --share_prefix)."""
+    (same tools, same order, same wording): sibling(first example) -> the next one,
+    numbered by ex["group"], so training can run the tool prefix once per group
+    (train.py --share_prefix)."""
     out, seen, mine = [], set(), set()
     bar = tqdm(total=n, desc=desc, unit="ex", leave=False, disable=n < 2000)
     tries, gid = 0, 0
@@ -118,8 +131,7 @@ def generate(gen, rng, n, targets_pool, allowed, reserved, desc, split, group=1)
             tries += 1
             if tries > 20 * n + 1000:
                 die(f"could only make {len(out)} distinct {desc} examples; lower the count")
-            ex = gen.sample(rng, targets_pool, allowed) if first is None \
-                else gen.sibling(rng, first["_entries"], allowed)
+            ex = draw() if first is None else sibling(first)
             req = ex["request"].lower()
             key = (req, tuple(sorted(t["name"] for t in ex["tools"])))
             if req in reserved or key in seen:
@@ -142,6 +154,78 @@ def generate(gen, rng, n, targets_pool, allowed, reserved, desc, split, group=1)
     return out
 
 
+def general_splits(args, rng, pools):
+    """Catalogue in the prompt: examples over changing tool lists, half the
+    targets invented, some tools held out of training -> (catalogue tools,
+    invented tools, held-out names, {test, val, train})."""
+    entries, held = load_entries(args, rng)
+    held_names = {e["tool"]["name"] for e in held}
+    seen = [e for e in entries if e["tool"]["name"] not in held_names]
+    invented = invent_tools(args.n_invented, args.seed, {e["tool"]["name"] for e in entries})
+    p_inv = args.p_invented if invented else 0.0
+    gen = Generator(entries, pools, max_tools=args.max_tools)            # test: our tools only
+    train_gen = Generator(entries, pools, max_tools=args.max_tools, invented=invented, p_invented=p_inv)
+    print(f"catalogue: {len(entries)} tools over {len({e['domain'] for e in entries})} domains, "
+          f"{len(invented)} invented; held out of training: {', '.join(sorted(held_names)) or 'none'}")
+    sibling = lambda g, allowed: (lambda first: g.sibling(rng, first["_entries"], allowed))
+    # Test examples are made first and their requests reserved, so no training
+    # request repeats a test request word for word.
+    reserved, splits = set(), {}
+    splits["test"] = generate(lambda: gen.sample(rng, seen, seen), None, args.n_test, reserved, "test (seen)", "seen")
+    if held:
+        splits["test"] += generate(lambda: gen.sample(rng, held, entries), None, args.n_test_unseen, reserved,
+                                   "test (unseen)", "unseen")
+    splits["val"] = generate(lambda: train_gen.sample(rng, seen, seen), None, args.n_val, reserved, "val", "seen")
+    splits["train"] = generate(lambda: train_gen.sample(rng, seen, seen), sibling(train_gen, seen), args.n_train,
+                               reserved, "train", "seen", group=max(1, args.group))
+    label_domains(splits, entries + invented)
+    return [e["tool"] for e in entries], invented, held_names, splits
+
+
+def compiled_splits(args, rng, pools):
+    """A compiled catalogue from the generator: every example is about the same
+    fixed tools (yours, or the catalogue's --domains). Some request templates of
+    each tool are held out: the test split has new values in known phrasings
+    ("new-values") and phrasings never seen in training ("new-phrasing")
+    -> (tools, {test, val, train})."""
+    entries, _ = load_entries(args, rng, heldout=False)
+    train_entries, new_entries = [], []
+    for e in entries:
+        templates = list(e["requests"])
+        rng.shuffle(templates)
+        k = min(len(templates) - 2, round(args.heldout_phrasings * len(templates))) if len(templates) >= 3 else 0
+        k = max(k, 1) if args.heldout_phrasings > 0 and len(templates) >= 3 else k
+        train_entries.append({**e, "requests": templates[k:]})
+        if k:
+            new_entries.append({**e, "requests": templates[:k]})
+    gen = Generator(train_entries, pools)
+    new_gen = Generator(new_entries, pools)
+    calls_only = {"single": 0.75, "multi": 0.25}
+    print(f"compiled catalogue: {len(entries)} tools over {len({e['domain'] for e in entries})} domains; "
+          f"{sum(len(e['requests']) for e in new_entries)} of "
+          f"{sum(len(e['requests']) for e in entries)} request templates held out for the test")
+    reserved, splits = set(), {}
+    splits["test"] = generate(lambda: gen.sibling(rng, train_entries, train_entries), None, args.n_test, reserved,
+                              "test (new values)", "new-values")
+    if new_entries:
+        splits["test"] += generate(lambda: new_gen.sibling(rng, new_entries, new_entries, calls_only), None,
+                                   args.n_test_unseen, reserved, "test (new phrasings)", "new-phrasing")
+    draw = lambda: gen.sibling(rng, train_entries, train_entries)
+    splits["val"] = generate(draw, None, args.n_val, reserved, "val", "new-values")
+    splits["train"] = generate(draw, None, args.n_train, reserved, "train", "new-values")
+    label_domains(splits, entries)
+    return [e["tool"] for e in entries], splits
+
+
+def label_domains(splits, entries):
+    """Each example's domain: its first call's tool's, or "no call"."""
+    domain_of = {e["tool"]["name"]: e["domain"] for e in entries}
+    for exs in splits.values():
+        for ex in exs:
+            names = [c["name"] for c in ex["calls"]]
+            ex["domain"] = domain_of.get(names[0], "?") if names else "no call"
+
+
 def shuffle_groups(examples, rng):
     """Shuffle the order of groups, keeping each group's examples together."""
     groups = {}
@@ -155,21 +239,24 @@ def shuffle_groups(examples, rng):
 # -----------------------------------------------------------------------------
 # tokenizer and token files
 
-def train_tokenizer(examples, tools, vocab_size, out_dir):
+def train_tokenizer(examples, tools, vocab_size, out_dir, compiled=False):
     """sentencepiece BPE as llama2.c trains it: byte_fallback (no unknown
     characters at sampling time), split_digits (numbers are copied digit by
-    digit), identity normalisation (the text we decode is the text we encoded)."""
+    digit), identity normalisation (the text we decode is the text we encoded).
+    compiled: each tool name is one more user-defined piece (a functional token,
+    as Octopus v2 does), so choosing the tool is one step."""
     import sentencepiece as spm
-    texts = [wire.render_tool(t) for t in tools]
-    texts += [wire.render_prompt(ex["tools"], ex["request"]) + wire.render_answer(ex["calls"], ex["reason"])
-              for ex in examples]
+    texts = [] if compiled else [wire.render_tool(t) for t in tools]
+    texts += [wire.render_prompt(None if compiled else ex["tools"], ex["request"])
+              + wire.render_answer(ex["calls"], ex["reason"]) for ex in examples]
+    symbols = wire.SPECIAL_TOKENS + ([t["name"] for t in tools] if compiled else [])
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
         model_type="bpe", byte_fallback=True, split_digits=True,
         normalization_rule_name="identity", add_dummy_prefix=False,
         remove_extra_whitespaces=False, character_coverage=1.0,
-        user_defined_symbols=wire.SPECIAL_TOKENS, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
+        user_defined_symbols=symbols, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
         max_sentence_length=1 << 16, input_sentence_size=200000, shuffle_input_sentence=True,
         num_threads=os.cpu_count() or 1, minloglevel=2)
     path = os.path.join(out_dir, "tok.model")
@@ -185,25 +272,35 @@ def train_tokenizer(examples, tools, vocab_size, out_dir):
 # -----------------------------------------------------------------------------
 # sources, teacher, data card
 
-def load_entries(args, rng):
-    """-> (all catalogue entries, held-out entries). The hand-written catalogue,
-    or with --tools the user's tools (request templates built by invent.py)."""
+def load_entries(args, rng, heldout=True):
+    """-> (all catalogue entries, held-out entries). The hand-written catalogue
+    (or its --domains), or with --tools the user's tools (request templates built
+    by invent.py). heldout=False: hold no tool out."""
     if args.tools:
         try:
             tools = wire.load_tools(args.tools)
         except (OSError, ValueError) as e:
             die(f"--tools: {e}")
+        if not tools:
+            die(f"--tools {args.tools}: the tool list is empty")
         entries = [entry_from_tool(t, rng) for t in tools]
-        n = args.n_heldout or 0
+        n = (args.n_heldout or 0) if heldout else 0
     else:
         entries = load_catalogue(args.catalogue)
-        marked = [e for e in entries if e["heldout"]]
-        n = len(marked) if args.n_heldout is None else args.n_heldout
-        if args.n_heldout is None or args.n_heldout == len(marked):
+        if args.domains:
+            want = [d.strip() for d in args.domains.split(",") if d.strip()]
+            known = sorted({e["domain"] for e in entries})
+            unknown = [d for d in want if d not in known]
+            if unknown:
+                die(f"--domains: no domain {unknown[0]!r} in {args.catalogue}; there are {', '.join(known)}")
+            entries = [e for e in entries if e["domain"] in want]
+        marked = [e for e in entries if e["heldout"]] if heldout else []
+        n = len(marked) if args.n_heldout is None or not heldout else args.n_heldout
+        if not heldout or args.n_heldout is None or args.n_heldout == len(marked):
             return entries, marked
     if n >= len(entries):
         die(f"--n_heldout {n} leaves no tools to train on ({len(entries)} tools)")
-    return entries, choose_heldout(entries, n, rng)
+    return entries, choose_heldout(entries, n, rng) if n else []
 
 
 def label_with_teacher(args, examples):
@@ -244,17 +341,19 @@ def pct(xs, q):
     return int(np.percentile(xs, q)) if len(xs) else 0
 
 
-def data_card(examples, lens, invented_names):
-    """Statistics of a split: what a reader should know before training on it."""
+def data_card(examples, lens, invented_names, catalogue):
+    """Statistics of a split: what a reader should know before training on it.
+    An example without "tools" (a compiled catalogue) is about the whole catalogue."""
     n = max(1, len(examples))
-    n_tools = [len(ex["tools"]) for ex in examples]
+    tools_of = lambda ex: ex.get("tools", catalogue)
+    n_tools = [len(tools_of(ex)) for ex in examples]
     n_calls = [len(ex["calls"]) for ex in examples]
     nocall = {}
     for ex in examples:
         if not ex["calls"]:
             k = wire.reason_kind(ex["reason"])
             nocall[k] = nocall.get(k, 0) + 1
-    shown = {t["name"] for ex in examples for t in ex["tools"]}
+    shown = {t["name"] for ex in examples for t in tools_of(ex)}
     targets = [c["name"] for ex in examples for c in ex["calls"]]
     multi = [ex for ex in examples if len(ex["calls"]) > 1]
     hist = lambda xs: {str(k): xs.count(k) for k in sorted(set(xs))}
@@ -306,84 +405,87 @@ def main(argv=None):
             die(f"{path}: no such file")
     if not 0 < args.vocab_size < 65536:
         die("--vocab_size must be between 1 and 65535 (tokens are stored as uint16)")
-    if not 0 <= args.p_invented <= 1:
-        die("--p_invented must be between 0 and 1")
+    if not 0 <= args.p_invented <= 1 or not 0 <= args.heldout_phrasings < 1:
+        die("--p_invented must be between 0 and 1, --heldout_phrasings at least 0 and below 1")
+    if args.intent_slot and (args.tools or args.domains or args.teacher):
+        die("--intent_slot brings its own intents, slots and labels: no --tools, --domains or --teacher with it")
+    compiled = args.compiled or bool(args.intent_slot)
     rng = random.Random(args.seed)
     try:
         pools = load_json(args.values)
-        entries, held = load_entries(args, rng)
-    except (ValueError, KeyError) as e:
-        die(f"bad catalogue or value file: {e}")
+        invented, held_names = [], set()
+        if args.intent_slot:
+            tools, splits = formats.load_intent_slot_dir(args.intent_slot)
+            print(f"intent/slot set {args.intent_slot}: {len(tools)} intents as tools, "
+                  f"{len(tools[0]['parameters']['properties'])} slot types as arguments")
+        elif compiled:
+            tools, splits = compiled_splits(args, rng, pools)
+        else:
+            tools, invented, held_names, splits = general_splits(args, rng, pools)
+    except (ValueError, KeyError) as e:     # CatalogueError, FormatError, a malformed file
+        die(f"{e}")
     os.makedirs(args.out_dir, exist_ok=True)
-
-    held_names = {e["tool"]["name"] for e in held}
-    seen = [e for e in entries if e["tool"]["name"] not in held_names]
-    invented = invent_tools(args.n_invented, args.seed, {e["tool"]["name"] for e in entries})
-    p_inv = args.p_invented if invented else 0.0
-    gen = Generator(entries, pools, max_tools=args.max_tools)            # test: our tools only
-    train_gen = Generator(entries, pools, max_tools=args.max_tools, invented=invented, p_invented=p_inv)
-    print(f"catalogue: {len(entries)} tools over {len({e['domain'] for e in entries})} domains, "
-          f"{len(invented)} invented; held out of training: {', '.join(sorted(held_names)) or 'none'}")
-
-    # Test examples are made first and their requests reserved, so no training
-    # request repeats a test request word for word.
-    reserved = set()
-    splits = {}
-    try:
-        splits["test"] = generate(gen, rng, args.n_test, seen, seen, reserved, "test (seen)", "seen")
-        if held:
-            splits["test"] += generate(gen, rng, args.n_test_unseen, held, entries, reserved, "test (unseen)", "unseen")
-        splits["val"] = generate(train_gen, rng, args.n_val, seen, seen, reserved, "val", "seen")
-        splits["train"] = generate(train_gen, rng, args.n_train, seen, seen, reserved, "train", "seen",
-                                   group=max(1, args.group))
-    except CatalogueError as e:
-        die(str(e))
-    domain_of = {e["tool"]["name"]: e["domain"] for e in entries + invented}
-    for exs in splits.values():
-        for ex in exs:
-            names = [c["name"] for c in ex["calls"]]
-            ex["domain"] = domain_of.get(names[0], "?") if names else "no call"
     if args.teacher:
         splits["train"] = label_with_teacher(args, splits["train"])
         splits["val"] = label_with_teacher(args, splits["val"])
-    gid = 1 + max((ex["group"] for ex in splits["train"]), default=0)
+    gid = 1 + max((ex.get("group", 0) for ex in splits["train"]), default=0)
     for path in args.imports:
         imported, counts = import_jsonl(path)
+        if compiled:        # the catalogue is fixed: keep what it can answer, as it defines the tools
+            imported, off = fit_catalogue(imported, tools)
+            counts["tools not in the compiled catalogue"] = off
         for i, ex in enumerate(imported):
             ex["split"], ex["domain"], ex["group"] = "seen", "imported", gid + i
         gid += len(imported)
         splits["train"] += imported
-        bad = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k != "ok") or "none"
-        print(f"imported {counts['ok']} examples from {path}; skipped lines: {bad}")
-    splits["train"] = shuffle_groups(splits["train"], rng)
+        bad = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k != "ok" and v) or "none"
+        print(f"imported {len(imported)} examples from {path}; skipped: {bad}")
+    if compiled:            # the catalogue lives in tools.json, not in every example
+        for exs in splits.values():
+            for ex in exs:
+                ex.pop("tools", None)
+    splits["train"] = shuffle_groups(splits["train"], rng) if not compiled else \
+        rng.sample(splits["train"], len(splits["train"]))
+    write_data_dir(args, tools, splits, compiled, invented, held_names)
 
+
+def fit_catalogue(examples, tools):
+    """Imported examples -> (those whose answer is valid against the compiled
+    catalogue, number left out)."""
+    kept = [ex for ex in examples if wire.validate_answer({"calls": ex["calls"], "reason": ex["reason"]}, tools)
+            is None]
+    return kept, len(examples) - len(kept)
+
+
+def write_data_dir(args, tools, splits, compiled, invented, held_names):
+    """Tokenizer, token files, jsonl, tools, meta and data card (datadir.py's format)."""
     print(f"training tokenizer (BPE, vocab {args.vocab_size}) ...")
-    sp = train_tokenizer(splits["train"], [e["tool"] for e in entries], args.vocab_size, args.out_dir)
+    names = [t["name"] for t in tools] if compiled else []
+    sp = train_tokenizer(splits["train"], tools, args.vocab_size, args.out_dir, compiled)
     special_ids = {t: sp.piece_to_id(t) for t in wire.SPECIAL_TOKENS}
-    for t, i in special_ids.items():
-        assert sp.encode(t) == [i], f"special token {t} is not a single piece"
+    for t, i in list(special_ids.items()) + [(n, sp.piece_to_id(n)) for n in names]:
+        assert sp.encode(t) == [i], f"{t} is not a single piece"
 
     meta = {"vocab_size": sp.get_piece_size(), "special_tokens": special_ids,
             "tokenizer_sha256": file_sha256(os.path.join(args.out_dir, "tok.model")),
+            "compiled": compiled, "tool_tokens": {n: sp.piece_to_id(n) for n in names},
             "heldout_tools": sorted(held_names), "seed": args.seed, "args": vars(args), "splits": {}}
+    card = None
     for split, examples in splits.items():
-        kept, n_tok, lens = write_tokens(sp, examples, args.out_dir, split, args.max_len)
+        kept, n_tok, lens = write_tokens(sp, examples, args.out_dir, split, args.max_len, compiled)
         write_jsonl(os.path.join(args.out_dir, f"{split}.jsonl"), kept)
         meta["splits"][split] = {"examples": len(kept), "dropped_too_long": len(examples) - len(kept),
                                  "tokens": n_tok, "tokens_p50": pct(lens, 50),
                                  "tokens_p95": pct(lens, 95), "kinds": _count(ex["kind"] for ex in kept)}
         if split == "train":
-            card = data_card(kept, lens, {e["tool"]["name"] for e in invented})
-    with open(os.path.join(args.out_dir, "tools.json"), "w", encoding="utf-8") as f:
-        json.dump([e["tool"] for e in entries], f, indent=1, ensure_ascii=False)
-    with open(os.path.join(args.out_dir, "invented_tools.json"), "w", encoding="utf-8") as f:
-        json.dump([e["tool"] for e in invented], f, indent=1, ensure_ascii=False)
-    with open(os.path.join(args.out_dir, "data_card.json"), "w", encoding="utf-8") as f:
-        json.dump(card, f, indent=1, ensure_ascii=False)
-    with open(os.path.join(args.out_dir, "meta.json"), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1, ensure_ascii=False)
+            card = data_card(kept, lens, {e["tool"]["name"] for e in invented}, tools)
+    for name, obj in (("tools.json", tools), ("invented_tools.json", [e["tool"] for e in invented]),
+                      ("data_card.json", card), ("meta.json", meta)):
+        with open(os.path.join(args.out_dir, name), "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, ensure_ascii=False)
 
-    print(f"wrote {args.out_dir}/ (vocab {meta['vocab_size']}, tokenizer {meta['tokenizer_sha256'][:12]})")
+    print(f"wrote {args.out_dir}/ (vocab {meta['vocab_size']}, tokenizer {meta['tokenizer_sha256'][:12]}"
+          + (f", compiled catalogue of {len(tools)} tools, one token each" if compiled else "") + ")")
     for split, s in meta["splits"].items():
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(s["kinds"].items()))
         print(f"  {split:5s} {s['examples']:6d} examples {s['tokens']:9,d} tokens "

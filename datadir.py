@@ -30,6 +30,23 @@ import wire
 from model import Layout
 
 
+class Batch(NamedTuple):
+    """A training micro-batch; every tensor (B, L). y is x shifted by one; m the
+    loss weight of y (0 on the prompt and padding); layout a model.Layout when a row
+    holds several examples (else None); seg the prompt block of each x token (1 up
+    to <|user|>, 2 the request, 0 the answer and padding; None with a layout)."""
+    x: torch.Tensor
+    y: torch.Tensor
+    m: torch.Tensor
+    layout: object
+    seg: object
+
+    def to(self, device):
+        move = lambda t: t.to(device, non_blocking=True) if t is not None else None
+        layout = Layout(*(move(t) for t in self.layout)) if self.layout is not None else None
+        return Batch(move(self.x), move(self.y), move(self.m), layout, move(self.seg))
+
+
 class DataDirError(ValueError):
     """A data directory we cannot use; the message says why and what to run."""
 
@@ -97,23 +114,23 @@ def token_classes(ids, spans, nbytes):
     return [classes[min(int(np.searchsorted(bounds, b, side="right")), len(classes) - 1)] for b in last]
 
 
-def encode_example(sp, ex, nbytes):
+def encode_example(sp, ex, nbytes, compiled=False):
     """-> (token ids, per-token class: 0 on the prompt, else the answer part it
     belongs to). The answer is encoded separately so the boundary falls exactly
-    on the first answer token."""
-    prompt = sp.encode(wire.render_prompt(ex["tools"], ex["request"]))
+    on the first answer token. compiled: the prompt is the request alone."""
+    prompt = sp.encode(wire.render_prompt(None if compiled else ex["tools"], ex["request"]))
     spans = wire.answer_spans(ex["calls"], ex["reason"])
     answer = sp.encode("".join(t for t, _ in spans))
     return prompt + answer, [0] * len(prompt) + token_classes(answer, spans, nbytes)
 
 
-def write_tokens(sp, examples, out_dir, split, max_len):
+def write_tokens(sp, examples, out_dir, split, max_len, compiled=False):
     """Token files for one split; examples over max_len are dropped and counted.
     -> (kept examples, number of tokens, length of each kept example)."""
     ids, cls, offsets, kept = [], [], [0], []
     nbytes = piece_lengths(sp)
     for ex in examples:
-        x, c = encode_example(sp, ex, nbytes)
+        x, c = encode_example(sp, ex, nbytes, compiled)
         if len(x) > max_len:
             continue
         ids.extend(x)
@@ -146,6 +163,7 @@ class Split:
                  max_examples=0, pack=False, seed=0):
         if pack and share_prefix:
             raise DataDirError("pack and share_prefix are two ways of filling a row; choose one")
+        self.user_id = user_id if user_id is not None else load_meta(data_dir)["special_tokens"][wire.USER]
         base = os.path.join(data_dir, split)
         for suffix in (".bin", "_mask.bin", "_idx.npy"):
             if not os.path.isfile(base + suffix):
@@ -176,7 +194,7 @@ class Split:
         elif share_prefix:
             if not os.path.isfile(base + "_group.npy"):
                 raise DataDirError(f"{base}_group.npy: missing; --share_prefix needs data from data.py --group N")
-            self.rows, self.prefix = self._group_rows(kept, np.load(base + "_group.npy"), block_size, user_id)
+            self.rows, self.prefix = self._group_rows(kept, np.load(base + "_group.npy"), block_size, self.user_id)
         else:
             self.rows, self.prefix = [[int(k)] for k in kept], [0] * len(kept)
         if not self.rows:
@@ -222,13 +240,12 @@ class Split:
         return self.tokens[self.starts[k]:self.starts[k] + self.lens[k]]
 
     def batch(self, idx, pad_id):
-        """Rows idx -> x, y, m of shape (B, L), right-padded to the longest, and a
-        model.Layout if any row holds several examples (else None: plain causal).
-        y is x shifted by one; m is the loss weight of y (1 on answer tokens, 0
-        elsewhere; the class weight with class_weights). Right padding needs no
+        """Rows idx -> a Batch, right-padded to the longest row, with a model.Layout
+        if any row holds several examples (else None: plain causal). m is 1 on
+        answer tokens (the class weight with class_weights). Right padding needs no
         attention mask: under the causal mask no real token sees a pad."""
         if all(len(self.rows[r]) == 1 for r in idx):
-            return self._plain_batch(idx, pad_id) + (None,)
+            return self._plain_batch(idx, pad_id)
         return self._layout_batch(idx, pad_id)
 
     def _weights(self, mk):
@@ -239,12 +256,17 @@ class Split:
         x = np.full((len(idx), L), pad_id, dtype=np.int64)
         y = np.full((len(idx), L), pad_id, dtype=np.int64)
         m = np.zeros((len(idx), L), dtype=np.float32)
+        seg = np.zeros((len(idx), L), dtype=np.int64)
         for b, r in enumerate(idx):
             k = self.rows[r][0]
             s, n = self.starts[k], int(self.lens[k])
-            t, mk = self.tokens[s:s + n], self._weights(self.mask[s:s + n])
-            x[b, :n - 1], y[b, :n - 1], m[b, :n - 1] = t[:-1], t[1:], mk[1:]
-        return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(m)
+            t, mk = self.tokens[s:s + n], self.mask[s:s + n]
+            x[b, :n - 1], y[b, :n - 1], m[b, :n - 1] = t[:-1], t[1:], self._weights(mk)[1:]
+            # the prompt's blocks: up to <|user|> (the catalogue), then the request
+            # up to the first answer token
+            user, answer = int(np.argmax(t == self.user_id)), int(np.argmax(mk > 0))
+            seg[b, :user + 1], seg[b, user + 1:answer] = 1, 2
+        return Batch(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(m), None, torch.from_numpy(seg))
 
     def _layout_batch(self, idx, pad_id):
         """Rows holding a shared prefix and/or several examples: the tokens as in
@@ -277,7 +299,7 @@ class Split:
             x[b, :n], y[b, :n], m[b, :n] = t[:-1], t[1:], mk[1:]
             pos[b, :n], seg[b, :n], prev[b, :n] = np.concatenate(ps)[:-1], np.concatenate(sg)[:-1], np.concatenate(pv)[:-1]
         layout = packed_layout(torch.from_numpy(pos), torch.from_numpy(seg), torch.from_numpy(prev))
-        return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(m), layout
+        return Batch(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(m), layout, None)
 
 
 def packed_layout(pos, seg, prev):

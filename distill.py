@@ -100,11 +100,11 @@ def main(argv=None):
 def soft_loss(teacher, args):
     """train.run's loss for soft KD: the frozen teacher's logits at the same
     answer positions, then kd_loss."""
-    def loss(logits, y, m, x, sel, layout):
+    def loss(logits, y, m, x, sel, layout, seg):
         if next(teacher.parameters()).device != x.device:
             teacher.to(x.device)
         with torch.no_grad():
-            t_logits = teacher(x, layout=layout, sel=sel)
+            t_logits = teacher(x, layout=layout, sel=sel, seg=seg)
         value, kl, ce = kd_loss(logits, t_logits, y[sel], m[sel], args.T, args.alpha, args.beta)
         return value, {"kl": kl.item(), "ce": ce.item()}
     return loss

@@ -59,7 +59,7 @@ from jsonschema import Draft202012Validator
 from tqdm import tqdm
 
 import wire
-from evalsets import DECISIONS, load_apibank, load_when2call
+from evalsets import DECISIONS, format_intent_slot, intent_slot_scores, load_apibank, load_when2call
 from model import CheckpointError
 from runtime import die
 from sample import Router
@@ -153,6 +153,16 @@ GROUPS = {
 }
 for _d in DECISIONS:
     GROUPS[_d] = lambda ex, d=_d: ex.get("decision") == d
+
+
+def groups_for(items):
+    """GROUPS, with one group per test split the items name (seen / unseen tools;
+    for a compiled catalogue, new-values / new-phrasing) in the order they come."""
+    splits = list(dict.fromkeys(ex.get("split", "seen") for ex in items))
+    out = {"all": GROUPS["all"]}
+    out.update({s: (lambda ex, s=s: ex.get("split", "seen") == s) for s in splits})
+    out.update({g: f for g, f in GROUPS.items() if g not in ("all", "seen", "unseen")})
+    return out
 
 
 def decision_of(pred):
@@ -407,7 +417,8 @@ def load_items(path):
                 continue
             try:
                 ex = json.loads(line)
-                ex["tools"] = wire.normalize_tools(ex["tools"])
+                # an item without tools is for a compiled catalogue: the model's own
+                ex["tools"] = wire.normalize_tools(ex["tools"]) if "tools" in ex else None
                 assert isinstance(ex["request"], str) and isinstance(ex["calls"], list)
             except (json.JSONDecodeError, KeyError, AssertionError, wire.ToolError) as e:
                 raise ValueError(f"{path}:{n}: not a test item ({type(e).__name__}: {e})") from None
@@ -530,6 +541,11 @@ def main(argv=None):
     if not items:
         die(f"{test_file}: no items")
 
+    for ex in items:
+        if ex["tools"] is None:
+            if router.catalogue is None:
+                die(f"{test_file}: items without tools need a model with a compiled catalogue")
+            ex["tools"] = router.catalogue
     rows, preds = [], []
     for ex in tqdm(items, desc="eval", unit="item", mininterval=1 if sys.stderr.isatty() else 15):
         try:
@@ -550,7 +566,7 @@ def main(argv=None):
                       "error_class": classify_error(pred, ex["calls"], ex.get("reason"), ex["tools"])})
 
     groups = {}
-    for g, keep in GROUPS.items():
+    for g, keep in groups_for(items).items():
         sel = [r for r in rows if keep(r[0])]
         if sel:
             groups[g] = summarize(sel)
@@ -573,6 +589,12 @@ def main(argv=None):
         print("(no domain breakdown: these items carry no 'domain' field)")
     errors = error_report(preds)
     print("\n" + format_errors(errors))
+    intent_slot = None
+    if all("slots" in ex and "intent" in ex for ex in items):   # an intent/slot set (data.py --intent_slot)
+        intent_slot = intent_slot_scores(items, preds)
+        intent_slot["train_minutes"] = router.ckpt.get("train_seconds", 0.0) / 60
+        print(f"\nintent/slot scores over all {intent_slot['n']} items (the published rows are the papers' own):")
+        print(format_intent_slot(intent_slot, f"this model ({intent_slot['train_minutes']:.1f} min of training)"))
     scored = [p for p in preds if p["confidence"] is not None]
     calib = abstain = None
     if scored:
@@ -597,6 +619,8 @@ def main(argv=None):
               "quantize": args.quantize, "calibration": calib, "abstention": abstain,
               "truncated": sum(p["truncated"] for p in preds), "breakdowns": bd, "errors": errors,
               "apibank_request": args.apibank_request if args.apibank else None}
+    if intent_slot:
+        result.update(intent_slot)
     with open(out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     with open(os.path.splitext(out)[0] + "_predictions.jsonl", "w", encoding="utf-8") as f:

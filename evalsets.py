@@ -225,3 +225,66 @@ def load_apibank(path, request="dialogue"):
         items.append({"tools": tools, "request": text, "calls": [call], "reason": None, "kind": "single",
                       "split": "apibank", "source": f"{row.get('file')}#{row.get('id')}"})
     return items, skipped
+
+
+# -----------------------------------------------------------------------------
+# intent / slot sets (ATIS): the literature's three numbers
+
+# From the papers' own tables, on the same ATIS test split (../shared/eval/atis/README.md).
+PUBLISHED_ATIS = [
+    ("Slot-Gated BiLSTM (Goo et al. 2018)", "no", 93.6, 94.8, 82.2),
+    ("Stack-Propagation (Qin et al. 2019)", "no", 96.9, 95.9, 86.5),
+    ("JointBERT (Chen et al. 2019)", "BERT-base, 110M", 97.5, 96.1, 88.2),
+    ("Stack-Propagation + BERT (Qin et al. 2019)", "BERT-base", 97.5, 96.1, 88.6),
+]
+
+
+def predicted_chunks(words, calls):
+    """A predicted answer -> (intent label or None, set of (slot, first word, end)).
+    Each argument value is placed at the first span of the utterance's words that
+    it equals and no other slot took; a value found nowhere is a chunk at (-1, -1),
+    always wrong, as conlleval would count a chunk of the wrong words."""
+    if not calls:
+        return None, set()
+    # several calls of one tool are one intent with a repeated slot (formats.intent_slot_example)
+    intent = "#".join(dict.fromkeys(c["name"].replace("__", "#") for c in calls))
+    taken, chunks = set(), set()
+    for c in calls:
+        for key, value in c["arguments"].items():
+            vw = str(value).split()
+            spot = (-1, -1)
+            for a in range(len(words) - len(vw) + 1):
+                if vw and words[a:a + len(vw)] == vw and not taken & set(range(a, a + len(vw))):
+                    spot = (a, a + len(vw))
+                    break
+            taken |= set(range(*spot))
+            chunks.add((key, *spot))
+    return intent, chunks
+
+
+def intent_slot_scores(items, preds):
+    """items with "intent" and "slots" (formats.intent_slot_example), preds with
+    "pred" (the predicted calls) -> intent accuracy, span-level slot F1 (a chunk is right when its type
+    and its exact words match) and sentence accuracy (intent and every slot right),
+    over every item, as fractions."""
+    n = len(items)
+    ok_intent = ok_sentence = tp = n_pred = n_gold = 0
+    for ex, p in zip(items, preds):
+        words = ex["request"].split()
+        intent, chunks = predicted_chunks(words, p["pred"])
+        gold = {tuple(s) for s in ex["slots"]}
+        tp += len(chunks & gold)
+        n_pred, n_gold = n_pred + len(chunks), n_gold + len(gold)
+        ok_intent += intent == ex["intent"]
+        ok_sentence += intent == ex["intent"] and chunks == gold
+    prec, rec = tp / max(n_pred, 1), tp / max(n_gold, 1)
+    return {"n": n, "intent_acc": ok_intent / n, "slot_f1": 2 * prec * rec / max(prec + rec, 1e-12),
+            "slot_precision": prec, "slot_recall": rec, "sentence_acc": ok_sentence / n}
+
+
+def format_intent_slot(scores, label="this model"):
+    rows = [(name, pre, a, f, s) for name, pre, a, f, s in PUBLISHED_ATIS]
+    rows.append((label, "no", 100 * scores["intent_acc"], 100 * scores["slot_f1"], 100 * scores["sentence_acc"]))
+    lines = [f"{'model':46s} {'pretrained':16s} {'intent acc':>10s} {'slot F1':>8s} {'sentence acc':>12s}"]
+    lines += [f"{n:46s} {p:16s} {a:10.1f} {f:8.1f} {s:12.1f}" for n, p, a, f, s in rows]
+    return "\n".join(lines)

@@ -19,6 +19,7 @@ never stops the import. Every imported call is validated against its tools.
 """
 
 import json
+import os
 import re
 
 import wire
@@ -26,6 +27,10 @@ import wire
 XLAM_TYPES = {"str": "string", "string": "string", "int": "integer", "integer": "integer",
               "float": "number", "number": "number", "bool": "boolean", "boolean": "boolean",
               "dict": "object", "object": "object", "list": "array", "array": "array"}
+
+
+class FormatError(ValueError):
+    """A dataset file or folder we cannot read; the message names it and the problem."""
 
 
 class Skip(Exception):
@@ -192,3 +197,100 @@ def import_jsonl(path):
                                  "source": "import"})
             counts[why] = counts.get(why, 0) + 1
     return examples, counts
+
+
+# -----------------------------------------------------------------------------
+# intent / slot sets (ATIS and any folder in its format) -> a compiled catalogue
+
+INTENT_SLOT_SPLITS = {"train": "train", "val": "valid", "test": "test"}
+
+
+def read_intent_slot_split(folder, name):
+    """{name}.seq.in (words), {name}.seq.out (one BIO tag per word), {name}.label
+    (the intent) -> list of (words, tags, label); FormatError names a bad line."""
+    paths = [os.path.join(folder, f"{name}.{ext}") for ext in ("seq.in", "seq.out", "label")]
+    for p in paths:
+        if not os.path.isfile(p):
+            raise FormatError(f"{p}: missing (an intent/slot folder has {{train,valid,test}}.{{seq.in,seq.out,label}})")
+    cols = []
+    for p in paths:
+        with open(p, encoding="utf-8") as f:
+            cols.append([line.rstrip("\n") for line in f])
+    if not len(cols[0]) == len(cols[1]) == len(cols[2]):
+        raise FormatError(f"{folder}/{name}.*: the three files have {len(cols[0])}, {len(cols[1])} and "
+                          f"{len(cols[2])} lines; they must be aligned line by line")
+    rows = []
+    for n, (text, tags, label) in enumerate(zip(*cols), 1):
+        words, tags = text.split(), tags.split()
+        if len(words) != len(tags) or not words or not label.strip():
+            raise FormatError(f"{folder}/{name}.seq.*:{n}: {len(words)} words but {len(tags)} tags"
+                              if len(words) != len(tags) else f"{folder}/{name}:{n}: empty utterance or label")
+        rows.append((words, tags, label.strip()))
+    return rows
+
+
+def slot_spans(tags):
+    """BIO tags -> [(slot type, first word, last word + 1)], as conlleval reads
+    them: a chunk starts at B-x, or at I-x that does not continue an x chunk."""
+    spans, cur = [], None
+    for i, t in enumerate(tags + ["O"]):
+        kind, _, typ = t.partition("-")
+        if cur and not (kind == "I" and typ == cur[0]):
+            spans.append((cur[0], cur[1], i))
+            cur = None
+        if kind in ("B", "I") and cur is None:
+            cur = (typ, i)
+    return spans
+
+
+def intent_tool_name(label):
+    """An intent label as a tool name: joint labels (a#b) become a__b."""
+    return label.replace("#", "__")
+
+
+def intent_slot_catalogue(rows):
+    """Training rows -> tools: one per intent label, each taking every slot type of
+    the training set as an optional string argument (in order of first
+    appearance). Slots mean the same whatever the intent, and a test utterance
+    often pairs an intent with a slot that training never paired it with (45 of
+    ATIS's 893): a schema per intent would make those unanswerable."""
+    labels, types = [], []
+    for words, tags, label in rows:
+        if label not in labels:
+            labels.append(label)
+        for typ, _, _ in slot_spans(tags):
+            if typ not in types:
+                types.append(typ)
+    params = {"type": "object", "properties": {t: {"type": "string"} for t in types}}
+    return [wire.normalize_tool({"name": intent_tool_name(label), "description": f"intent {label}",
+                                 "parameters": params}) for label in labels]
+
+
+def intent_slot_example(words, tags, label, split):
+    """One utterance -> our example: a call of the intent's tool, its arguments the
+    slots' words in the order they occur. A slot type that occurs again (two
+    destinations: "to dallas and to denver") cannot be a second argument of the
+    same name: it goes to a second call of the same tool, which holds the repeats."""
+    calls = []
+    for typ, a, b in slot_spans(tags):
+        call = next((c for c in calls if typ not in c["arguments"]), None)
+        if call is None:
+            call = {"name": intent_tool_name(label), "arguments": {}}
+            calls.append(call)
+        call["arguments"][typ] = " ".join(words[a:b])
+    calls = calls or [{"name": intent_tool_name(label), "arguments": {}}]
+    return {"request": " ".join(words), "calls": calls, "reason": None,
+            "kind": "single" if len(calls) == 1 else "multi", "split": split, "domain": label, "intent": label,
+            "slots": [list(s) for s in slot_spans(tags)], "source": "intent_slot"}
+
+
+def load_intent_slot_dir(folder):
+    """An ATIS-format folder -> (tools from train, {train, val, test: examples}).
+    Every utterance of valid and test is kept, even when its intent or a slot is
+    not in the catalogue (it is then scored as wrong, never dropped)."""
+    if not os.path.isdir(folder):
+        raise FormatError(f"{folder}: no such folder")
+    rows = {split: read_intent_slot_split(folder, name) for split, name in INTENT_SLOT_SPLITS.items()}
+    tools = intent_slot_catalogue(rows["train"])
+    out = {split: [intent_slot_example(*r, split="seen") for r in rs] for split, rs in rows.items()}
+    return tools, out

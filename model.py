@@ -56,6 +56,8 @@ class GPTConfig:
     ffn: str = "gelu"         # MLP sub-block: "gelu", "swiglu" (hidden width 2/3 n_hidden) or "none"
     n_kv_head: int = 0        # key/value heads for grouped-query attention; 0 = n_head (plain)
     qk_norm: bool = False     # RMSNorm on each head's queries and keys before RoPE
+    prefix_lm: bool = False   # prompt blocks (catalogue, request) read both ways; the answer stays causal
+    copy_head: bool = False   # pointer-generator output: copy a token from the prompt or generate one
 
     def __post_init__(self):
         # refuse bad combinations here, with the reason, rather than as a shape
@@ -178,8 +180,19 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         # the last position's key before smearing, per layer (for smear_keys)
         self.last_k = torch.zeros(shape[:3] + (hs,), device=device, dtype=dtype)
+        # a copy head's sources (batch 1): the copy keys and token ids of the
+        # prompt positions, n_src of them (see GPT.decode)
+        self.src_keys = torch.zeros(max_len, config.n_embd, device=device, dtype=dtype) if config.copy_head else None
+        self.src_ids = torch.zeros(max_len, dtype=torch.long, device=device)
+        self.n_src = 0
         self.max_len = max_len
         self.pos = 0
+
+    def rewind(self, pos, last_k, n_src):
+        """Back to an earlier point of the sequence: what came after is overwritten
+        as the sequence continues."""
+        self.pos, self.n_src = pos, n_src
+        self.last_k.copy_(last_k)
 
     def nbytes(self):
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.last_k))
@@ -230,7 +243,9 @@ class CausalSelfAttention(nn.Module):
         # on a long loss plateau until it does. With GQA the gate is per key head.
         self.smear = nn.Parameter(torch.zeros(self.n_kv_head)) if config.smear_keys else None
 
-    def forward(self, x, cos, sin, cache=None, layer=0, layout=None):
+    def forward(self, x, cos, sin, cache=None, layer=0, layout=None, mask=None):
+        """x: (B, T, C) -> (B, T, C). mask: which keys each query sees (see
+        attention_mask; None: plain causal from position 0)."""
         B, T, C = x.size()
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.qkv(x).split([C, self.kv_dim, self.kv_dim], dim=2)
@@ -245,12 +260,9 @@ class CausalSelfAttention(nn.Module):
         if self.smear is not None:
             k = self.smeared(k, cache, layer, layout)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        start = 0
         if cache is not None:
             # append this chunk's keys/values, then attend over everything cached
-            start = cache.pos
             k, v = cache.append(layer, k, v)          # (B, nkv, start+T, hs)
-        mask = attention_mask(T, k.size(2), start, layout, x.device)   # None: plain causal
         p = self.dropout if self.training else 0.0
 
         if self.attn_impl == "explicit":
@@ -294,18 +306,60 @@ class CausalSelfAttention(nn.Module):
         return (1 - s) * k + s * k_prev
 
 
-def attention_mask(T, S, start, layout, device):
-    """Which keys each query may see, as a bool mask (True: may attend), or None
-    for a plain causal sequence starting at 0 (the fused kernel's is_causal).
-    T queries at positions start..start+T-1 over S = start+T keys: query i sees
-    keys 0..start+i. A layout (packed rows) brings its own (B, 1, T, T) mask."""
+def attention_mask(T, start=0, layout=None, seg=None, device=None):
+    """Which keys each of T queries may see, as a bool mask (True: may attend), or
+    None for a plain causal sequence from position 0 (the fused kernel's is_causal).
+    The queries sit at positions start..start+T-1, after `start` cached keys.
+        causal      query i sees keys 0..start+i
+        layout      packed rows bring their own (B, 1, T, T) mask
+        seg (B, T)  prefix LM: tokens of the same prompt block (seg > 0: 1 the
+                    catalogue, 2 the request) also see each other both ways, the
+                    answer (seg 0) stays causal; cached keys are all seen.
+    -> None, (T, start+T) or (B, 1, T, start+T)."""
     if layout is not None:
         return layout.mask
-    if start == 0:
-        return None
-    if T == 1:        # one new token sees every cached position
-        return torch.ones(1, S, dtype=torch.bool, device=device)
-    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=start)
+    if seg is None:
+        if start == 0:
+            return None
+        return torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start)
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    same_block = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0)     # (B, T, T)
+    mask = causal | same_block
+    if start:
+        mask = torch.cat([torch.ones(seg.size(0), T, start, dtype=torch.bool, device=device), mask], dim=2)
+    return mask[:, None]                                                          # (B, 1, T, start+T)
+
+
+class CopyHead(nn.Module):
+    """Pointer-generator output (Vinyals et al. 2015; See et al. 2017): the next
+    token is either generated from the vocabulary or copied from the prompt.
+        copy(w) = sum of attention a_j over the prompt positions j holding token w,
+                  a = softmax over prompt positions of (W_q h_t) . (W_k h_j) / sqrt(C)
+        p(w)    = g * softmax(logits)(w) + (1 - g) * copy(w),   g = sigmoid(w_g . h_t + b)
+    An argument value is then "point at the request" instead of "find these
+    words in a vocabulary of thousands", which is what a small model gets wrong
+    most (garbled copies, the first token of a value)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.q = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.k = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.gate = nn.Linear(config.n_embd, 1)
+
+    def scores(self, h, keys):
+        """Queries from h (..., T, C) against keys (..., S, C) made by self.k ->
+        (..., T, S) attention scores."""
+        return self.q(h) @ keys.transpose(-2, -1) / math.sqrt(h.size(-1))
+
+    def mix(self, logits, h, scores, src_ids, valid):
+        """logits (N, V) of the vocabulary head at N positions with hidden states h
+        (N, C); scores (N, S) over S source positions holding tokens src_ids (N, S),
+        valid (N, S) marking the real sources -> log p (N, V), float32."""
+        attn = F.softmax(scores.float().masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)
+        copy = torch.zeros_like(logits, dtype=torch.float32).scatter_add_(1, src_ids, attn)
+        g = self.gate(h).float()                                   # (N, 1), a logit
+        return torch.logaddexp(F.logsigmoid(g) + F.log_softmax(logits.float(), dim=-1),
+                               F.logsigmoid(-g) + torch.log(copy + 1e-9))
 
 
 class MLP(nn.Module):
@@ -355,8 +409,8 @@ class Block(nn.Module):
             self.norm2 = RMSNorm(config.n_embd)
             self.mlp = MLP(config) if config.ffn == "gelu" else SwiGLU(config)
 
-    def forward(self, x, cos, sin, cache=None, layer=0, layout=None):
-        x = x + self.attn(self.norm1(x), cos, sin, cache, layer, layout)
+    def forward(self, x, cos, sin, cache=None, layer=0, layout=None, mask=None):
+        x = x + self.attn(self.norm1(x), cos, sin, cache, layer, layout, mask)
         if self.mlp is not None:
             x = x + self.mlp(self.norm2(x))
         return x
@@ -373,6 +427,7 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.norm = RMSNorm(config.n_embd)
+        self.copy = CopyHead(config) if config.copy_head else None
         cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
         # buffers, not parameters: they move with .to(device) but are not trained or saved
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -391,28 +446,73 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std)
             elif "norm" in name:
                 nn.init.ones_(p)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, cache=None, layout=None, sel=None):
+    def forward(self, idx, cache=None, layout=None, sel=None, seg=None):
         """idx: (B, T) token ids -> logits (B, T, vocab) in float32.
         With a cache, idx continues the cached sequence at position cache.pos.
         sel: (B, T) bool -> logits of the selected positions only, (N, vocab):
         training needs the answer positions alone, and the vocabulary projection
-        is a third of a tiny model's compute."""
-        h = self.hidden(idx, cache, layout)       # (B, T, C)
-        return self.head(h if sel is None else h[sel])
+        is a third of a tiny model's compute. seg (B, T): the prompt blocks (see
+        attention_mask; 0 for answer tokens), for prefix_lm and copy_head.
+        With copy_head the "logits" are log-probabilities (a mixture has no
+        logits); softmax and cross-entropy treat them the same."""
+        h = self.hidden(idx, cache, layout, seg)       # (B, T, C)
+        if self.copy is None:
+            return self.head(h if sel is None else h[sel])
+        if seg is None:
+            raise ValueError("a copy head needs seg: which positions are the prompt it copies from")
+        # every position may copy from the prompt positions of its own row
+        keys = self.copy.k(h)                                    # (B, T, C)
+        scores = self.copy.scores(h, keys)                       # (B, T, T)
+        B, T = idx.shape
+        src_ids = idx[:, None, :].expand(B, T, T)
+        valid = (seg > 0)[:, None, :].expand(B, T, T)
+        if sel is not None:
+            h, scores, src_ids, valid = h[sel], scores[sel], src_ids[sel], valid[sel]
+        else:
+            h, scores, src_ids, valid = (t.reshape(B * T, *t.shape[2:]) for t in (h, scores, src_ids, valid))
+        out = self.copy.mix(self.head(h), h, scores, src_ids, valid)
+        return out if sel is not None else out.view(B, T, -1)
 
     def head(self, h):
         """Final hidden states (..., C) -> logits (..., vocab), float32 before any
         softmax or loss."""
         return F.linear(h, self.embed.weight).float()   # tied with the input embedding
 
-    def hidden(self, idx, cache=None, layout=None):
+    def decode(self, idx, cache, prompt=0, first=-1):
+        """Continue the cached sequence (batch 1) with idx (1, T) -> scores of the
+        last position (V), or of positions first.. (T - first, V); float32 logits,
+        or log-probabilities with a copy head.
+        prompt: 0 for answer tokens; 1 (the catalogue, up to <|user|>) or 2 (the
+        request) for a prompt block, which a prefix LM reads both ways and a copy
+        head copies from. Training's seg gives the same blocks (a test checks)."""
+        T = idx.size(1)
+        seg = torch.full_like(idx, prompt) if prompt else None
+        h = self.hidden(idx, cache, seg=seg)[0]                      # (T, C)
+        if self.copy is not None and prompt:
+            n = cache.n_src
+            cache.src_keys[n:n + T] = self.copy.k(h)
+            cache.src_ids[n:n + T] = idx[0]
+            cache.n_src = n + T
+        h = h[-1:] if first == -1 else h[first:]
+        if self.copy is None:
+            out = self.head(h)
+        else:
+            keys, ids = cache.src_keys[:cache.n_src], cache.src_ids[:cache.n_src]
+            out = self.copy.mix(self.head(h), h, self.copy.scores(h, keys), ids.expand(len(h), -1),
+                                torch.ones(len(h), cache.n_src, dtype=torch.bool, device=h.device))
+        return out[0] if first == -1 else out
+
+    def hidden(self, idx, cache=None, layout=None, seg=None):
         """idx: (B, T) -> final normalised hidden states (B, T, C).
         layout (training on packed rows, see Layout): per-token positions,
-        attention mask and previous-token index instead of one plain sequence."""
+        attention mask and previous-token index instead of one plain sequence.
+        seg (B, T): prompt blocks, read both ways if the model is a prefix LM."""
         B, T = idx.size()
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
@@ -423,9 +523,10 @@ class GPT(nn.Module):
         else:
             cos = self.rope_cos[start:start + T]
             sin = self.rope_sin[start:start + T]
+        mask = attention_mask(T, start, layout, seg if self.config.prefix_lm else None, idx.device)
         x = self.embed(idx)                           # (B, T, C)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, i, layout)
+            x = block(x, cos, sin, cache, i, layout, mask)
         if cache is not None:
             cache.pos = start + T
         return self.norm(x)

@@ -34,6 +34,7 @@ reports how well it is calibrated.
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -71,6 +72,10 @@ class Router:
             raise CheckpointError(f"{e} (pass the data dir {ckpt_path} was trained on with --data_dir)") from None
         check_tokenizer(self.ckpt, d.meta["tokenizer_sha256"], ckpt_path)
         self.meta, self.sp = d.meta, d.sp
+        # a compiled catalogue lives in the model (and its data dir), not in the prompt
+        self.catalogue = None
+        if d.meta.get("compiled"):
+            self.catalogue = self.ckpt.get("catalogue") or wire.load_tools(os.path.join(data_dir, "tools.json"))
         self.device = device
         if quantize == "int8":
             if torch.device(device).type != "cpu":
@@ -87,12 +92,37 @@ class Router:
     # -- prompts and catalogues
 
     def encode_prefix(self, tools):
-        """Token ids of <|tools|>...<|user|>: the part shared by every request to a catalogue."""
-        return self.sp.encode(wire.render_prefix(tools))
+        """Token ids of <|tools|>...<|user|>: the part shared by every request to a
+        catalogue; <|user|> alone for a compiled catalogue."""
+        return self.sp.encode(wire.render_prefix(None if self.catalogue is not None else tools))
+
+    def tools_for(self, tools):
+        """The tools a request may call. A compiled model: None means its whole
+        catalogue; tools given must be in it with the schema it was compiled with
+        (the answer is then restricted to them), else a ToolError naming the tool.
+        A catalogue-in-the-prompt model takes any tools, and needs some."""
+        if self.catalogue is None:
+            if tools is None:
+                raise wire.ToolError("this model reads the tools from the prompt: pass the tools")
+            return tools
+        if tools is None:
+            return self.catalogue
+        known = {t["name"]: t for t in self.catalogue}
+        for t in tools:
+            mine = known.get(t["name"])
+            if mine is None:
+                raise wire.ToolError(f"tool '{t['name']}' is not in this model's compiled catalogue "
+                                     f"({', '.join(sorted(known)[:12])}{', ...' if len(known) > 12 else ''}); "
+                                     "compile a model with it (data.py --compiled) or use a catalogue-in-the-prompt model")
+            diff = wire.schema_difference(mine["parameters"], t["parameters"])
+            if diff:
+                raise wire.ToolError(f"tool '{t['name']}': {diff} than the compiled one; this model cannot "
+                                     "call it as given (compile a model with the new schema)")
+        return tools
 
     def encode_request(self, request):
         # the request follows a special token, so it is tokenized on its own either way
-        return self.sp.encode(wire.clean(request.strip()))
+        return self.sp.encode(wire.render_request(request))
 
     def encode_prompt(self, tools, request):
         return self.encode_prefix(tools) + self.encode_request(request)
@@ -115,12 +145,23 @@ class Router:
     def _tensor(self, ids):
         return torch.tensor([ids], dtype=torch.long, device=self.device)
 
-    def _logits(self, ids, cache=None, first=-1):
-        """Run ids (continuing the cache, if any) -> logits of the last position
-        (first=-1), or of positions first.. (V) / (n, V): the vocabulary
-        projection of the other positions would be thrown away."""
-        h = self.model.hidden(self._tensor(ids), cache)[0]
-        return self.model.head(h[-1] if first == -1 else h[first:])
+    def _logits(self, ids, cache, first=-1, prompt=0):
+        """Continue the cache with answer tokens ids (or a prompt block, see
+        GPT.decode) -> logits of the last position (V), or of positions first..
+        (n, V): the vocabulary projection of the other positions is never run."""
+        return self.model.decode(self._tensor(ids), cache, prompt, first)
+
+    def _logits_uncached(self, seq, n_prefix, n_request):
+        """Logits of the last position of seq = prefix + request + answer so far,
+        run whole (no cache), with the same prompt blocks as a cached run."""
+        seg = [1] * n_prefix + [2] * n_request + [0] * (len(seq) - n_prefix - n_request)
+        return self.model(self._tensor(seq), seg=self._tensor(seg))[0, -1]
+
+    def _split_prompt(self, prompt_ids):
+        """Prompt ids -> (prefix up to and including <|user|>, request)."""
+        user = self.meta["special_tokens"][wire.USER]
+        at = prompt_ids.index(user) + 1 if user in prompt_ids else 0
+        return prompt_ids[:at], prompt_ids[at:]
 
     # -- decoding
 
@@ -135,25 +176,25 @@ class Router:
             raise ValueError(f"prompt is {len(prompt_ids)} tokens; the model's context is "
                              f"{model.config.block_size}")
         max_new_tokens = min(max_new_tokens, budget)
-        idx = self._tensor(prompt_ids)
+        prefix, request = self._split_prompt(list(prompt_ids))
         out = []
         if use_cache:
             cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens, self.device)
-            logits = model(idx, cache)                       # prefill: (1, T, V)
+            logits = self._prefill(prefix, request, cache)
             for _ in range(max_new_tokens):
-                nxt = int(logits[0, -1].argmax())
+                nxt = int(logits.argmax())
                 out.append(nxt)
                 if nxt == self.end_id:
                     break
-                logits = model(self._tensor([nxt]), cache)
+                logits = self._logits([nxt], cache)
         else:
+            seq = list(prompt_ids)
             for _ in range(max_new_tokens):
-                logits = model(idx)
-                nxt = int(logits[0, -1].argmax())
+                nxt = int(self._logits_uncached(seq, len(prefix), len(request)).argmax())
                 out.append(nxt)
                 if nxt == self.end_id:
                     break
-                idx = torch.cat([idx, self._tensor([nxt])], dim=1)
+                seq.append(nxt)
         return out
 
     @torch.inference_mode()
@@ -165,11 +206,12 @@ class Router:
         otherwise mask every token the grammar does not allow here and take the
         argmax. Feed what was written, repeat. generate_constrained gives the same
         tokens in fewer, cheaper passes (a test checks, token for token)."""
+        tools = self.tools_for(tools)
         g = self.grammar(tools, tool_choice)
-        prompt = self.encode_prompt(tools, request)
-        budget = self._budget(len(prompt), max_new_tokens)
+        prefix, request_ids = self.encode_prefix(tools), self.encode_request(request)
+        budget = self._budget(len(prefix) + len(request_ids), max_new_tokens)
         cache = KVCache(self.model.config, 1, self.model.config.block_size, self.device)
-        logits = self._logits(prompt, cache)                  # (V): after the prompt
+        logits = self._prefill(prefix, request_ids, cache)    # (V): after the prompt
         state, out, ends = g.start(), [], []
         while state.phase != "done":
             if g.step(state, wire.END) is not None:
@@ -205,6 +247,7 @@ class Router:
         pick(logits, allowed ids, tokens so far) -> id replaces the argmax (utils/bench_latency.py
         follows a fixed answer with it). tool_choice: auto | none | required | a
         tool's name (see grammar.Grammar)."""
+        tools = self.tools_for(tools)
         g, vocab = self.grammar(tools, tool_choice), self.vocab
         prefix, request_ids = self.encode_prefix(tools), self.encode_request(request)
         budget = self._budget(len(prefix) + len(request_ids), max_new_tokens)
@@ -316,27 +359,30 @@ class Router:
             return out[:fits[-1]] + [self.end_id]
         return [self.nocall_id] + self.sp.encode(wire.REASON_NO_TOOL) + [self.end_id]
 
-    def _prefill(self, prefix, rest, use_prefix_cache):
-        """Run the prompt -> (cache, logits of its last position)."""
+    def _prefill(self, prefix, request_ids, cache):
+        """Run the prompt into cache, its two blocks one after the other (as
+        training's seg has them) -> logits of its last position."""
+        self._logits(prefix, cache, prompt=1)
+        return self._logits(request_ids, cache, prompt=2)
+
+    def _prefill_cached(self, prefix, request_ids):
+        """_prefill with the catalogue's part kept across requests (the prefix
+        cache: the last 4 catalogues) -> (cache, logits of the last position)."""
         cfg = self.model.config
-        if not use_prefix_cache:
-            cache = KVCache(cfg, 1, cfg.block_size, self.device)
-            return cache, self._logits(prefix + rest, cache)
         key = tuple(prefix)
         entry = self.prefixes.pop(key, None)
         if entry is None:
             cache = KVCache(cfg, 1, cfg.block_size, self.device)
-            self.model.hidden(self._tensor(prefix), cache)
-            entry = (cache, cache.last_k.clone())
+            self._logits(prefix, cache, prompt=1)
+            entry = (cache, cache.last_k.clone(), cache.n_src)
         self.prefixes[key] = entry
         while len(self.prefixes) > 4:
             self.prefixes.popitem(last=False)
-        cache, last_k = entry
+        cache, last_k, n_src = entry
         # rewind to the end of the catalogue: what a previous request appended is
         # overwritten as this one runs (smeared keys also need the last raw key back)
-        cache.pos = len(prefix)
-        cache.last_k.copy_(last_k)
-        return cache, self._logits(rest, cache)
+        cache.rewind(len(prefix), last_k, n_src)
+        return cache, self._logits(request_ids, cache, prompt=2)
 
     def answer(self, tools, request, max_new_tokens=128, constrain=True, tool_choice="auto"):
         """-> dict: calls, reason, valid, error, text, tokens, latency_ms,
@@ -345,6 +391,7 @@ class Router:
             raise ValueError("empty request")
         t0 = time.perf_counter()
         info = {"confidence": None, "truncated": False}
+        tools = self.tools_for(tools)
         if constrain:
             ids, info = self.generate_constrained(tools, request, max_new_tokens, tool_choice=tool_choice)
         elif tool_choice != "auto":
@@ -375,11 +422,16 @@ class _Pass:
     def __init__(self, router, prefix, request_ids, use_cache, prefix_cache):
         self.r, self.use_cache, self.pending, self.passes = router, use_cache, [], 1
         self.stale = False    # chosen tokens since _last was computed
-        if use_cache:
-            self.cache, self._last = router._prefill(prefix, request_ids, prefix_cache)
+        self.n_prefix, self.n_request = len(prefix), len(request_ids)
+        if use_cache and prefix_cache:
+            self.cache, self._last = router._prefill_cached(prefix, request_ids)
+        elif use_cache:
+            cfg = router.model.config
+            self.cache = KVCache(cfg, 1, cfg.block_size, router.device)
+            self._last = router._prefill(prefix, request_ids, self.cache)
         else:
             self.seq = prefix + request_ids
-            self._last = router._logits(self.seq)
+            self._last = router._logits_uncached(self.seq, self.n_prefix, self.n_request)
 
     def room(self):
         """Tokens the context still holds after the pending ones."""
@@ -409,13 +461,13 @@ class _Pass:
             self._last = self.r._logits(ids, self.cache)
         else:
             self.seq = self.seq + ids
-            self._last = self.r._logits(self.seq)
+            self._last = self.r._logits_uncached(self.seq, self.n_prefix, self.n_request)
 
     def feed_with_guess(self, guess):
         """Run pending + guess in one pass -> logits rows: rows[i] is what comes
         after pending + guess[:i] (len(guess) + 1 rows)."""
         self.passes += 1
-        self._mark = self.cache.pos, self.cache.last_k.clone()
+        self._mark = self.cache.pos, self.cache.last_k.clone(), self.cache.n_src
         return self.r._logits(self.pending + guess, self.cache, first=len(self.pending) - 1)
 
     def keep_guess(self, n_ok, guess, next_logits):
@@ -425,8 +477,7 @@ class _Pass:
         if n_ok == len(guess):
             self.pending = []
         else:
-            self.cache.pos = self._mark[0]
-            self.cache.last_k.copy_(self._mark[1])
+            self.cache.rewind(*self._mark)
             self.pending = self.pending + guess[:n_ok]
         self._last, self.stale = next_logits, False
 

@@ -44,10 +44,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from datadir import DataDirError, Split, batch_indices, load_meta, padding_fraction
-from model import FFN_KINDS, GPT, PRESETS, CheckpointError, Layout, config_dict, config_from_dict, \
+from model import FFN_KINDS, GPT, PRESETS, CheckpointError, config_dict, config_from_dict, \
     config_from_preset, load_checkpoint, save_checkpoint
 from runtime import (Logger, autocast_ctx, catch_stop_signals, die, init_distributed, leave_distributed,
                      pick_device, pick_dtype, sum_over_ranks, world_size)
+import wire
 from wire import TOKEN_CLASSES
 
 
@@ -75,6 +76,12 @@ def arg_parser(doc=__doc__):
     p.add_argument("--qk_norm", action="store_const", const=True, default=None,
                    help="RMSNorm on each head's queries and keys before RoPE")
     p.add_argument("--no_qk_norm", dest="qk_norm", action="store_const", const=False)
+    p.add_argument("--prefix_lm", action="store_const", const=True, default=None,
+                   help="the prompt's blocks (catalogue, request) read both ways, the answer causal")
+    p.add_argument("--no_prefix_lm", dest="prefix_lm", action="store_const", const=False)
+    p.add_argument("--copy_head", action="store_const", const=True, default=None,
+                   help="pointer-generator output: a token is copied from the prompt or generated")
+    p.add_argument("--no_copy_head", dest="copy_head", action="store_const", const=False)
     # what a row holds
     p.add_argument("--share_prefix", action="store_true",
                    help="rows of examples that share one tool list, the list run once (data.py --group N)")
@@ -132,7 +139,7 @@ def main(argv=None):
 def run(args, loss=None, name="model", ckpt_extra=None):
     """Train with args -> out_dir/best.pt, last.pt, log.txt.
 
-    loss(logits, y, m, x, sel, layout) -> (loss, {name: value to log}) replaces
+    loss(logits, y, m, x, sel, layout, seg) -> (loss, {name: value to log}) replaces
     the answer-token cross-entropy (distill.py's soft KD); logits are the model's
     at the answer positions sel. ckpt_extra is stored in every checkpoint."""
     loss = loss or gold_loss
@@ -153,7 +160,9 @@ def run(args, loss=None, name="model", ckpt_extra=None):
           + (f"; {world} processes ({dist.get_backend()}), global batch {args.batch_size} x {args.grad_accum} "
              f"x {world} examples" if world > 1 else ""))
 
-    model, optimizer, scaler, step, best_val = build(args, meta, device, dtype, name)
+    model, optimizer, scaler, step, best_val, trained_s = build(args, meta, device, dtype, name)
+    # a compiled catalogue is stored with the model: it is what the model can call
+    catalogue = wire.read_json(os.path.join(args.data_dir, "tools.json")) if meta.get("compiled") else None
     train, val, rows_per_batch = load_splits(args, meta, model.config.block_size)
     ctx = autocast_ctx(device, dtype)
     last_path = os.path.join(args.out_dir, "last.pt")
@@ -174,7 +183,8 @@ def run(args, loss=None, name="model", ckpt_extra=None):
                 "scaler": scaler.state_dict(), "model_config": config_dict(model.config),
                 "step": step, "best_val": best_val, "args": vars(args), "data_dir": args.data_dir,
                 "tokenizer_sha256": meta["tokenizer_sha256"], "vocab_size": meta["vocab_size"],
-                "world_size": world, **(ckpt_extra or {})}, path)
+                "world_size": world, "catalogue": catalogue,
+                "train_seconds": trained_s + time.time() - start_time, **(ckpt_extra or {})}, path)
 
     def validate():
         nonlocal best_val
@@ -222,13 +232,13 @@ def run(args, loss=None, name="model", ckpt_extra=None):
             for micro in range(args.grad_accum):
                 idx = batch_indices(train, args.seed, step, rank * args.grad_accum + micro, rows_per_batch,
                                     args.length_window)
-                x, y, m, layout = to_device(train.batch(idx, pad_id), device)
+                x, y, m, layout, seg = train.batch(idx, pad_id).to(device)
                 sel = m > 0
                 # DDP: all-reduce the gradients once, after the last micro-batch
                 last = micro == args.grad_accum - 1
                 with (net.no_sync() if world > 1 and not last else nullcontext()):
                     with ctx:
-                        value, logged = loss(net(x, layout=layout, sel=sel), y, m, x, sel, layout)
+                        value, logged = loss(net(x, layout=layout, sel=sel, seg=seg), y, m, x, sel, layout, seg)
                         value = value / args.grad_accum
                     scaler.scale(value).backward()
                 parts["loss"] += value.item()
@@ -271,7 +281,7 @@ def run(args, loss=None, name="model", ckpt_extra=None):
 # -----------------------------------------------------------------------------
 # what the loop calls
 
-def gold_loss(logits, y, m, x=None, sel=None, layout=None):
+def gold_loss(logits, y, m, x=None, sel=None, layout=None, seg=None):
     """The default loss: cross-entropy on the answer tokens, weighted by m."""
     sel = m > 0 if sel is None else sel
     return weighted_ce(logits, y[sel], m[sel]), {}
@@ -285,10 +295,10 @@ def weighted_ce(logits, targets, w, reduction="mean"):
     return ce.sum() if reduction == "sum" else ce.sum() / w.sum()
 
 
-def answer_loss(model, x, y, m, layout=None, reduction="mean"):
+def answer_loss(model, x, y, m, layout=None, seg=None, reduction="mean"):
     """x, y, m: (B, L) -> the weighted cross-entropy on the answer tokens (m > 0)."""
     sel = m > 0
-    return weighted_ce(model(x, layout=layout, sel=sel), y[sel], m[sel], reduction)
+    return weighted_ce(model(x, layout=layout, sel=sel, seg=seg), y[sel], m[sel], reduction)
 
 
 @torch.no_grad()
@@ -298,19 +308,12 @@ def evaluate_loss(model, split, args, pad_id, device, ctx):
     total, count = 0.0, 0.0
     for i in range(args.eval_batches):
         idx = batch_indices(split, args.seed + 1, i, 0, args.batch_size)
-        x, y, m, layout = to_device(split.batch(idx, pad_id), device)
+        x, y, m, layout, seg = split.batch(idx, pad_id).to(device)
         with ctx:
-            total += answer_loss(model, x, y, m, layout, reduction="sum").item()
+            total += answer_loss(model, x, y, m, layout, seg, reduction="sum").item()
         count += m.sum().item()
     model.train()
     return total / max(count, 1)
-
-
-def to_device(batch, device):
-    x, y, m, layout = batch
-    if layout is not None:
-        layout = Layout(*(t.to(device, non_blocking=True) for t in layout))
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True), m.to(device, non_blocking=True), layout
 
 
 def get_lr(step, args):
@@ -350,16 +353,19 @@ def model_config(args, meta):
         return config_from_preset(args.preset, vocab_size=meta["vocab_size"], n_layer=args.n_layer,
                                   n_head=args.n_head, n_embd=args.n_embd, n_hidden=args.n_hidden,
                                   block_size=args.block_size, dropout=args.dropout, smear_keys=args.smear_keys,
-                                  ffn=args.ffn, n_kv_head=args.n_kv_head, qk_norm=args.qk_norm)
+                                  ffn=args.ffn, n_kv_head=args.n_kv_head, qk_norm=args.qk_norm,
+                                  prefix_lm=args.prefix_lm, copy_head=args.copy_head)
     except ValueError as e:
         die(str(e))
 
 
 def build(args, meta, device, dtype, name="model"):
     """The model, optimizer and grad scaler: fresh, or from last.pt with --resume
-    -> (model, optimizer, scaler, step, best val loss so far)."""
+    -> (model, optimizer, scaler, step, best val loss so far, seconds trained so far)."""
     config = model_config(args, meta)
-    step, best_val, ckpt = 0, float("inf"), None
+    if (config.prefix_lm or config.copy_head) and (args.pack or args.share_prefix):
+        die("--prefix_lm and --copy_head work on rows of one example: not with --pack or --share_prefix")
+    step, best_val, trained_s, ckpt = 0, float("inf"), 0.0, None
     if args.resume:
         last_path = os.path.join(args.out_dir, "last.pt")
         try:
@@ -369,7 +375,7 @@ def build(args, meta, device, dtype, name="model"):
         if config_dict(config_from_dict(ckpt["model_config"])) != config_dict(config):
             die(f"{last_path}: model config differs from the one asked for now; "
                 "resume with the same --preset and overrides")
-        step, best_val = ckpt["step"], ckpt["best_val"]
+        step, best_val, trained_s = ckpt["step"], ckpt["best_val"], ckpt.get("train_seconds", 0.0)
         if ckpt.get("world_size", 1) != world_size():
             print(f"note: {last_path} was trained by {ckpt.get('world_size', 1)} process(es), now {world_size()}: "
                   "the global batch (batch_size x grad_accum x processes) changes from here on")
@@ -387,7 +393,7 @@ def build(args, meta, device, dtype, name="model"):
         model.hidden = torch.compile(model.hidden)
     print(f"{name}: {args.preset}, {model.num_params() / 1e6:.2f}M parameters, {json.dumps(config_dict(config))}")
     print(f"config: {json.dumps(vars(args))}")
-    return model, optimizer, scaler, step, best_val
+    return model, optimizer, scaler, step, best_val, trained_s
 
 
 def load_splits(args, meta, block_size):

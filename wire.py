@@ -6,11 +6,16 @@ text the model is trained on is byte-for-byte the text it sees at inference.
 
 An example is rendered as
 
-    <|tools|>{one line per tool}<|user|>{request}<|call|>name<|arg|> key: value<|arg|> key2: 5<|end|>
+    <|tools|>{one line per tool}<|user|> {request}<|call|>name<|arg|> key: value<|arg|> key2: 5<|end|>
+
+or, for a model with a compiled catalogue (one app's fixed tools, learnt into
+the model, each tool name a single token), without the tool lines:
+
+    <|user|> {request}<|call|>name<|arg|> key: value<|end|>
 
 or, when no tool should be called,
 
-    <|tools|>...<|user|>{request}<|nocall|>missing argument: order_id<|end|>
+    <|tools|>...<|user|> {request}<|nocall|>missing argument: order_id<|end|>
 
 The prompt is everything up to and including the request; the answer starts at
 the first <|call|> / <|nocall|> token (the model's first decision) and runs to
@@ -211,6 +216,27 @@ def carry_problem(tool):
     return None
 
 
+def schema_difference(compiled, given):
+    """Two tools' parameter schemas -> None if they take the same arguments the
+    same way, else what differs ("has parameter 'x' more", ...), for a clear error
+    when an app's tool no longer matches the one a model was compiled with.
+    Descriptions may differ: only what a call must satisfy is compared."""
+    strip = lambda node: ({k: strip(v) for k, v in node.items() if k not in ("description", "title")}
+                          if isinstance(node, dict) else [strip(x) for x in node] if isinstance(node, list) else node)
+    a, b = compiled.get("properties", {}), given.get("properties", {})
+    for k in b:
+        if k not in a:
+            return f"has parameter '{k}' more"
+    for k in a:
+        if k not in b:
+            return f"has parameter '{k}' less"
+        if strip(a[k]) != strip(b[k]):
+            return f"has parameter '{k}' of another schema"
+    if sorted(compiled.get("required", [])) != sorted(given.get("required", [])):
+        return "requires other parameters"
+    return None
+
+
 def normalize_tools(tools):
     """A list of tools in either form (or {"tools": [...]}) -> list of bare tools."""
     if isinstance(tools, dict) and "tools" in tools:
@@ -292,13 +318,23 @@ def clean(text):
 
 def render_prefix(tools):
     """The part of every prompt that depends on the catalogue alone, up to and
-    including <|user|>: the decoder computes it once per catalogue (its prefix cache)."""
+    including <|user|>: the decoder computes it once per catalogue (its prefix cache).
+    tools=None: a compiled catalogue, which lives in the model, not in the prompt."""
+    if tools is None:
+        return USER
     return f"{TOOLS}{clean(render_tools(tools))}{USER}"
 
 
+def render_request(request):
+    """The request as the prompt carries it: after one space, so that its first
+    word is tokenized as every other word is ("_denver", not "denver"), and a value
+    copied from the first word is the same token in the request and the answer."""
+    return " " + clean(request.strip())
+
+
 def render_prompt(tools, request):
-    """The model's input: tools and request, ending right before the answer."""
-    return render_prefix(tools) + clean(request.strip())
+    """The model's input: tools (None: compiled in) and request, ending right before the answer."""
+    return render_prefix(tools) + render_request(request)
 
 
 def render_value(v):

@@ -18,7 +18,7 @@ def toy_data(tmp_path_factory):
     import data
     out = str(tmp_path_factory.mktemp("data") / "toy")
     data.main(["--out_dir", out, "--n_train", "400", "--n_val", "40", "--n_test", "30",
-               "--n_test_unseen", "20", "--vocab_size", "600", "--seed", "7"])
+               "--n_test_unseen", "20", "--vocab_size", "600", "--seed", "7", "--group", "4"])
     return out
 
 

@@ -220,8 +220,12 @@ class StubModel(torch.nn.Module):
     def head(self, h):
         return h
 
-    def forward(self, idx, cache=None):
+    def forward(self, idx, cache=None, seg=None):
         return self.hidden(idx, cache)
+
+    def decode(self, idx, cache, prompt=0, first=-1):     # GPT.decode's interface
+        h = self.hidden(idx, cache)[0]
+        return h[-1] if first == -1 else h[first:]
 
     def written(self, upto):
         syms = [s for t in self.history[self.n_prompt:upto] for s in self.vocab.symbols(t)]

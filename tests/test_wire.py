@@ -103,7 +103,9 @@ def test_special_tokens_cannot_be_injected():
 def test_prompt_and_example_layout():
     tools = [wire.normalize_tool(TRACK)]
     prompt = wire.render_prompt(tools, "  where is ORD-1?  ")
-    assert prompt.startswith(wire.TOOLS) and prompt.endswith(wire.USER + "where is ORD-1?")
+    assert prompt.startswith(wire.TOOLS) and prompt.endswith(wire.USER + " where is ORD-1?")
+    # a compiled catalogue: the request alone
+    assert wire.render_prompt(None, "where is ORD-1?") == wire.USER + " where is ORD-1?"
 
 
 def test_validation_accepts_good_and_rejects_each_kind_of_bad_call():
