@@ -2,7 +2,8 @@
 Answer one request with a trained model: greedy decoding with a KV cache,
 constrained so that the answer is always a valid call (or a no-call).
 
-    python sample.py --ckpt out/demo/best.pt --tools data/demo/tools.json "Where's my order ORD-1234?"
+    python sample.py --ckpt out/demo/best.pt "Where's my order ORD-1234?"        # a compiled model: its own tools
+    python sample.py --ckpt out/general/best.pt --tools examples/tools.json "Where's my order ORD-1234?"
     python sample.py --ckpt out/demo/best.pt --tools my_tools.json --json "turn off the porch light"
     python sample.py ... --no_constrain        # the raw model, which may answer anything
     python sample.py ... --quantize int8       # int8 weights for the linear layers (CPU)
@@ -486,7 +487,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("request", help="the user's request, in quotes")
     p.add_argument("--ckpt", default="out/demo/best.pt")
-    p.add_argument("--tools", default="data/demo/tools.json", help="JSON list of tool definitions")
+    p.add_argument("--tools", default=None,
+                   help="JSON list of tool definitions; a compiled model: optional, a subset of its "
+                   "catalogue to restrict the answer to (default: the whole catalogue)")
     p.add_argument("--data_dir", default=None, help="default: the one recorded in the checkpoint")
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--device", default="cpu")
@@ -496,14 +499,18 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.request.strip():
         die("the request is empty")
-    try:
-        tools = wire.load_tools(args.tools)
-    except wire.ToolError as e:
-        die(str(e))
-    if not tools:
-        die(f"{args.tools}: the tool list is empty")
+    tools = None
+    if args.tools:
+        try:
+            tools = wire.load_tools(args.tools)
+        except wire.ToolError as e:
+            die(str(e))
+        if not tools:
+            die(f"{args.tools}: the tool list is empty")
     try:
         router = Router(args.ckpt, args.data_dir, args.device, args.quantize)
+        if tools is None and router.catalogue is None:
+            die("this model reads the tools from the prompt: pass them with --tools FILE")
         result = router.answer(tools, args.request, args.max_new_tokens, not args.no_constrain)
     except (CheckpointError, ValueError) as e:
         die(str(e))

@@ -30,3 +30,24 @@ def toy_ckpt(toy_data, tmp_path_factory):
                 "--max_steps", "6", "--batch_size", "4", "--eval_interval", "3",
                 "--eval_batches", "1", "--log_interval", "1", "--warmup_steps", "2"])
     return os.path.join(out, "best.pt")
+
+
+@pytest.fixture(scope="session")
+def compiled_data(tmp_path_factory):
+    """A compiled catalogue (two domains of the hand-written catalogue)."""
+    import data
+    out = str(tmp_path_factory.mktemp("data") / "compiled")
+    data.main(["--compiled", "--domains", "shopping,weather", "--out_dir", out, "--n_train", "300",
+               "--n_val", "30", "--n_test", "20", "--n_test_unseen", "10", "--vocab_size", "500", "--seed", "3"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def compiled_ckpt(compiled_data, tmp_path_factory):
+    """A few steps of a prefix-LM model with a copy head on compiled_data."""
+    import train
+    out = str(tmp_path_factory.mktemp("out") / "compiled")
+    train.main(["--data_dir", compiled_data, "--out_dir", out, "--preset", "tiny", *MICRO, "--prefix_lm",
+                "--copy_head", "--max_steps", "6", "--batch_size", "8", "--eval_interval", "3",
+                "--eval_batches", "1", "--log_interval", "1", "--warmup_steps", "2"])
+    return os.path.join(out, "best.pt")

@@ -344,3 +344,75 @@ def test_default_switches_keep_the_old_model_and_old_checkpoints_load(tmp_path):
     assert config_from_dict(old) == loaded.config == model.config
     x = torch.randint(0, 97, (1, 10))
     assert torch.equal(loaded(x), model.eval()(x))
+
+
+# -----------------------------------------------------------------------------
+# prefix LM and the copy head
+
+def _prompt_model(impl="sdpa", **kw):
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=50, n_layer=2, n_head=2, n_embd=32, n_hidden=64, block_size=32, smear_keys=True,
+                    attn_impl=impl, **kw)
+    return GPT(cfg).eval()
+
+
+# 3 catalogue tokens (up to <|user|>), 4 request tokens, 5 answer tokens
+SEG = torch.tensor([[1, 1, 1, 2, 2, 2, 2, 0, 0, 0, 0, 0]])
+
+
+def _changed(x, at):
+    y = x.clone()
+    y[0, at] = x[0, at] % 49 + 1
+    return y
+
+
+@pytest.mark.parametrize("impl", ["explicit", "sdpa"])
+def test_prefix_lm_reads_each_prompt_block_both_ways_and_the_answer_causally(impl):
+    m = _prompt_model(impl, prefix_lm=True)
+    x = torch.randint(1, 50, (1, 12))
+    with torch.no_grad():
+        h = m.hidden(x, seg=SEG)
+        later_request = m.hidden(_changed(x, 6), seg=SEG)
+        answer = m.hidden(_changed(x, 10), seg=SEG)
+        plain = _prompt_model(impl, prefix_lm=False)
+        p1, p2 = plain.hidden(x, seg=SEG), plain.hidden(_changed(x, 6), seg=SEG)
+    assert (later_request[0, 3] - h[0, 3]).abs().max() > 1e-4       # the request reads itself both ways
+    assert torch.allclose(later_request[0, :3], h[0, :3], atol=1e-6)  # the catalogue never sees the request
+    assert torch.allclose(answer[0, :10], h[0, :10], atol=1e-6)       # the answer is causal
+    assert torch.allclose(p1[0, :6], p2[0, :6], atol=1e-6)           # no prefix_lm: causal everywhere
+
+
+@pytest.mark.parametrize("switches", [dict(prefix_lm=True), dict(copy_head=True),
+                                      dict(prefix_lm=True, copy_head=True)])
+def test_decoding_in_prompt_blocks_equals_the_training_forward(switches):
+    """GPT.decode (catalogue block, request block, then answer tokens one by one,
+    with a KV cache) scores the answer positions as training's forward with seg
+    does; prompt positions differ only for the copy head, and they carry no loss."""
+    m = _prompt_model(**switches)
+    x = torch.randint(1, 50, (1, 12))
+    with torch.no_grad():
+        full = m(x, seg=SEG)[0]                                  # (12, V)
+        cache = KVCache(m.config, 1, 32, "cpu")
+        m.decode(x[:, :3], cache, prompt=1)
+        rows = [m.decode(x[:, 3:7], cache, prompt=2)]            # predicts the first answer token
+        for t in range(7, 12):
+            rows.append(m.decode(x[:, t:t + 1], cache))
+    assert torch.allclose(torch.stack(rows), full[6:], atol=1e-5)
+
+
+def test_copy_head_gives_a_distribution_and_copies_prompt_tokens():
+    m = _prompt_model(copy_head=True)
+    x = torch.randint(1, 50, (1, 12))
+    with torch.no_grad():
+        logp = m(x, seg=SEG)[0]
+        assert torch.allclose(logp.logsumexp(-1), torch.zeros(12), atol=1e-4)   # sums to one
+        m.copy.gate.bias.fill_(-30.0)                             # the gate says: copy
+        p = m(x, seg=SEG)[0, 7:].exp()                            # answer positions
+    prompt_ids = x[0, :7].unique()
+    assert torch.allclose(p[:, prompt_ids].sum(-1), torch.ones(5), atol=1e-4)
+
+
+def test_copy_head_needs_the_prompt_blocks():
+    m = _prompt_model(copy_head=True)
+    with pytest.raises(ValueError, match="seg"):
+        m(torch.randint(1, 50, (1, 12)))

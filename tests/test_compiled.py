@@ -1,0 +1,163 @@
+"""The compiled catalogue: data (generator, held-out phrasings, intent/slot
+folders), the prompt without tools, the model's catalogue and its checks, and
+the README's your-tools path end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import datadir
+import evalsets
+import formats
+import wire
+from conftest import MICRO, ROOT
+from sample import Router
+
+
+@pytest.fixture(scope="module")
+def router(compiled_ckpt):
+    return Router(compiled_ckpt)
+
+
+def test_compiled_data_has_tool_tokens_and_prompts_without_tools(compiled_data):
+    d = datadir.load_data_dir(compiled_data)
+    tools = wire.load_tools(os.path.join(compiled_data, "tools.json"))
+    assert d.meta["compiled"] and set(d.meta["tool_tokens"]) == {t["name"] for t in tools}
+    for name, i in d.meta["tool_tokens"].items():                 # one token each
+        assert d.sp.encode(name) == [i]
+    ex = datadir.read_jsonl(os.path.join(compiled_data, "train.jsonl"))[0]
+    assert "tools" not in ex                                      # the catalogue is tools.json
+    split = datadir.Split(compiled_data, "train", 512)
+    user = d.special(wire.USER)
+    first = split.example(0)
+    assert first[0] == user and wire.TOOLS not in d.sp.decode(first.tolist())
+    # the prompt's blocks: <|user|> alone, then the request, then the answer
+    b = split.batch([0], d.special(wire.PAD))
+    answer_at = int(np.argmax(np.asarray(split.mask[split.starts[0]:split.starts[0] + split.lens[0]]) > 0))
+    assert b.seg[0, 0] == 1 and (b.seg[0, 1:answer_at] == 2).all() and (b.seg[0, answer_at:] == 0).all()
+
+
+def test_test_split_holds_new_values_and_phrasings_never_trained_on(compiled_data):
+    test = datadir.read_jsonl(os.path.join(compiled_data, "test.jsonl"))
+    train = datadir.read_jsonl(os.path.join(compiled_data, "train.jsonl"))
+    assert {ex["split"] for ex in test} == {"new-values", "new-phrasing"}
+    assert not {ex["request"].lower() for ex in test} & {ex["request"].lower() for ex in train}
+    assert all(ex["calls"] for ex in test if ex["split"] == "new-phrasing")
+
+
+def test_the_checkpoint_carries_the_catalogue(compiled_ckpt, compiled_data):
+    ckpt = torch.load(compiled_ckpt, weights_only=True)
+    assert ckpt["catalogue"] == wire.load_tools(os.path.join(compiled_data, "tools.json"))
+    assert ckpt["model_config"]["prefix_lm"] and ckpt["model_config"]["copy_head"] and ckpt["train_seconds"] > 0
+
+
+def test_compiled_router_answers_from_its_catalogue_and_restricts_to_named_tools(router):
+    res = router.answer(None, "where is my order 12345?", 40)
+    assert res["valid"] and res["latency_ms"] > 0
+    track = next(t for t in router.catalogue if t["name"] == "track_order")
+    res = router.answer([track], "where is my order 12345?", 40, tool_choice="required")
+    assert res["valid"] and [c["name"] for c in res["calls"]] == ["track_order"]
+
+
+def test_a_tool_the_model_does_not_know_or_a_changed_schema_is_refused(router):
+    with pytest.raises(wire.ToolError, match="not in this model's compiled catalogue"):
+        router.answer(wire.normalize_tools([{"name": "launch_rocket"}]), "go", 20)
+    track = json.loads(json.dumps(next(t for t in router.catalogue if t["name"] == "track_order")))
+    track["parameters"]["properties"]["carrier"] = {"type": "string"}
+    with pytest.raises(wire.ToolError, match="parameter 'carrier' more"):
+        router.answer([track], "where is my order 12345?", 20)
+    track["description"] = "another wording is fine"
+    del track["parameters"]["properties"]["carrier"]
+    assert router.answer([track], "where is my order 12345?", 20)["valid"]
+
+
+@pytest.mark.parametrize("request_text", ["where is my order 12345?", "weather in Oslo tomorrow", "hi there"])
+def test_fast_decoder_equals_reference_and_uncached_with_prefix_lm_and_copy_head(router, request_text):
+    ref = router.decode_reference(None, request_text, 30)
+    fast, _ = router.generate_constrained(None, request_text, 30)
+    slow, _ = router.generate_constrained(None, request_text, 30, use_cache=False, forced_spans=False,
+                                          prefix_cache=False, speculate=False)
+    assert fast == ref == slow
+
+
+# -----------------------------------------------------------------------------
+# intent / slot folders
+
+def _write_folder(path, rows):
+    os.makedirs(path, exist_ok=True)
+    for split in ("train", "valid", "test"):
+        with open(os.path.join(path, f"{split}.seq.in"), "w") as a, \
+             open(os.path.join(path, f"{split}.seq.out"), "w") as b, \
+             open(os.path.join(path, f"{split}.label"), "w") as c:
+            for words, tags, label in rows:
+                a.write(words + "\n")
+                b.write(tags + "\n")
+                c.write(label + "\n")
+
+
+ROWS = [("flights from boston to dallas and to denver", "O O B-from O B-to O O B-to", "flight"),
+        ("fare from new york", "O O B-from I-from", "airfare#flight")]
+
+
+def test_intent_slot_folder_becomes_tools_and_calls(tmp_path):
+    _write_folder(str(tmp_path / "set"), ROWS)
+    tools, splits = formats.load_intent_slot_dir(str(tmp_path / "set"))
+    assert [t["name"] for t in tools] == ["flight", "airfare__flight"]
+    assert set(tools[0]["parameters"]["properties"]) == {"from", "to"}      # every slot, every intent
+    first, second = splits["test"]
+    # a repeated slot goes to a second call of the same tool
+    assert first["calls"] == [{"name": "flight", "arguments": {"from": "boston", "to": "dallas"}},
+                              {"name": "flight", "arguments": {"to": "denver"}}]
+    assert second["calls"] == [{"name": "airfare__flight", "arguments": {"from": "new york"}}]
+    # the gold answers score 100%; a wrong slot boundary and a wrong intent do not
+    scores = evalsets.intent_slot_scores(splits["test"], [{"pred": ex["calls"]} for ex in splits["test"]])
+    assert scores["sentence_acc"] == scores["intent_acc"] == scores["slot_f1"] == 1.0
+    wrong = [{"pred": [{"name": "flight", "arguments": {"from": "boston", "to": "dallas"}}]},
+             {"pred": [{"name": "flight", "arguments": {"from": "york"}}]}]
+    scores = evalsets.intent_slot_scores(splits["test"], wrong)
+    assert scores["intent_acc"] == 0.5 and scores["sentence_acc"] == 0.0
+    assert scores["slot_precision"] == pytest.approx(2 / 3) and scores["slot_recall"] == pytest.approx(2 / 4)
+
+
+def test_bio_chunks_as_conlleval_reads_them():
+    assert formats.slot_spans(["B-a", "I-a", "O", "I-b", "B-b", "I-a"]) == [("a", 0, 2), ("b", 3, 4), ("b", 4, 5),
+                                                                              ("a", 5, 6)]
+
+
+def test_a_bad_intent_slot_folder_is_one_clear_error(tmp_path, capsys):
+    import data
+    _write_folder(str(tmp_path / "set"), ROWS)
+    with open(tmp_path / "set" / "test.label", "a") as f:
+        f.write("extra\n")
+    with pytest.raises(SystemExit) as e:
+        data.main(["--intent_slot", str(tmp_path / "set"), "--out_dir", str(tmp_path / "o")])
+    assert e.value.code == 2 and "aligned line by line" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# the README's your-tools path, as a user runs it
+
+def run(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_your_tools_from_data_to_an_answer(tmp_path, compiled):
+    """examples/tools.json -> data.py -> a few training steps -> sample.py answers."""
+    d, o = str(tmp_path / "data"), str(tmp_path / "out")
+    flags = ["--compiled"] if compiled else []
+    r = run("data.py", "--tools", "examples/tools.json", *flags, "--out_dir", d, "--n_train", "200", "--n_val", "20",
+            "--n_test", "10", "--n_test_unseen", "5", "--vocab_size", "400")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run("train.py", "--data_dir", d, "--out_dir", o, "--preset", "tiny", *MICRO, "--max_steps", "3",
+            "--batch_size", "4", "--eval_interval", "100", "--eval_batches", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ask = ["sample.py", "--ckpt", os.path.join(o, "best.pt"), "--json", "Where's my order ORD-1234?"]
+    r = run(*(ask if compiled else ask[:3] + ["--tools", "examples/tools.json"] + ask[3:]))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["valid"]
