@@ -333,6 +333,8 @@ class Generator:
     def sibling(self, rng, entries, allowed, shares=KIND_SHARES):
         """Another example over exactly the same tool list (train.py can then run
         the shared tool prefix once for several requests, see --share_prefix)."""
+        if not entries:    # every tool was excluded from the first example's list: only chit-chat fits
+            return self._ex("chitchat", [], vary(rng.choice(self.pools["chitchat"]), rng), [], REASON_CHITCHAT)
         kind = rng.choices(list(shares), weights=list(shares.values()))[0]
         domains = {e["domain"] for e in entries}
         if kind == "missing":

@@ -194,3 +194,14 @@ def test_bad_sources_fail_with_one_line(tmp_path, capsys, monkeypatch):
         assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--tools" in err and "missing.jsonl: no such file" in err and "GEMINI_API_KEY" in err
+
+
+def test_groups_over_your_own_few_tools_never_run_out_of_tools(tmp_path):
+    """With five tools of one domain, a no-call example can leave no tool to show;
+    the next example of its group (--group) must still be made (it crashed)."""
+    import data
+    data.main(["--tools", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                                       "tools.json"),
+               "--out_dir", str(tmp_path / "mine"), "--n_train", "1500", "--n_val", "20", "--n_test", "10",
+               "--n_test_unseen", "5", "--vocab_size", "400", "--group", "4", "--n_invented", "30"])
+    assert os.path.isfile(tmp_path / "mine" / "meta.json")
