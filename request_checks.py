@@ -413,17 +413,19 @@ def parse_options(body):
             "ignored": sorted(k for k in body if k not in USED_FIELDS and body[k] is not None)}
 
 
-def check_fits(tools, text, context):
+def check_fits(tools, text, context, compiled=False):
     """Refuse a prompt that cannot fit the context by its length in characters alone,
-    before the model thread spends ~0.7 s tokenizing a 1 MB request to find that out."""
-    chars = len(wire.render_tools(tools)) + len(text)
+    before the model thread spends ~0.7 s tokenizing a 1 MB request to find that out.
+    compiled: the tools are in the model, not in the prompt."""
+    chars = (0 if compiled else len(wire.render_tools(tools))) + len(text)
     if chars > CHARS_PER_TOKEN * context:
         raise BadRequest(f"prompt is {chars} characters, at least {chars // CHARS_PER_TOKEN} tokens; the model's "
                          f"context is {context}", "messages", code="context_length_exceeded")
 
 
-def parse_chat(body, cap, context, only_model=None):
-    """A chat-completions body (bytes) -> the job it asks for; BadRequest if anything is wrong."""
+def parse_chat(body, cap, context, only_model=None, compiled=False):
+    """A chat-completions body (bytes) -> the job it asks for; BadRequest if anything is wrong.
+    compiled: the model has its own catalogue (no tools: all of it)."""
     data = load_json(body, "tools")
     job = parse_options(data)
     if only_model is not None and data.get("model", only_model) != only_model:
@@ -434,21 +436,24 @@ def parse_chat(body, cap, context, only_model=None):
     job["choice"] = parse_tool_choice(data.get("tool_choice"), job["tools"])
     job["max_tokens"] = parse_max_tokens(data, ["max_completion_tokens", "max_tokens"], cap)
     if job["tool_result"] is None:
-        check_fits(job["tools"], job["text"], context)
+        check_fits(job["tools"], job["text"], context, compiled)
     return job
 
 
-def parse_flat(body, cap, context):
-    """A /tool-call body (bytes) -> its job."""
+def parse_flat(body, cap, context, compiled=False):
+    """A /tool-call body (bytes) -> its job. compiled: available_functions may be
+    left out (the model's own catalogue)."""
     data = load_json(body, "available_functions")
     prompt = data.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise BadRequest(f"'prompt' must be a non-empty string, got {short(prompt)}", "prompt")
+    if compiled and "available_functions" not in data:
+        data["available_functions"] = []
     if "available_functions" not in data:
         raise BadRequest("'available_functions' is missing: give a list of tool definitions "
                          "(an empty list means no tool can be called)", "available_functions",
                          code="missing_required_parameter")
     tools = parse_tools(data["available_functions"], "available_functions")
-    check_fits(tools, prompt, context)
+    check_fits(tools, prompt, context, compiled)
     return {"text": prompt, "tools": tools, "choice": parse_tool_choice(data.get("tool_choice"), tools),
             "max_tokens": parse_max_tokens(data, ["max_tokens"], cap)}

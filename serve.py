@@ -20,7 +20,9 @@ The chat endpoint fronts a router, not a chat model:
   - the model answers the LAST user message only (earlier turns are not read);
   - if the last message is a tool result, the router's job for that turn is done: it
     answers finish_reason "stop" with the tool result(s) as content, without the model;
-  - no tools -> the no-call "no tool fits", without the model;
+  - no tools -> the no-call "no tool fits", without the model; a model with a compiled
+    catalogue answers from all of its own tools instead, and refuses (400) a tool it was
+    not compiled with or whose schema differs;
   - finish_reason: "tool_calls" for calls, "stop" for a no-call (its reason is the
     content), "length" whenever the token budget cut the answer (what was complete by
     then is kept: the calls before the cut, or a decline "no tool fits");
@@ -286,6 +288,7 @@ def create_app(router, model_id="nanotool", teacher=None, fallback_below=0.0,
     log = RequestLog(log_requests) if log_requests else None
     created = int(time.time())
     context = router.model.config.block_size
+    compiled = router.catalogue is not None    # the tools live in the model (data.py --compiled)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -327,6 +330,8 @@ def create_app(router, model_id="nanotool", teacher=None, fallback_below=0.0,
         """One routing decision -> answer dict (see chat_response)."""
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
+        if not tools and compiled:    # a compiled model with no tools named: its whole catalogue
+            tools = router.catalogue
         if not tools:      # nothing could be called: no need to ask the model (counting is
             # sentencepiece only, thread-safe and off the GIL: not on the model's thread)
             n = await loop.run_in_executor(None, count_prompt, tools, request)
@@ -384,6 +389,7 @@ def create_app(router, model_id="nanotool", teacher=None, fallback_below=0.0,
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_id, "context": context,
+                "compiled_tools": len(router.catalogue) if compiled else None,
                 "fallback": getattr(teacher, "id", None), "fallback_below": fallback_below if teacher else None}
 
     @app.get("/v1/models")
@@ -393,14 +399,16 @@ def create_app(router, model_id="nanotool", teacher=None, fallback_below=0.0,
 
     @app.post("/tool-call")
     async def tool_call(request: Request):
-        job = await checked(request, functools.partial(parse_flat, cap=max_new_tokens, context=context))
+        job = await checked(request, functools.partial(parse_flat, cap=max_new_tokens, context=context,
+                                                       compiled=compiled))
         ans = await route(job["tools"], job["text"], job["choice"], job["max_tokens"], endpoint="tool-call")
         return tool_call_response(ans)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         job = await checked(request, functools.partial(parse_chat, cap=max_new_tokens, context=context,
-                                                       only_model=model_id if strict_model else None))
+                                                       only_model=model_id if strict_model else None,
+                                                       compiled=compiled))
         if job["tool_result"] is not None:
             # The call was made and its result is in: routing that turn is done. (A chat
             # model would now write prose from the result; this one passes it on.)

@@ -161,3 +161,19 @@ def test_your_tools_from_data_to_an_answer(tmp_path, compiled):
     r = run(*(ask if compiled else ask[:3] + ["--tools", "examples/tools.json"] + ask[3:]))
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["valid"]
+
+
+def test_server_answers_from_the_compiled_catalogue_and_refuses_unknown_tools(router):
+    from fastapi.testclient import TestClient
+    import serve
+    with TestClient(serve.create_app(router)) as client:
+        assert client.get("/health").json()["compiled_tools"] == len(router.catalogue)
+        r = client.post("/v1/chat/completions", json={"model": "x", "messages": [
+            {"role": "user", "content": "where is my order 12345?"}]})
+        assert r.status_code == 200 and r.json()["x_nanotool"]["answered_by"] != "teacher"
+        r = client.post("/tool-call", json={"prompt": "where is my order 12345?"})
+        assert r.status_code == 200, r.text
+        r = client.post("/v1/chat/completions", json={"model": "x", "messages": [
+            {"role": "user", "content": "launch it"}], "tools": [{"type": "function", "function": {
+                "name": "launch_rocket", "parameters": {"type": "object", "properties": {}}}}]})
+        assert r.status_code == 400 and "launch_rocket" in r.json()["error"]["message"]
