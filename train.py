@@ -103,6 +103,9 @@ def arg_parser(doc=__doc__):
     p.add_argument("--max_steps", type=int, default=2900)
     p.add_argument("--max_minutes", type=float, default=0,
                    help="also stop (final eval, best.pt, last.pt) once training has run this long (0: no limit)")
+    p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
+                   help="muon: Muon for the blocks' weight matrices, AdamW for the rest (see muon.py)")
+    p.add_argument("--muon_lr", type=float, default=0.02, help="Muon's peak learning rate (--optimizer muon)")
     p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate")
     p.add_argument("--min_lr", type=float, default=5e-4, help="learning rate at the end of the cosine")
     p.add_argument("--warmup_steps", type=int, default=100)
@@ -225,7 +228,7 @@ def run(args, loss=None, name="model", ckpt_extra=None):
 
             lr = get_lr(step, args)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             # accumulate gradients over micro-batches; each loss is divided so the
             # sum is the mean over the whole batch (DDP averages over the ranks)
             parts = {"loss": 0.0}
@@ -325,7 +328,12 @@ def get_lr(step, args):
 
 
 def make_optimizer(model, args, device):
-    """AdamW; weight decay on matrices only (not norms). Fused kernel on CUDA."""
+    """AdamW; weight decay on matrices only (not norms). Fused kernel on CUDA.
+    --optimizer muon: muon.MuonAdamW (Muon for the blocks' matrices)."""
+    if getattr(args, "optimizer", "adamw") == "muon":
+        from muon import MuonAdamW, muon_groups
+        return MuonAdamW(muon_groups(model, args.weight_decay, args.muon_lr, args.lr), lr=args.lr,
+                         betas=(0.9, args.beta2))
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay},

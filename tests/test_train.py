@@ -243,3 +243,25 @@ def test_pack_and_share_prefix_are_exclusive(toy_data, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         _run(toy_data, str(tmp_path / "x"), 1, ["--pack", "--share_prefix"])
     assert e.value.code == 2 and "choose one" in capsys.readouterr().err
+
+
+def test_orthogonalize_gives_near_unit_singular_values():
+    from muon import orthogonalize
+    torch.manual_seed(0)
+    for shape in [(16, 48), (48, 16)]:
+        s = torch.linalg.svdvals(orthogonalize(torch.randn(*shape)))
+        assert s.min() > 0.5 and s.max() < 1.3, s      # the quintic's documented band, ~[0.7, 1.2]
+
+
+def test_muon_trains_and_resumes_exactly(toy_data, tmp_path):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    _run(toy_data, full, 6, ["--optimizer", "muon"])
+    _run(toy_data, part, 6, ["--optimizer", "muon", "--stop_at", "3"])
+    _run(toy_data, part, 6, ["--optimizer", "muon", "--resume"])
+    a = torch.load(os.path.join(full, "last.pt"), weights_only=True)
+    b = torch.load(os.path.join(part, "last.pt"), weights_only=True)
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-6), k
+    # the blocks' matrices went to Muon, the embedding to AdamW
+    groups = a["optimizer"]["param_groups"]
+    assert [g["muon"] for g in groups] == [True, False, False] and groups[0]["lr_scale"] > 1
