@@ -258,7 +258,7 @@ def train_tokenizer(examples, tools, vocab_size, out_dir, compiled=False):
         remove_extra_whitespaces=False, character_coverage=1.0,
         user_defined_symbols=symbols, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
         max_sentence_length=1 << 16, input_sentence_size=200000, shuffle_input_sentence=True,
-        num_threads=os.cpu_count() or 1, minloglevel=2)
+        num_threads=1, minloglevel=2)   # one thread: the same tokenizer on every run
     path = os.path.join(out_dir, "tok.model")
     with open(path, "wb") as f:
         f.write(model.getvalue())
@@ -449,6 +449,28 @@ def main(argv=None):
     write_data_dir(args, tools, splits, compiled, invented, held_names)
 
 
+def span_share(sp, examples, tools):
+    """The share of string argument values that are, token for token, a run of
+    whole words of the request (the decoder's span rule, sample._Answer). When it
+    is all of them, the data dir says so and decoding keeps values to such runs."""
+    string_keys = {(t["name"], k) for t in tools for k, p in t["parameters"].get("properties", {}).items()
+                   if p.get("type") == "string" and "enum" not in p}
+    word_start = [sp.id_to_piece(i).startswith("\u2581") for i in range(sp.get_piece_size())]
+    n = ok = 0
+    for ex in examples:
+        req = sp.encode(wire.render_request(ex["request"]))
+        for c in ex["calls"]:
+            for k, v in c["arguments"].items():
+                if (c["name"], k) not in string_keys:
+                    continue
+                val = sp.encode(" " + wire.render_value(v))
+                m = len(val)
+                n += 1
+                ok += any(req[j:j + m] == val and word_start[req[j]] and (j + m == len(req) or word_start[req[j + m]])
+                          for j in range(len(req) - m + 1))
+    return ok / n if n else 0.0
+
+
 def fit_catalogue(examples, tools):
     """Imported examples -> (those whose answer is valid against the compiled
     catalogue, number left out)."""
@@ -466,7 +488,8 @@ def write_data_dir(args, tools, splits, compiled, invented, held_names):
     for t, i in list(special_ids.items()) + [(n, sp.piece_to_id(n)) for n in names]:
         assert sp.encode(t) == [i], f"{t} is not a single piece"
 
-    meta = {"vocab_size": sp.get_piece_size(), "special_tokens": special_ids,
+    spans = span_share(sp, splits["train"], tools) if compiled else 0.0
+    meta = {"vocab_size": sp.get_piece_size(), "special_tokens": special_ids, "span_values": spans == 1.0,
             "tokenizer_sha256": file_sha256(os.path.join(args.out_dir, "tok.model")),
             "compiled": compiled, "tool_tokens": {n: sp.piece_to_id(n) for n in names},
             "heldout_tools": sorted(held_names), "seed": args.seed, "args": vars(args), "splits": {}}
@@ -485,7 +508,9 @@ def write_data_dir(args, tools, splits, compiled, invented, held_names):
             json.dump(obj, f, indent=1, ensure_ascii=False)
 
     print(f"wrote {args.out_dir}/ (vocab {meta['vocab_size']}, tokenizer {meta['tokenizer_sha256'][:12]}"
-          + (f", compiled catalogue of {len(tools)} tools, one token each" if compiled else "") + ")")
+          + (f", compiled catalogue of {len(tools)} tools, one token each; {spans:.1%} of the string values "
+             f"are runs of whole request words{': decoding keeps them so' if spans == 1.0 else ''}"
+             if compiled else "") + ")")
     for split, s in meta["splits"].items():
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(s["kinds"].items()))
         print(f"  {split:5s} {s['examples']:6d} examples {s['tokens']:9,d} tokens "

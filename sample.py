@@ -87,6 +87,9 @@ class Router:
         ids = self.meta["special_tokens"]
         self.end_id, self.call_id, self.nocall_id = ids[wire.END], ids[wire.CALL], ids[wire.NOCALL]
         self.vocab = grammar.Vocab(self.sp, ids)
+        # string values are runs of whole request words (see _Answer)
+        self.span_values = bool(self.meta.get("span_values"))
+        self.word_start = [self.sp.id_to_piece(i).startswith("\u2581") for i in range(self.sp.get_piece_size())]
         self.grammars = OrderedDict()      # catalogue -> Grammar, most recent last
         self.prefixes = OrderedDict()      # prefix token ids -> (KVCache, its last_k)
 
@@ -213,23 +216,20 @@ class Router:
         budget = self._budget(len(prefix) + len(request_ids), max_new_tokens)
         cache = KVCache(self.model.config, 1, self.model.config.block_size, self.device)
         logits = self._prefill(prefix, request_ids, cache)    # (V): after the prompt
-        state, out, ends = g.start(), [], []
-        while state.phase != "done":
-            if g.step(state, wire.END) is not None:
-                ends.append(len(out))                         # the answer could close here
-            toks = self._forced(g, state)
+        ans = _Answer(self, g, request_ids)
+        while not ans.done():
+            ans.may_end()                                     # note where the answer could close
+            toks = ans.forced()
             if toks is None:
-                allowed = self.vocab.allowed(g, state)        # token ids the grammar takes here
+                allowed = ans.allowed()                       # token ids the grammar takes here
                 if len(allowed) == 0:
-                    return self._cut(out, ends, budget)
+                    return self._cut(ans, budget)
                 toks = [int(allowed[logits[allowed].argmax()])]
-            if len(out) + len(toks) > budget:                 # out of tokens
-                return self._cut(out, ends, budget)
-            for t in toks:
-                state = self.vocab.advance(g, state, t)
-            out += toks
+            if len(ans.out) + len(toks) > budget:             # out of tokens
+                return self._cut(ans, budget)
+            ans.push(toks)
             logits = self._logits(toks, cache)
-        return out
+        return ans.out
 
     @torch.inference_mode()
     def generate_constrained(self, tools, request, max_new_tokens=128, use_cache=True,
@@ -245,74 +245,67 @@ class Router:
                           (pending) and run in one pass with the next free choice
             speculate     copy speculation (see _speculate)
         use_cache=False re-runs the whole sequence every pass (the slowest check).
-        pick(logits, allowed ids, tokens so far) -> id replaces the argmax (utils/bench_latency.py
-        follows a fixed answer with it). tool_choice: auto | none | required | a
-        tool's name (see grammar.Grammar)."""
+        pick(logits, allowed ids, tokens so far) -> id replaces the argmax
+        (utils/bench_latency.py follows a fixed answer with it). tool_choice: auto |
+        none | required | a tool's name (see grammar.Grammar)."""
         tools = self.tools_for(tools)
-        g, vocab = self.grammar(tools, tool_choice), self.vocab
+        g = self.grammar(tools, tool_choice)
         prefix, request_ids = self.encode_prefix(tools), self.encode_request(request)
         budget = self._budget(len(prefix) + len(request_ids), max_new_tokens)
         run = _Pass(self, prefix, request_ids, use_cache, prefix_cache)
-        state, out, ends, conf = g.start(), [], [], 1.0
+        ans, conf = _Answer(self, g, request_ids), 1.0
 
         def finish(truncated, dead_end=False):
-            ids = self._cut(out, ends, budget) if truncated else out
+            ids = self._cut(ans, budget) if truncated else ans.out
             return ids, {"confidence": conf, "passes": run.passes, "truncated": truncated, "dead_end": dead_end}
 
-        while state.phase != "done":
-            if g.step(state, wire.END) is not None:
-                ends.append(len(out))
-            toks = self._forced(g, state)
+        while not ans.done():
+            ans.may_end()
+            toks = ans.forced()
             if toks is None:
-                allowed = vocab.allowed(g, state)
+                allowed = ans.allowed()
                 if len(allowed) == 0:               # a grammar bug; answer validly all the same
                     return finish(True, dead_end=True)
                 if len(allowed) == 1:
                     toks = [int(allowed[0])]
                 else:
                     if speculate and use_cache and forced_spans and run.stale:
-                        guess = self._propose(request_ids, out, g, state,
-                                              k=min(8, budget - len(out), run.room()))
+                        guess = self._propose(ans, k=min(8, budget - len(ans.out), run.room()))
                         if guess:
-                            state, conf = self._speculate(run, guess, g, state, out, ends, conf, budget, pick)
-                            allowed = vocab.allowed(g, state)
-                    tok, p = self._choose(run.logits(), allowed, out, pick)
+                            conf = self._speculate(run, guess, ans, conf, budget, pick)
+                            allowed = ans.allowed()
+                    tok, p = self._choose(run.logits(), allowed, ans.out, pick)
                     conf = min(conf, p)
                     toks = [tok]
-            if len(out) + len(toks) > budget:
+            if len(ans.out) + len(toks) > budget:
                 return finish(True)
-            for t in toks:
-                state = vocab.advance(g, state, t)
-                assert state is not None, "the grammar rejected its own forced tokens"
-            out += toks
-            run.add(toks, one_pass_each=not forced_spans and state.phase != "done")
+            ans.push(toks)
+            run.add(toks, one_pass_each=not forced_spans and not ans.done())
         return finish(False)
 
-    def _speculate(self, run, guess, g, state, out, ends, conf, budget, pick):
+    def _speculate(self, run, guess, ans, conf, budget, pick):
         """Copy speculation (prompt lookup, Saxena 2023): argument values are mostly
         copied from the request, so the tokens that followed the last answer token
         there (guess) run in the same pass as the pending tokens, and each is kept
         while it is what the model would have chosen anyway: greedy output is
-        unchanged, in fewer passes. Appends the kept tokens to out (and their end
-        points to ends) -> (state, confidence) after them; run.logits() is then the
-        model's next-token logits."""
+        unchanged, in fewer passes. Pushes the kept tokens onto ans -> the
+        confidence after them; run.logits() is then the model's next-token logits."""
         rows = run.feed_with_guess(guess)     # rows[i]: logits after pending + guess[:i]
         n_ok = 0
         for i, t in enumerate(guess):
-            if len(out) >= budget:
+            if len(ans.out) >= budget:
                 break
-            if n_ok and g.step(state, wire.END) is not None:
-                ends.append(len(out))
-            tok, p = self._choose(rows[i], self.vocab.allowed(g, state), out, pick)
+            if n_ok:
+                ans.may_end()
+            tok, p = self._choose(rows[i], ans.allowed(), ans.out, pick)
             if tok != t:
                 break
             conf, n_ok = min(conf, p), n_ok + 1
-            state = self.vocab.advance(g, state, t)
-            out.append(t)
-        if n_ok and g.step(state, wire.END) is not None:
-            ends.append(len(out))
+            ans.push([t])
+        if n_ok:
+            ans.may_end()
         run.keep_guess(n_ok, guess, rows[n_ok])
-        return state, conf
+        return conf
 
     def _choose(self, logits, allowed, out, pick):
         """The greedy choice among the allowed tokens -> (token id, its probability
@@ -321,17 +314,18 @@ class Router:
         j = int(sub.argmax()) if pick is None else int((allowed == pick(logits, allowed, out)).nonzero()[0])
         return int(allowed[j]), float(F.softmax(sub, dim=-1)[j])
 
-    def _propose(self, request_ids, out, g, state, k=8):
+    def _propose(self, ans, k=8):
         """Guess the next tokens of a value: what followed the last answer token
         (the last two, if they match) in the request; only tokens the grammar takes."""
-        if k <= 0 or state.phase != "value" or not out or out[-1] not in request_ids:
+        request_ids, out = ans.request_ids, ans.out
+        if k <= 0 or ans.state.phase != "value" or not out or out[-1] not in request_ids:
             return []
         spots = [j for j, t in enumerate(request_ids) if t == out[-1]]
         two = [j for j in spots if j > 0 and len(out) > 1 and request_ids[j - 1] == out[-2]]
         j = (two or spots)[0]
-        guess, s = [], state
+        guess, s = [], ans.state
         for t in request_ids[j + 1:j + 1 + k]:
-            s = self.vocab.advance(g, s, t)
+            s = self.vocab.advance(ans.g, s, t)
             if s is None:
                 break
             guess.append(t)
@@ -352,12 +346,12 @@ class Router:
                 return None
         return ids
 
-    def _cut(self, out, ends, budget):
+    def _cut(self, ans, budget):
         """Out of tokens: keep the answer up to its last complete point that leaves
         room for <|end|> within the budget, or decline."""
-        fits = [e for e in ends if e < budget]
+        fits = [e for e in ans.ends if e < budget]
         if fits:
-            return out[:fits[-1]] + [self.end_id]
+            return ans.out[:fits[-1]] + [self.end_id]
         return [self.nocall_id] + self.sp.encode(wire.REASON_NO_TOOL) + [self.end_id]
 
     def _prefill(self, prefix, request_ids, cache):
@@ -413,6 +407,53 @@ class Router:
         result["error"] = wire.validate_answer(parsed, tools)
         result["valid"] = result["error"] is None
         return result
+
+
+class _Answer:
+    """The answer being written: its tokens, the grammar state after them, where
+    it could end (for a cut), and where the current argument value began.
+
+    With span values (the data dir's "span_values": every string value of the
+    training data is a run of whole words of the request, as in intent/slot sets),
+    a string value may only be such a run: it starts where a request word starts,
+    continues as the request does, and ends where a request word ends. The model
+    then cannot write a garbled copy ("baya" for "bay area") or cut a word."""
+
+    def __init__(self, router, g, request_ids):
+        self.r, self.g, self.request_ids = router, g, request_ids
+        self.state, self.out, self.ends, self.value_at = g.start(), [], [], None
+
+    def done(self):
+        return self.state.phase == "done"
+
+    def may_end(self):
+        if self.g.step(self.state, wire.END) is not None:
+            self.ends.append(len(self.out))
+
+    def push(self, toks):
+        for t in toks:
+            s = self.r.vocab.advance(self.g, self.state, t)
+            assert s is not None, "the grammar rejected a token it allowed"
+            if s.phase == "value" and self.state.phase != "value":
+                self.value_at = len(self.out) + 1          # the value begins with the next token
+            self.state = s
+            self.out.append(t)
+
+    def forced(self):
+        return self.r._forced(self.g, self.state)
+
+    def allowed(self):
+        allowed = self.r.vocab.allowed(self.g, self.state)
+        if not self.r.span_values or self.state.phase != "value" or not grammar.is_raw(self.state.value):
+            return allowed
+        req, v = self.request_ids, self.out[self.value_at:]
+        n = len(v)
+        starts = [j for j in range(len(req) - n + 1) if req[j:j + n] == v and (n or self.r.word_start[req[j]])]
+        nxt = {req[j + n] for j in starts if j + n < len(req)}
+        # a value ends where a request word ends: at the request's end or before a new word
+        may_end = n > 0 and any(j + n == len(req) or self.r.word_start[req[j + n]] for j in starts)
+        keep = [t for t in allowed.tolist() if t in nxt or (may_end and t in self.r.vocab.id_special)]
+        return torch.tensor(keep, dtype=torch.long)
 
 
 class _Pass:

@@ -177,3 +177,24 @@ def test_server_answers_from_the_compiled_catalogue_and_refuses_unknown_tools(ro
             {"role": "user", "content": "launch it"}], "tools": [{"type": "function", "function": {
                 "name": "launch_rocket", "parameters": {"type": "object", "properties": {}}}}]})
         assert r.status_code == 400 and "launch_rocket" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("request_text", ["where is my order 12345?", "weather in Oslo tomorrow",
+                                          "cancel order 778 and track 99812 please"])
+def test_span_values_are_runs_of_whole_request_words(router, request_text):
+    """With span values on, every string value is a run of whole words of the
+    request, and the fast decoder still gives the reference decoder's tokens."""
+    router.span_values = True
+    try:
+        ref = router.decode_reference(None, request_text, 40, tool_choice="required")
+        fast, _ = router.generate_constrained(None, request_text, 40, tool_choice="required")
+        res = router.answer(None, request_text, 40, tool_choice="required")
+    finally:
+        router.span_values = False
+    assert fast == ref
+    words = wire.render_request(request_text).split()
+    for c in res["calls"]:
+        for k, v in c["arguments"].items():
+            if isinstance(v, str):
+                vw = v.split()
+                assert any(words[a:a + len(vw)] == vw for a in range(len(words))), (v, request_text)
