@@ -45,12 +45,12 @@ from tqdm import tqdm
 
 import formats
 import wire
-from datadir import write_jsonl, write_tokens
+from datadir import tag_names, write_jsonl, write_tokens
 from model import file_sha256
 from formats import import_jsonl
 from runtime import die
 from invent import entry_from_tool, invent_tools
-from synth import CatalogueError, Generator, load_catalogue, load_json
+from synth import Generator, load_catalogue, load_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -489,13 +489,16 @@ def write_data_dir(args, tools, splits, compiled, invented, held_names):
         assert sp.encode(t) == [i], f"{t} is not a single piece"
 
     spans = span_share(sp, splits["train"], tools) if compiled else 0.0
+    tags = tag_names(tools, compiled)
+    intents = [t["name"] for t in tools] + ["<no call>"] if compiled else None
     meta = {"vocab_size": sp.get_piece_size(), "special_tokens": special_ids, "span_values": spans == 1.0,
             "tokenizer_sha256": file_sha256(os.path.join(args.out_dir, "tok.model")),
             "compiled": compiled, "tool_tokens": {n: sp.piece_to_id(n) for n in names},
+            "tags": tags, "intents": intents,
             "heldout_tools": sorted(held_names), "seed": args.seed, "args": vars(args), "splits": {}}
     card = None
     for split, examples in splits.items():
-        kept, n_tok, lens = write_tokens(sp, examples, args.out_dir, split, args.max_len, compiled)
+        kept, n_tok, lens = write_tokens(sp, examples, args.out_dir, split, args.max_len, compiled, tags, intents)
         write_jsonl(os.path.join(args.out_dir, f"{split}.jsonl"), kept)
         meta["splits"][split] = {"examples": len(kept), "dropped_too_long": len(examples) - len(kept),
                                  "tokens": n_tok, "tokens_p50": pct(lens, 50),

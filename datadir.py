@@ -40,11 +40,14 @@ class Batch(NamedTuple):
     m: torch.Tensor
     layout: object
     seg: object
+    tags: object = None        # (B, L) tag of each x token (0: none), for the aux tagger
+    intent: object = None      # (B,) the first tool (-1: unknown), for the aux intent head
+    intent_at: object = None   # (B,) where it is read: the last prompt token
 
     def to(self, device):
         move = lambda t: t.to(device, non_blocking=True) if t is not None else None
         layout = Layout(*(move(t) for t in self.layout)) if self.layout is not None else None
-        return Batch(move(self.x), move(self.y), move(self.m), layout, move(self.seg))
+        return Batch(move(self.x), move(self.y), move(self.m), layout, *(move(t) for t in self[4:]))
 
 
 class DataDirError(ValueError):
@@ -114,6 +117,39 @@ def token_classes(ids, spans, nbytes):
     return [classes[min(int(np.searchsorted(bounds, b, side="right")), len(classes) - 1)] for b in last]
 
 
+def tag_names(tools, compiled):
+    """The request-token tags of a data dir (the aux tagging loss, model.Tagger):
+    0 "-" (not a request token), 1 "O" (in no argument value), then B-/I- per
+    argument key of a compiled catalogue (the key is known from the tag), or just
+    B/I for catalogues in the prompt (keys differ from prompt to prompt)."""
+    if not compiled:
+        return ["-", "O", "B", "I"]
+    keys = list(dict.fromkeys(k for t in tools for k in t["parameters"].get("properties", {})))
+    return ["-", "O"] + [f"{bi}-{k}" for k in keys for bi in "BI"]
+
+
+def request_tags(sp, ex, tag_index, word_start):
+    """Each request token's tag (indices into tag_names): the value of which
+    argument it begins (B) or continues (I), else O. A value is placed at the
+    first run of request tokens equal to its own tokens that begins a word and
+    that no other value took; a value not found there (not copied) is not tagged."""
+    req = sp.encode(wire.render_request(ex["request"]))
+    tags, taken = [tag_index["O"]] * len(req), set()
+    for c in ex["calls"]:
+        for k, v in c.get("arguments", {}).items():
+            val = sp.encode(" " + wire.render_value(v))
+            b, i = tag_index.get(f"B-{k}", tag_index.get("B")), tag_index.get(f"I-{k}", tag_index.get("I"))
+            if b is None:           # a key the catalogue does not have (a test item): no tag for it
+                continue
+            for j in range(len(req) - len(val) + 1):
+                span = set(range(j, j + len(val)))
+                if val and req[j:j + len(val)] == val and word_start[req[j]] and not span & taken:
+                    tags[j:j + len(val)] = [b] + [i] * (len(val) - 1)
+                    taken |= span
+                    break
+    return tags
+
+
 def encode_example(sp, ex, nbytes, compiled=False):
     """-> (token ids, per-token class: 0 on the prompt, else the answer part it
     belongs to). The answer is encoded separately so the boundary falls exactly
@@ -124,11 +160,16 @@ def encode_example(sp, ex, nbytes, compiled=False):
     return prompt + answer, [0] * len(prompt) + token_classes(answer, spans, nbytes)
 
 
-def write_tokens(sp, examples, out_dir, split, max_len, compiled=False):
+def write_tokens(sp, examples, out_dir, split, max_len, compiled=False, tags=None, intents=None):
     """Token files for one split; examples over max_len are dropped and counted.
+    tags (tag_names) and intents (tool names + "<no call>", compiled only) add
+    {split}_tag.bin (each prompt token's tag) and {split}_intent.npy (each
+    example's first tool) for the aux losses.
     -> (kept examples, number of tokens, length of each kept example)."""
-    ids, cls, offsets, kept = [], [], [0], []
+    ids, cls, tag_ids, intent_ids, offsets, kept = [], [], [], [], [0], []
     nbytes = piece_lengths(sp)
+    tag_index = {t: i for i, t in enumerate(tags or [])}
+    word_start = [sp.id_to_piece(i).startswith("\u2581") for i in range(sp.get_piece_size())]
     for ex in examples:
         x, c = encode_example(sp, ex, nbytes, compiled)
         if len(x) > max_len:
@@ -137,6 +178,17 @@ def write_tokens(sp, examples, out_dir, split, max_len, compiled=False):
         cls.extend(c)
         offsets.append(len(ids))
         kept.append(ex)
+        if tags:
+            n_prompt = next((i for i, k in enumerate(c) if k), len(c))
+            rt = request_tags(sp, ex, tag_index, word_start)
+            tag_ids.extend([0] * (n_prompt - len(rt)) + rt + [0] * (len(x) - n_prompt))
+        if intents:
+            name = ex["calls"][0]["name"] if ex["calls"] else intents[-1]
+            intent_ids.append(intents.index(name) if name in intents else -1)   # -1: not a known tool
+    if tags:
+        np.array(tag_ids, dtype=np.uint16).tofile(os.path.join(out_dir, f"{split}_tag.bin"))
+    if intents:
+        np.save(os.path.join(out_dir, f"{split}_intent.npy"), np.array(intent_ids, dtype=np.int64))
     assert sp.get_piece_size() < 65536, "token ids are stored as uint16"
     cls = np.array(cls, dtype=np.uint8)
     np.array(ids, dtype=np.uint16).tofile(os.path.join(out_dir, f"{split}.bin"))
@@ -170,6 +222,10 @@ class Split:
                 raise DataDirError(f"{base + suffix}: missing; run data.py --out_dir {data_dir}")
         self.tokens = np.memmap(base + ".bin", dtype=np.uint16, mode="r")
         self.mask = np.memmap(base + "_mask.bin", dtype=np.uint8, mode="r")
+        # the aux targets, where data.py wrote them
+        self.tags = np.memmap(base + "_tag.bin", dtype=np.uint16, mode="r") if os.path.isfile(base + "_tag.bin") \
+            else None
+        self.intents = np.load(base + "_intent.npy") if os.path.isfile(base + "_intent.npy") else None
         # per-token loss weight by class (prompt 0, struct, name, key, value, reason)
         self.weights = None
         if class_weights is not None:
@@ -257,6 +313,8 @@ class Split:
         y = np.full((len(idx), L), pad_id, dtype=np.int64)
         m = np.zeros((len(idx), L), dtype=np.float32)
         seg = np.zeros((len(idx), L), dtype=np.int64)
+        tags = np.zeros((len(idx), L), dtype=np.int64)
+        intent, intent_at = np.full(len(idx), -1, dtype=np.int64), np.zeros(len(idx), dtype=np.int64)
         for b, r in enumerate(idx):
             k = self.rows[r][0]
             s, n = self.starts[k], int(self.lens[k])
@@ -266,7 +324,13 @@ class Split:
             # up to the first answer token
             user, answer = int(np.argmax(t == self.user_id)), int(np.argmax(mk > 0))
             seg[b, :user + 1], seg[b, user + 1:answer] = 1, 2
-        return Batch(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(m), None, torch.from_numpy(seg))
+            if self.tags is not None:
+                tags[b, :n - 1] = self.tags[s:s + n - 1]
+            if self.intents is not None:
+                intent[b], intent_at[b] = self.intents[k], answer - 1
+        aux = (torch.from_numpy(tags), torch.from_numpy(intent), torch.from_numpy(intent_at)) \
+            if self.tags is not None else (None, None, None)
+        return Batch(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(m), None, torch.from_numpy(seg), *aux)
 
     def _layout_batch(self, idx, pad_id):
         """Rows holding a shared prefix and/or several examples: the tokens as in

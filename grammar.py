@@ -520,6 +520,8 @@ class Vocab:
         memoised per state, then the allowed special tokens)."""
         if s.phase in ("start", "done"):
             normal = self.normal_ids[:0]
+        elif s.phase == "key":
+            normal = self._key_ids(grammar, s)
         else:
             memo = self.value_memo if s.phase == "value" else grammar.memo
             key = grammar.byte_key(s)
@@ -533,6 +535,34 @@ class Vocab:
         if not specials:
             return normal
         return torch.cat([normal, torch.tensor(specials, dtype=torch.long)])
+
+    def _key_ids(self, grammar, s):
+        """Allowed tokens while writing an argument name: those whose bytes go on
+        with " key:" of a key not used yet. The trie walk is memoised per (tool,
+        text so far) with the keys each token fits, whatever keys are used (a
+        memo per set of used keys missed on almost every request of a tool with
+        many optional arguments); the used ones are filtered out here."""
+        memo_key = ("key", s.tool, s.text)
+        fits = grammar.memo.get(memo_key)
+        if fits is None:
+            keys = [(k, name) for k, (name, _) in grammar.tools[s.tool]["keys"].items() if k.startswith(s.text)]
+            ids, sets, todo = [], [], [(self.root, len(s.text), keys)]
+            while todo:
+                node, at, cands = todo.pop()
+                for b, child in node.children.items():
+                    left = [(k, n) for k, n in cands if len(k) > at and k[at] == b]
+                    if not left:
+                        continue
+                    names = frozenset(n for _, n in left)
+                    ids += child.ids
+                    sets += [names] * len(child.ids)
+                    if child.children:
+                        todo.append((child, at + 1, left))
+            fits = (torch.tensor(ids, dtype=torch.long), sets)
+            grammar.memo[memo_key] = fits
+        ids, sets = fits
+        keep = [i for i, names in enumerate(sets) if not names <= s.used]
+        return ids[keep] if len(keep) < len(sets) else ids
 
     def _walk(self, grammar, s):
         """Walk the trie with the automaton, pruning rejected branches."""

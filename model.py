@@ -58,6 +58,8 @@ class GPTConfig:
     qk_norm: bool = False     # RMSNorm on each head's queries and keys before RoPE
     prefix_lm: bool = False   # prompt blocks (catalogue, request) read both ways; the answer stays causal
     copy_head: bool = False   # pointer-generator output: copy a token from the prompt or generate one
+    n_tags: int = 0           # aux tagger: each request token's tag (which argument's value it is in)
+    n_intents: int = 0        # aux intent head: the first tool, read at the last prompt token
 
     def __post_init__(self):
         # refuse bad combinations here, with the reason, rather than as a shape
@@ -428,6 +430,11 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.norm = RMSNorm(config.n_embd)
         self.copy = CopyHead(config) if config.copy_head else None
+        # Aux heads on the prompt (a classic intent/slot tagger, as JointBERT has):
+        # trained beside the answer, they give every request token a signal of its
+        # own, and a compiled router drafts a whole answer from them (sample.py)
+        self.tagger = nn.Linear(config.n_embd, config.n_tags) if config.n_tags else None
+        self.intent = nn.Linear(config.n_embd, config.n_intents) if config.n_intents else None
         cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
         # buffers, not parameters: they move with .to(device) but are not trained or saved
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -452,7 +459,7 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, cache=None, layout=None, sel=None, seg=None):
+    def forward(self, idx, cache=None, layout=None, sel=None, seg=None, aux=False):
         """idx: (B, T) token ids -> logits (B, T, vocab) in float32.
         With a cache, idx continues the cached sequence at position cache.pos.
         sel: (B, T) bool -> logits of the selected positions only, (N, vocab):
@@ -460,8 +467,17 @@ class GPT(nn.Module):
         is a third of a tiny model's compute. seg (B, T): the prompt blocks (see
         attention_mask; 0 for answer tokens), for prefix_lm and copy_head.
         With copy_head the "logits" are log-probabilities (a mixture has no
-        logits); softmax and cross-entropy treat them the same."""
+        logits); softmax and cross-entropy treat them the same.
+        aux=True -> (that, tag logits (B, T, n_tags), intent logits (B, T, n_intents)),
+        None for a head the model does not have."""
         h = self.hidden(idx, cache, layout, seg)       # (B, T, C)
+        out = self._scores(h, idx, sel, seg)
+        if not aux:
+            return out
+        return out, *(head(h) if head is not None else None for head in (self.tagger, self.intent))
+
+    def _scores(self, h, idx, sel, seg):
+        """Final hidden states -> the output scores (see forward)."""
         if self.copy is None:
             return self.head(h if sel is None else h[sel])
         if seg is None:
@@ -484,16 +500,20 @@ class GPT(nn.Module):
         softmax or loss."""
         return F.linear(h, self.embed.weight).float()   # tied with the input embedding
 
-    def decode(self, idx, cache, prompt=0, first=-1):
+    def decode(self, idx, cache, prompt=0, first=-1, aux=False):
         """Continue the cached sequence (batch 1) with idx (1, T) -> scores of the
         last position (V), or of positions first.. (T - first, V); float32 logits,
         or log-probabilities with a copy head.
         prompt: 0 for answer tokens; 1 (the catalogue, up to <|user|>) or 2 (the
         request) for a prompt block, which a prefix LM reads both ways and a copy
-        head copies from. Training's seg gives the same blocks (a test checks)."""
+        head copies from. Training's seg gives the same blocks (a test checks).
+        aux=True -> (that, tag logits of every position (T, n_tags), intent logits
+        of the last position (n_intents)); None for a head the model lacks."""
         T = idx.size(1)
         seg = torch.full_like(idx, prompt) if prompt else None
         h = self.hidden(idx, cache, seg=seg)[0]                      # (T, C)
+        heads = (self.tagger(h) if self.tagger is not None else None,
+                 self.intent(h[-1]) if self.intent is not None else None) if aux else None
         if self.copy is not None and prompt:
             n = cache.n_src
             cache.src_keys[n:n + T] = self.copy.k(h)
@@ -506,7 +526,8 @@ class GPT(nn.Module):
             keys, ids = cache.src_keys[:cache.n_src], cache.src_ids[:cache.n_src]
             out = self.copy.mix(self.head(h), h, self.copy.scores(h, keys), ids.expand(len(h), -1),
                                 torch.ones(len(h), cache.n_src, dtype=torch.bool, device=h.device))
-        return out[0] if first == -1 else out
+        out = out[0] if first == -1 else out
+        return (out, *heads) if aux else out
 
     def hidden(self, idx, cache=None, layout=None, seg=None):
         """idx: (B, T) -> final normalised hidden states (B, T, C).

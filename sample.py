@@ -109,7 +109,7 @@ class Router:
             if tools is None:
                 raise wire.ToolError("this model reads the tools from the prompt: pass the tools")
             return tools
-        if tools is None:
+        if tools is None or tools is self.catalogue:
             return self.catalogue
         known = {t["name"]: t for t in self.catalogue}
         for t in tools:
@@ -132,7 +132,8 @@ class Router:
         return self.encode_prefix(tools) + self.encode_request(request)
 
     def grammar(self, tools, tool_choice="auto"):
-        key = json.dumps([tools, tool_choice], sort_keys=True)
+        # the compiled catalogue is one object: no need to serialise it for the key
+        key = ("catalogue", tool_choice) if tools is self.catalogue else json.dumps([tools, tool_choice], sort_keys=True)
         g = self.grammars.pop(key, None) or grammar.Grammar(tools, tool_choice)
         self.grammars[key] = g
         while len(self.grammars) > 32:
@@ -149,11 +150,12 @@ class Router:
     def _tensor(self, ids):
         return torch.tensor([ids], dtype=torch.long, device=self.device)
 
-    def _logits(self, ids, cache, first=-1, prompt=0):
+    def _logits(self, ids, cache, first=-1, prompt=0, aux=False):
         """Continue the cache with answer tokens ids (or a prompt block, see
         GPT.decode) -> logits of the last position (V), or of positions first..
-        (n, V): the vocabulary projection of the other positions is never run."""
-        return self.model.decode(self._tensor(ids), cache, prompt, first)
+        (n, V): the vocabulary projection of the other positions is never run.
+        aux: also the aux heads' logits (GPT.decode)."""
+        return self.model.decode(self._tensor(ids), cache, prompt, first, aux)
 
     def _logits_uncached(self, seq, n_prefix, n_request):
         """Logits of the last position of seq = prefix + request + answer so far,
@@ -234,7 +236,7 @@ class Router:
     @torch.inference_mode()
     def generate_constrained(self, tools, request, max_new_tokens=128, use_cache=True,
                              forced_spans=True, prefix_cache=True, speculate=True, pick=None,
-                             tool_choice="auto"):
+                             tool_choice="auto", draft=True):
         """decode_reference's answer, faster -> (token ids, info).
         info: confidence, forward passes, truncated (the token budget ran out and
         the answer was cut back to its last complete point), dead_end.
@@ -243,7 +245,11 @@ class Router:
             forced_spans  tokens the grammar fixes, and tokens that are the only
                           ones allowed, are not run one pass each: they wait
                           (pending) and run in one pass with the next free choice
-            speculate     copy speculation (see _speculate)
+            speculate     copy speculation: guesses of a value's next tokens from
+                          the request, verified in one pass (see _verify)
+            draft         a model with aux heads (train.py --tagger) on a compiled
+                          catalogue drafts the whole answer from its request tags
+                          and intent, verified in one pass (see _draft, _verify)
         use_cache=False re-runs the whole sequence every pass (the slowest check).
         pick(logits, allowed ids, tokens so far) -> id replaces the argmax
         (utils/bench_latency.py follows a fixed answer with it). tool_choice: auto |
@@ -252,8 +258,11 @@ class Router:
         g = self.grammar(tools, tool_choice)
         prefix, request_ids = self.encode_prefix(tools), self.encode_request(request)
         budget = self._budget(len(prefix) + len(request_ids), max_new_tokens)
-        run = _Pass(self, prefix, request_ids, use_cache, prefix_cache)
+        fast = use_cache and forced_spans         # guesses need the cache and pending tokens
+        drafting = draft and fast and self.model.tagger is not None and self.catalogue is not None
+        run = _Pass(self, prefix, request_ids, use_cache, prefix_cache, aux=drafting)
         ans, conf = _Answer(self, g, request_ids), 1.0
+        guess = self._draft(run.aux, request_ids, g) if drafting else []
 
         def finish(truncated, dead_end=False):
             ids = self._cut(ans, budget) if truncated else ans.out
@@ -261,6 +270,13 @@ class Router:
 
         while not ans.done():
             ans.may_end()
+            if not guess and speculate and fast and run.stale:
+                guess = self._propose(ans, k=min(8, budget - len(ans.out), run.room()))
+            guess = guess[:max(0, run.room())]        # never past the context
+            if guess:
+                conf = self._verify(run, guess, ans, conf, budget, pick)
+                guess = []
+                continue
             toks = ans.forced()
             if toks is None:
                 allowed = ans.allowed()
@@ -269,11 +285,6 @@ class Router:
                 if len(allowed) == 1:
                     toks = [int(allowed[0])]
                 else:
-                    if speculate and use_cache and forced_spans and run.stale:
-                        guess = self._propose(ans, k=min(8, budget - len(ans.out), run.room()))
-                        if guess:
-                            conf = self._speculate(run, guess, ans, conf, budget, pick)
-                            allowed = ans.allowed()
                     tok, p = self._choose(run.logits(), allowed, ans.out, pick)
                     conf = min(conf, p)
                     toks = [tok]
@@ -283,29 +294,71 @@ class Router:
             run.add(toks, one_pass_each=not forced_spans and not ans.done())
         return finish(False)
 
-    def _speculate(self, run, guess, ans, conf, budget, pick):
-        """Copy speculation (prompt lookup, Saxena 2023): argument values are mostly
-        copied from the request, so the tokens that followed the last answer token
-        there (guess) run in the same pass as the pending tokens, and each is kept
-        while it is what the model would have chosen anyway: greedy output is
-        unchanged, in fewer passes. Pushes the kept tokens onto ans -> the
-        confidence after them; run.logits() is then the model's next-token logits."""
+    def _verify(self, run, guess, ans, conf, budget, pick):
+        """Run guessed answer tokens in one pass with what is pending, and keep each
+        while it is what the decoder would have written anyway (the grammar's
+        forced text, or its greedy choice from the model's logits at that point):
+        the output is unchanged, in fewer passes. Guesses are copy speculation
+        (prompt lookup, Saxena 2023: a value's next tokens as they go on in the
+        request) or a whole drafted answer (_draft). Pushes the kept tokens onto
+        ans -> the confidence after them; run.logits() is then the next logits."""
         rows = run.feed_with_guess(guess)     # rows[i]: logits after pending + guess[:i]
-        n_ok = 0
-        for i, t in enumerate(guess):
-            if len(ans.out) >= budget:
-                break
-            if n_ok:
+        i = 0
+        while i < len(guess) and not ans.done():
+            if i:
                 ans.may_end()
-            tok, p = self._choose(rows[i], ans.allowed(), ans.out, pick)
-            if tok != t:
+            toks, p = ans.forced(), 1.0
+            if toks is None:
+                allowed = ans.allowed()
+                if len(allowed) == 0:
+                    break
+                if len(allowed) == 1:
+                    toks = [int(allowed[0])]
+                else:
+                    tok, p = self._choose(rows[i], allowed, ans.out, pick)
+                    toks = [tok]
+            if guess[i:i + len(toks)] != toks or len(ans.out) + len(toks) > budget:
                 break
-            conf, n_ok = min(conf, p), n_ok + 1
-            ans.push([t])
-        if n_ok:
-            ans.may_end()
-        run.keep_guess(n_ok, guess, rows[n_ok])
+            conf = min(conf, p)
+            ans.push(toks)
+            i += len(toks)
+        run.keep_guess(i, guess, rows[i])
         return conf
+
+    def _draft(self, aux, request_ids, g):
+        """A whole answer guessed from the aux heads after the prompt pass: the tool
+        the intent head names, with an argument for each run of request tokens the
+        tagger marks B-key, I-key... (a key met again opens a second call of the
+        tool, as data.py writes repeated slots) -> its tokens, or [] when the intent
+        head says no call or names a tool the grammar does not allow here."""
+        tag_logits, intent_logits = aux
+        intents = self.meta.get("intents") or []
+        if intent_logits is None or not intents:
+            return []
+        name = intents[int(intent_logits.argmax())]
+        tool = g.tools.get(name.encode())
+        if tool is None:
+            return []
+        known = {k for k, _ in tool["keys"].values()}
+        names, calls, span = self.meta["tags"], [], None
+        spans = []
+        for j, t in enumerate(tag_logits[:, 1:].argmax(-1).tolist()):    # never "-" for a request token
+            bio, _, key = names[t + 1].partition("-")
+            if bio == "I" and span and span[0] == key:
+                span[2] = j + 1
+            else:
+                span = [key, j, j + 1] if bio in ("B", "I") else None
+                if span:
+                    spans.append(span)
+        for key, a, b in spans:
+            if key not in known:
+                continue
+            call = next((c for c in calls if key not in c["arguments"]), None)
+            if call is None:
+                call = {"name": name, "arguments": {}}
+                calls.append(call)
+            call["arguments"][key] = self.sp.decode(request_ids[a:b]).strip()
+        return self.sp.encode(wire.render_answer(calls or [{"name": name, "arguments": {}}]))
 
     def _choose(self, logits, allowed, out, pick):
         """The greedy choice among the allowed tokens -> (token id, its probability
@@ -354,13 +407,14 @@ class Router:
             return ans.out[:fits[-1]] + [self.end_id]
         return [self.nocall_id] + self.sp.encode(wire.REASON_NO_TOOL) + [self.end_id]
 
-    def _prefill(self, prefix, request_ids, cache):
+    def _prefill(self, prefix, request_ids, cache, aux=False):
         """Run the prompt into cache, its two blocks one after the other (as
-        training's seg has them) -> logits of its last position."""
+        training's seg has them) -> logits of its last position (with aux: and
+        the aux heads' logits of the request, see GPT.decode)."""
         self._logits(prefix, cache, prompt=1)
-        return self._logits(request_ids, cache, prompt=2)
+        return self._logits(request_ids, cache, prompt=2, aux=aux)
 
-    def _prefill_cached(self, prefix, request_ids):
+    def _prefill_cached(self, prefix, request_ids, aux=False):
         """_prefill with the catalogue's part kept across requests (the prefix
         cache: the last 4 catalogues) -> (cache, logits of the last position)."""
         cfg = self.model.config
@@ -377,7 +431,7 @@ class Router:
         # rewind to the end of the catalogue: what a previous request appended is
         # overwritten as this one runs (smeared keys also need the last raw key back)
         cache.rewind(len(prefix), last_k, n_src)
-        return cache, self._logits(request_ids, cache, prompt=2)
+        return cache, self._logits(request_ids, cache, prompt=2, aux=aux)
 
     def answer(self, tools, request, max_new_tokens=128, constrain=True, tool_choice="auto"):
         """-> dict: calls, reason, valid, error, text, tokens, latency_ms,
@@ -427,7 +481,8 @@ class _Answer:
         return self.state.phase == "done"
 
     def may_end(self):
-        if self.g.step(self.state, wire.END) is not None:
+        """Note that the answer could close here (for a cut when tokens run out)."""
+        if self.g.step(self.state, wire.END) is not None and (self._span() is None or self._span()[1]):
             self.ends.append(len(self.out))
 
     def push(self, toks):
@@ -444,16 +499,24 @@ class _Answer:
 
     def allowed(self):
         allowed = self.r.vocab.allowed(self.g, self.state)
-        if not self.r.span_values or self.state.phase != "value" or not grammar.is_raw(self.state.value):
+        span = self._span()
+        if span is None:
             return allowed
+        nxt, may_end = span
+        keep = [t for t in allowed.tolist() if t in nxt or (may_end and t in self.r.vocab.id_special)]
+        return torch.tensor(keep, dtype=torch.long)
+
+    def _span(self):
+        """Inside a string value under span values: (the request tokens that may
+        come next, may the value end here), else None."""
+        if not self.r.span_values or self.state.phase != "value" or not grammar.is_raw(self.state.value):
+            return None
         req, v = self.request_ids, self.out[self.value_at:]
         n = len(v)
         starts = [j for j in range(len(req) - n + 1) if req[j:j + n] == v and (n or self.r.word_start[req[j]])]
         nxt = {req[j + n] for j in starts if j + n < len(req)}
         # a value ends where a request word ends: at the request's end or before a new word
-        may_end = n > 0 and any(j + n == len(req) or self.r.word_start[req[j + n]] for j in starts)
-        keep = [t for t in allowed.tolist() if t in nxt or (may_end and t in self.r.vocab.id_special)]
-        return torch.tensor(keep, dtype=torch.long)
+        return nxt, n > 0 and any(j + n == len(req) or self.r.word_start[req[j + n]] for j in starts)
 
 
 class _Pass:
@@ -461,23 +524,27 @@ class _Pass:
     chosen but not yet run through the model (pending), the logits after the
     last token run, and the number of forward passes."""
 
-    def __init__(self, router, prefix, request_ids, use_cache, prefix_cache):
+    def __init__(self, router, prefix, request_ids, use_cache, prefix_cache, aux=False):
         self.r, self.use_cache, self.pending, self.passes = router, use_cache, [], 1
         self.stale = False    # chosen tokens since _last was computed
         self.n_prefix, self.n_request = len(prefix), len(request_ids)
+        self.aux = None       # the aux heads' logits of the request (aux=True)
         if use_cache and prefix_cache:
-            self.cache, self._last = router._prefill_cached(prefix, request_ids)
+            self.cache, self._last = router._prefill_cached(prefix, request_ids, aux)
         elif use_cache:
             cfg = router.model.config
             self.cache = KVCache(cfg, 1, cfg.block_size, router.device)
-            self._last = router._prefill(prefix, request_ids, self.cache)
+            self._last = router._prefill(prefix, request_ids, self.cache, aux)
+        if aux:
+            self._last, *self.aux = self._last
         else:
             self.seq = prefix + request_ids
             self._last = router._logits_uncached(self.seq, self.n_prefix, self.n_request)
 
     def room(self):
         """Tokens the context still holds after the pending ones."""
-        return self.r.model.config.block_size - self.cache.pos - len(self.pending)
+        used = self.cache.pos if self.use_cache else len(self.seq)
+        return self.r.model.config.block_size - used - len(self.pending)
 
     def add(self, toks, one_pass_each=False):
         """Chosen tokens: pending until the next logits() (one pass for all), or
@@ -510,6 +577,8 @@ class _Pass:
         after pending + guess[:i] (len(guess) + 1 rows)."""
         self.passes += 1
         self._mark = self.cache.pos, self.cache.last_k.clone(), self.cache.n_src
+        if not self.pending:              # the logits before the first guess are the last ones
+            return torch.cat([self._last[None], self.r._logits(guess, self.cache, first=0)])
         return self.r._logits(self.pending + guess, self.cache, first=len(self.pending) - 1)
 
     def keep_guess(self, n_ok, guess, next_logits):

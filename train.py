@@ -82,6 +82,10 @@ def arg_parser(doc=__doc__):
     p.add_argument("--copy_head", action="store_const", const=True, default=None,
                    help="pointer-generator output: a token is copied from the prompt or generated")
     p.add_argument("--no_copy_head", dest="copy_head", action="store_const", const=False)
+    p.add_argument("--tagger", action="store_true",
+                   help="aux heads on the prompt: each request token's tag and the first tool (data.py "
+                   "writes their targets), trained with weight --aux_weight; a compiled router drafts from them")
+    p.add_argument("--aux_weight", type=float, default=0.5, help="weight of the aux losses (--tagger)")
     # what a row holds
     p.add_argument("--share_prefix", action="store_true",
                    help="rows of examples that share one tool list, the list run once (data.py --group N)")
@@ -173,6 +177,9 @@ def run(args, loss=None, name="model", ckpt_extra=None):
         log(f"resumed from {last_path} at step {step}")
     else:
         log.restart()
+    aux = model.tagger is not None or model.intent is not None
+    if aux and train.tags is None:
+        die(f"--tagger: {args.data_dir} has no tag files; build it again with this data.py")
     # what the step calls: under torchrun, DDP averages the gradients over the
     # processes in backward (the checkpoint stores the bare model: no "module.")
     net = DDP(model, device_ids=[device] if device.startswith("cuda") else None) if world > 1 else model
@@ -235,13 +242,18 @@ def run(args, loss=None, name="model", ckpt_extra=None):
             for micro in range(args.grad_accum):
                 idx = batch_indices(train, args.seed, step, rank * args.grad_accum + micro, rows_per_batch,
                                     args.length_window)
-                x, y, m, layout, seg = train.batch(idx, pad_id).to(device)
+                batch = train.batch(idx, pad_id).to(device)
+                x, y, m, layout, seg = batch[:5]
                 sel = m > 0
                 # DDP: all-reduce the gradients once, after the last micro-batch
                 last = micro == args.grad_accum - 1
                 with (net.no_sync() if world > 1 and not last else nullcontext()):
                     with ctx:
-                        value, logged = loss(net(x, layout=layout, sel=sel, seg=seg), y, m, x, sel, layout, seg)
+                        out = net(x, layout=layout, sel=sel, seg=seg, aux=aux)
+                        value, logged = loss(out[0] if aux else out, y, m, x, sel, layout, seg)
+                        if aux:
+                            extra, extra_logged = aux_loss(out[1], out[2], batch)
+                            value, logged = value + args.aux_weight * extra, {**logged, **extra_logged}
                         value = value / args.grad_accum
                     scaler.scale(value).backward()
                 parts["loss"] += value.item()
@@ -290,6 +302,23 @@ def gold_loss(logits, y, m, x=None, sel=None, layout=None, seg=None):
     return weighted_ce(logits, y[sel], m[sel]), {}
 
 
+def aux_loss(tag_logits, intent_logits, batch):
+    """The aux heads' cross-entropies: each request token's tag (positions with a
+    tag), and the first tool at the last prompt token (rows whose tool is known)
+    -> (their sum, {"tag": ..., "intent": ...} to log)."""
+    total, parts = 0.0, {}
+    if tag_logits is not None:
+        on = batch.tags > 0
+        ce = F.cross_entropy(tag_logits[on].float(), batch.tags[on])
+        total, parts["tag"] = total + ce, ce.item()
+    if intent_logits is not None:
+        rows = torch.nonzero(batch.intent >= 0).squeeze(1)
+        if len(rows):
+            ce = F.cross_entropy(intent_logits[rows, batch.intent_at[rows]].float(), batch.intent[rows])
+            total, parts["intent"] = total + ce, ce.item()
+    return total, parts
+
+
 def weighted_ce(logits, targets, w, reduction="mean"):
     """Cross-entropy per position times its weight w (1 everywhere unless
     --class_weights): the weighted mean over all answer tokens of the batch (a
@@ -311,7 +340,7 @@ def evaluate_loss(model, split, args, pad_id, device, ctx):
     total, count = 0.0, 0.0
     for i in range(args.eval_batches):
         idx = batch_indices(split, args.seed + 1, i, 0, args.batch_size)
-        x, y, m, layout, seg = split.batch(idx, pad_id).to(device)
+        x, y, m, layout, seg = split.batch(idx, pad_id).to(device)[:5]
         with ctx:
             total += answer_loss(model, x, y, m, layout, seg, reduction="sum").item()
         count += m.sum().item()
@@ -362,7 +391,9 @@ def model_config(args, meta):
                                   n_head=args.n_head, n_embd=args.n_embd, n_hidden=args.n_hidden,
                                   block_size=args.block_size, dropout=args.dropout, smear_keys=args.smear_keys,
                                   ffn=args.ffn, n_kv_head=args.n_kv_head, qk_norm=args.qk_norm,
-                                  prefix_lm=args.prefix_lm, copy_head=args.copy_head)
+                                  prefix_lm=args.prefix_lm, copy_head=args.copy_head,
+                                  n_tags=len(meta.get("tags") or []) if args.tagger else 0,
+                                  n_intents=len(meta.get("intents") or []) if args.tagger else 0)
     except ValueError as e:
         die(str(e))
 

@@ -44,10 +44,10 @@ def compiled_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def compiled_ckpt(compiled_data, tmp_path_factory):
-    """A few steps of a prefix-LM model with a copy head on compiled_data."""
+    """A few steps of a prefix-LM model with a copy head and the aux heads on compiled_data."""
     import train
     out = str(tmp_path_factory.mktemp("out") / "compiled")
     train.main(["--data_dir", compiled_data, "--out_dir", out, "--preset", "tiny", *MICRO, "--prefix_lm",
-                "--copy_head", "--max_steps", "6", "--batch_size", "8", "--eval_interval", "3",
+                "--copy_head", "--tagger", "--max_steps", "6", "--batch_size", "8", "--eval_interval", "3",
                 "--eval_batches", "1", "--log_interval", "1", "--warmup_steps", "2"])
     return os.path.join(out, "best.pt")

@@ -198,3 +198,45 @@ def test_span_values_are_runs_of_whole_request_words(router, request_text):
             if isinstance(v, str):
                 vw = v.split()
                 assert any(words[a:a + len(vw)] == vw for a in range(len(words))), (v, request_text)
+
+
+def test_a_right_draft_is_verified_in_one_pass_and_a_wrong_one_changes_nothing(router, monkeypatch):
+    """A model that writes a fixed answer (test_grammar's stub): given that answer as
+    the draft, decoding takes the prompt pass and one more; a wrong draft changes
+    no token."""
+    from test_grammar import StubModel
+    request_text = "where is my order 12345?"
+    target = wire.render_answer([{"name": "track_order", "arguments": {"order_id": "12345"}}])
+    n_prompt = len(router.encode_prompt(None, request_text))
+    real = router.model
+    try:
+        def run(draft_tokens=None, **kw):
+            router.model = StubModel(router, target, n_prompt)
+            router.model.tagger = "stub"                   # lets the router draft
+            monkeypatch.setattr(router, "_draft", lambda aux, req, g: list(draft_tokens or []))
+            return router.generate_constrained(None, request_text, 64, prefix_cache=False, **kw)
+        plain, slow = run(draft=False, speculate=False)
+        assert router.sp.decode(plain) == target
+        fast, info = run(plain)
+        wrong, _ = run([plain[0], router.end_id] + plain[1:])
+    finally:
+        router.model = real
+    assert fast == plain == wrong and info["passes"] == 2 < slow["passes"]
+
+
+def test_the_draft_is_built_from_the_tags_and_the_intent(router):
+    """_draft reads the aux heads' logits: a forced intent and tags give the call."""
+    g = router.grammar(router.catalogue)
+    req = router.encode_request("where is my order 12345")
+    tags = router.meta["tags"]
+    tag_logits = torch.full((len(req), len(tags)), -9.0)
+    tag_logits[:, tags.index("O")] = 0.0
+    value = router.sp.encode(" 12345")
+    start = next(j for j in range(len(req)) if req[j:j + len(value)] == value)
+    tag_logits[start, tags.index("B-order_id")] = 9.0
+    for j in range(start + 1, len(req)):
+        tag_logits[j, tags.index("I-order_id")] = 9.0
+    intent = torch.full((len(router.meta["intents"]),), -9.0)
+    intent[router.meta["intents"].index("track_order")] = 9.0
+    draft = router._draft((tag_logits, intent), req, g)
+    assert router.sp.decode(draft) == wire.render_answer([{"name": "track_order", "arguments": {"order_id": "12345"}}])

@@ -223,9 +223,12 @@ class StubModel(torch.nn.Module):
     def forward(self, idx, cache=None, seg=None):
         return self.hidden(idx, cache)
 
-    def decode(self, idx, cache, prompt=0, first=-1):     # GPT.decode's interface
+    tagger = None                                         # no aux heads: nothing to draft from
+
+    def decode(self, idx, cache, prompt=0, first=-1, aux=False):     # GPT.decode's interface
         h = self.hidden(idx, cache)[0]
-        return h[-1] if first == -1 else h[first:]
+        out = h[-1] if first == -1 else h[first:]
+        return (out, None, None) if aux else out
 
     def written(self, upto):
         syms = [s for t in self.history[self.n_prompt:upto] for s in self.vocab.symbols(t)]

@@ -98,10 +98,10 @@ def test_shared_prefix_rows_give_the_same_loss_as_examples_one_by_one(toy_data, 
     with torch.no_grad():
         for b in model.blocks:
             b.attn.smear.fill_(0.7)   # make the previous-token path matter
-    x, y, m, layout, _ = packed.batch(rows, pad)
+    x, y, m, layout, _ = packed.batch(rows, pad)[:5]
     assert layout is not None
     a = train.answer_loss(model, x, y, m, layout, reduction="sum")
-    x2, y2, m2, none, _ = plain.batch([k for r in rows for k in packed.rows[r]], pad)
+    x2, y2, m2, none, _ = plain.batch([k for r in rows for k in packed.rows[r]], pad)[:5]
     b = train.answer_loss(model, x2, y2, m2, none, reduction="sum")
     assert m.sum() == m2.sum() > 0
     assert torch.allclose(a, b, rtol=1e-5), (a.item(), b.item())
@@ -199,13 +199,13 @@ def test_packed_row_loss_is_the_token_mean_of_its_examples_one_by_one(toy_data, 
             b.attn.smear.fill_(0.7)   # make the previous-token path matter
             b.attn.qkv.weight.mul_(8)     # sharp attention, not the near-uniform one of a fresh init
         model.embed.weight.mul_(30)   # logits of order 1: a wrong mask shows in the loss
-    x, y, m, layout, _ = packed.batch(rows, pad)
+    x, y, m, layout, _ = packed.batch(rows, pad)[:5]
     assert layout is not None
     loss = train.answer_loss(model, x, y, m, layout)
     logits = model(x, layout=layout, sel=m > 0)
     sums, counts, one_by_one = [], [], []
     for k in [k for r in rows for k in packed.rows[r]]:
-        xk, yk, mk, none, _ = plain.batch([row_of[k]], pad)
+        xk, yk, mk, none, _ = plain.batch([row_of[k]], pad)[:5]
         assert none is None
         sums.append(train.answer_loss(model, xk, yk, mk, reduction="sum").item())
         counts.append(mk.sum().item())
