@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 import formats
 import wire
-from datadir import tag_names, write_jsonl, write_tokens
+from datadir import tag_names, word_boundaries, write_jsonl, write_tokens
 from model import file_sha256
 from formats import import_jsonl
 from runtime import die
@@ -455,7 +455,7 @@ def span_share(sp, examples, tools):
     is all of them, the data dir says so and decoding keeps values to such runs."""
     string_keys = {(t["name"], k) for t in tools for k, p in t["parameters"].get("properties", {}).items()
                    if p.get("type") == "string" and "enum" not in p}
-    word_start = [sp.id_to_piece(i).startswith("\u2581") for i in range(sp.get_piece_size())]
+    word_start, end_before = word_boundaries(sp)
     n = ok = 0
     for ex in examples:
         req = sp.encode(wire.render_request(ex["request"]))
@@ -466,7 +466,7 @@ def span_share(sp, examples, tools):
                 val = sp.encode(" " + wire.render_value(v))
                 m = len(val)
                 n += 1
-                ok += any(req[j:j + m] == val and word_start[req[j]] and (j + m == len(req) or word_start[req[j + m]])
+                ok += any(req[j:j + m] == val and word_start[req[j]] and (j + m == len(req) or end_before[req[j + m]])
                           for j in range(len(req) - m + 1))
     return ok / n if n else 0.0
 

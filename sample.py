@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 import grammar
 import wire
-from datadir import DataDirError, load_data_dir
+from datadir import DataDirError, load_data_dir, word_boundaries
 from model import KVCache, CheckpointError, check_tokenizer, load_checkpoint
 from runtime import die
 
@@ -89,7 +89,7 @@ class Router:
         self.vocab = grammar.Vocab(self.sp, ids)
         # string values are runs of whole request words (see _Answer)
         self.span_values = bool(self.meta.get("span_values"))
-        self.word_start = [self.sp.id_to_piece(i).startswith("\u2581") for i in range(self.sp.get_piece_size())]
+        self.word_start, self.end_before = word_boundaries(self.sp)
         self.grammars = OrderedDict()      # catalogue -> Grammar, most recent last
         self.prefixes = OrderedDict()      # prefix token ids -> (KVCache, its last_k)
 
@@ -515,8 +515,9 @@ class _Answer:
         n = len(v)
         starts = [j for j in range(len(req) - n + 1) if req[j:j + n] == v and (n or self.r.word_start[req[j]])]
         nxt = {req[j + n] for j in starts if j + n < len(req)}
-        # a value ends where a request word ends: at the request's end or before a new word
-        return nxt, n > 0 and any(j + n == len(req) or self.r.word_start[req[j + n]] for j in starts)
+        # a value ends where a request word ends: at the request's end, before a new
+        # word or before punctuation (datadir.word_boundaries)
+        return nxt, n > 0 and any(j + n == len(req) or self.r.end_before[req[j + n]] for j in starts)
 
 
 class _Pass:
