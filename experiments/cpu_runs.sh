@@ -16,7 +16,7 @@ kill $SERVER; wait $SERVER 2>/dev/null
 # 3. architecture A/B on the small preset at equal parameters: 6 layers with the GELU MLP
 #    vs 15 attention-only layers (4.98M vs 4.98M), same data, batches and steps; one thread each
 export OMP_NUM_THREADS=1
-AB="--data_dir data/demo --preset small --max_steps 300 --batch_size 16 --lr 3e-3 --eval_interval 100 --no_share_prefix"
+AB="--data_dir data/demo --preset small --max_steps 300 --batch_size 16 --lr 3e-3 --eval_interval 100"
 $PY train.py $AB --out_dir out/ab_gelu > out/runs/ab_gelu.txt 2>&1 &
 $PY train.py $AB --out_dir out/ab_none --ffn none --n_layer 15 > out/runs/ab_none.txt 2>&1 &
 wait
@@ -27,5 +27,5 @@ $PY eval.py --compare out/ab_gelu/eval_test.json out/ab_none/eval_test.json > ou
 unset OMP_NUM_THREADS
 # 4. the 26m preset on the CPU: a few hundred steps, loss falling
 $PY train.py --data_dir data/demo --preset 26m --out_dir out/26m_cpu --max_steps 200 --batch_size 4 \
-    --lr 1e-3 --warmup_steps 20 --eval_interval 100 --no_share_prefix > out/runs/26m.txt 2>&1
+    --lr 1e-3 --warmup_steps 20 --eval_interval 100 > out/runs/26m.txt 2>&1
 echo done > out/runs/DONE

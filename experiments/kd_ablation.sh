@@ -8,7 +8,7 @@ set -euo pipefail
 PY=${PY:-.venv/bin/python}
 TEACHER=${TEACHER:-out/small60/best.pt}
 COMMON="--data_dir data/big --preset tiny --max_examples 5000 --max_steps 1200 --batch_size 16
-        --lr 5e-3 --eval_interval 200 --no_share_prefix"
+        --lr 5e-3 --eval_interval 200"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 timed() { local name=$1; shift; local t0=$(date +%s); "$@" > out/kd_$name.stdout 2>&1;
           echo "$name $(( $(date +%s) - t0 )) s" >> out/kd_times.txt; }
