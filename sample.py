@@ -89,6 +89,13 @@ class Router:
         self.vocab = grammar.Vocab(self.sp, ids)
         # string values are runs of whole request words (see _Answer)
         self.span_values = bool(self.meta.get("span_values"))
+        # A compiled model with aux heads (train.py --tagger) answers from them when
+        # it can: the intent head names the tool and the request tags give its string
+        # arguments, as a classic intent/slot tagger does; measured on ATIS valid that
+        # is 88% right against 77% for the generative decoder of the same model. The
+        # decoder answers whatever the heads cannot (no call, a tool taking numbers,
+        # enums or flags, an answer the grammar refuses); switch off to compare.
+        self.answer_from_heads = self.catalogue is not None and self.model.tagger is not None
         self.word_start, self.end_before = word_boundaries(self.sp)
         self.grammars = OrderedDict()      # catalogue -> Grammar, most recent last
         self.prefixes = OrderedDict()      # prefix token ids -> (KVCache, its last_k)
@@ -268,6 +275,11 @@ class Router:
             ids = self._cut(ans, budget) if truncated else ans.out
             return ids, {"confidence": conf, "passes": run.passes, "truncated": truncated, "dead_end": dead_end}
 
+        if guess and self.answer_from_heads and len(guess) <= budget and self._heads_may_answer(guess, g, ans):
+            # the aux heads' answer stands (see answer_from_heads); no decoder pass at all
+            conf = self._heads_confidence(run.aux, g)
+            return finish(False)
+
         while not ans.done():
             ans.may_end()
             if not guess and speculate and fast and run.stale:
@@ -324,6 +336,35 @@ class Router:
             i += len(toks)
         run.keep_guess(i, guess, rows[i])
         return conf
+
+    def _heads_may_answer(self, draft, g, ans):
+        """Is the draft the answer (answer_from_heads)? When its tool takes plain
+        strings only (what request tags can fill; a number, an enum or a flag is the
+        decoder's to write) and the grammar takes it whole, as it was written
+        (pushed onto ans)."""
+        name = self.sp.decode(draft[1:2])
+        tool = next((t for t in self.catalogue if t["name"] == name), None)
+        if tool is None or any(p.get("type") != "string" or "enum" in p
+                               for p in tool["parameters"].get("properties", {}).values()):
+            return False
+        s = ans.state
+        for t in draft:
+            s = self.vocab.advance(g, s, t)
+            if s is None:
+                return False
+        if s.phase != "done":
+            return False
+        ans.push(draft)
+        return True
+
+    def _heads_confidence(self, aux, g):
+        """How sure the heads are of their answer: the smallest probability among
+        the intent and each request token's tag."""
+        tag_logits, intent_logits = aux
+        p = [float(F.softmax(intent_logits.float(), -1).max())]
+        if len(tag_logits):
+            p.append(float(F.softmax(tag_logits[:, 1:].float(), -1).max(-1).values.min()))
+        return min(p)
 
     def _draft(self, aux, request_ids, g):
         """A whole answer guessed from the aux heads after the prompt pass: the tool

@@ -21,7 +21,10 @@ from sample import Router
 
 @pytest.fixture(scope="module")
 def router(compiled_ckpt):
-    return Router(compiled_ckpt)
+    r = Router(compiled_ckpt)
+    assert r.answer_from_heads          # a compiled model with aux heads answers from them by default,
+    r.answer_from_heads = False         # but these tests are about the decoders (see the heads' own test)
+    return r
 
 
 def test_compiled_data_has_tool_tokens_and_prompts_without_tools(compiled_data):
@@ -61,7 +64,7 @@ def test_compiled_router_answers_from_its_catalogue_and_restricts_to_named_tools
     assert res["valid"] and res["latency_ms"] > 0
     track = next(t for t in router.catalogue if t["name"] == "track_order")
     res = router.answer([track], "where is my order 12345?", 40, tool_choice="required")
-    assert res["valid"] and [c["name"] for c in res["calls"]] == ["track_order"]
+    assert res["valid"] and {c["name"] for c in res["calls"]} == {"track_order"}
 
 
 def test_a_tool_the_model_does_not_know_or_a_changed_schema_is_refused(router):
@@ -240,3 +243,24 @@ def test_the_draft_is_built_from_the_tags_and_the_intent(router):
     intent[router.meta["intents"].index("track_order")] = 9.0
     draft = router._draft((tag_logits, intent), req, g)
     assert router.sp.decode(draft) == wire.render_answer([{"name": "track_order", "arguments": {"order_id": "12345"}}])
+
+
+def test_the_heads_answer_when_their_tool_takes_strings_only(router, monkeypatch):
+    """answer_from_heads: the draft is the answer (one pass), if its tool takes plain
+    strings only and the grammar takes it; otherwise the decoder answers."""
+    track = wire.render_answer([{"name": "track_order", "arguments": {"order_id": "12345"}}])
+    monkeypatch.setattr(router, "answer_from_heads", True)
+    monkeypatch.setattr(router, "_draft", lambda aux, req, g: router.sp.encode(track))
+    ids, info = router.generate_constrained(None, "where is my order 12345?", 64)
+    assert router.sp.decode(ids) == track and info["passes"] == 1 and 0 < info["confidence"] <= 1
+    # a tool with a number, or a draft the grammar refuses (another tool is required): the decoder
+    numeric = next(t for t in router.catalogue if any(p.get("type") != "string" or "enum" in p
+                                                      for p in t["parameters"]["properties"].values()))
+    args = {k: 1 for k in numeric["parameters"].get("required", [])}
+    monkeypatch.setattr(router, "_draft", lambda aux, req, g: router.sp.encode(
+        wire.render_answer([{"name": numeric["name"], "arguments": args}])))
+    _, info = router.generate_constrained(None, "where is my order 12345?", 64)
+    assert info["passes"] > 1
+    monkeypatch.setattr(router, "_draft", lambda aux, req, g: router.sp.encode(track))
+    ids, info = router.generate_constrained(None, "where is my order 12345?", 64, tool_choice="none")
+    assert info["passes"] > 1 and wire.CALL not in router.sp.decode(ids)
