@@ -43,7 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from datadir import DataDirError, Split, batch_indices, load_meta, padding_fraction
+from datadir import DataDirError, Split, batch_indices, curriculum_share, load_meta, padding_fraction
 from model import FFN_KINDS, GPT, PRESETS, CheckpointError, config_dict, config_from_dict, \
     config_from_preset, load_checkpoint, save_checkpoint
 from runtime import (Logger, autocast_ctx, catch_stop_signals, die, init_distributed, leave_distributed,
@@ -102,6 +102,8 @@ def arg_parser(doc=__doc__):
     p.add_argument("--class_weights", type=parse_class_weights, default=None, metavar="CLASS=W,...",
                    help="loss weight per answer-token class, e.g. name=2,value=3 "
                    "(classes: struct, name, key, value, reason; others stay 1; default: all 1)")
+    p.add_argument("--curriculum", type=int, default=0, metavar="STEPS",
+                   help="draw from the shortest rows first (small tool lists), all of them after STEPS steps")
     p.add_argument("--max_examples", type=int, default=0,
                    help="train on the first N training examples only (0: all), for fixed-data comparisons")
     p.add_argument("--max_steps", type=int, default=2900)
@@ -241,7 +243,7 @@ def run(args, loss=None, name="model", ckpt_extra=None):
             parts = {"loss": 0.0}
             for micro in range(args.grad_accum):
                 idx = batch_indices(train, args.seed, step, rank * args.grad_accum + micro, rows_per_batch,
-                                    args.length_window)
+                                    args.length_window, curriculum_share(step, args.curriculum))
                 batch = train.batch(idx, pad_id).to(device)
                 x, y, m, layout, seg = batch[:5]
                 sel = m > 0

@@ -265,3 +265,13 @@ def test_muon_trains_and_resumes_exactly(toy_data, tmp_path):
     # the blocks' matrices went to Muon, the embedding to AdamW
     groups = a["optimizer"]["param_groups"]
     assert [g["muon"] for g in groups] == [True, False, False] and groups[0]["lr_scale"] > 1
+
+
+def test_curriculum_draws_short_rows_first_then_all(toy_data):
+    split = datadir.Split(toy_data, "train", 512)
+    assert datadir.curriculum_share(0, 100) == pytest.approx(0.3) and datadir.curriculum_share(100, 100) == 1.0
+    early = datadir.batch_indices(split, 1, 0, 0, 64, 0, datadir.curriculum_share(0, 100))
+    cutoff = np.sort(split.row_lens)[int(0.3 * len(split))]
+    assert split.row_lens[early].max() <= cutoff                 # the shortest 30% only
+    late = np.concatenate([datadir.batch_indices(split, 1, s, 0, 64, 0, 1.0) for s in range(5)])
+    assert split.row_lens[late].max() > cutoff
