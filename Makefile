@@ -1,14 +1,26 @@
 # Two commands do everything on a fresh machine:
-#   make demo   virtual env + install + the whole pipeline on the tiny default (CPU, ~17 min)
+#   make demo   virtual env + install + the whole pipeline: a compiled router for an
+#               assistant app's 38 tools (CPU, ~10 min)
 #   make test   virtual env + install + the test suite (CPU, a few minutes)
+# and one more for the benchmark:
+#   make atis   the compiled router on ATIS: import, train (15 min), report against the
+#               published results (ATIS_DIR=... for another folder in the same format)
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 DATA   := data/demo
 OUT    := out/demo
+# the demo app: eight domains of the hand-written catalogue, 38 tools
+DOMAINS := timers_alarms,messaging,calendar,weather,smart_home,music,notes_reminders,shopping
+# the compiled router's recipe (README, "Your tools, compiled in")
+ROUTER := --preset tiny --prefix_lm --copy_head --tagger --dropout 0.1 --batch_size 32 --length_window 64 \
+          --warmup_steps 100 --eval_interval 500 --log_interval 100
+DEMO_STEPS := 2000
+ATIS_DIR ?= ../shared/eval/atis
+ATIS_STEPS := 4000
 
-.PHONY: demo test venv data train eval sample clean
+.PHONY: demo test venv data train eval sample atis clean
 
 venv: $(VENV)/.installed
 
@@ -19,19 +31,24 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 data: venv
-	$(PY) data.py --out_dir $(DATA)
+	$(PY) data.py --compiled --domains $(DOMAINS) --out_dir $(DATA) --vocab_size 2048
 
 train: venv
-	$(PY) train.py --data_dir $(DATA) --out_dir $(OUT) --preset tiny
+	$(PY) train.py --data_dir $(DATA) --out_dir $(OUT) $(ROUTER) --max_steps $(DEMO_STEPS)
 
 eval: venv
 	$(PY) eval.py --ckpt $(OUT)/best.pt
 
 sample: venv
-	$(PY) sample.py --ckpt $(OUT)/best.pt --tools examples/tools.json "Where's my order ORD-1234?"
+	$(PY) sample.py --ckpt $(OUT)/best.pt "Where's my order ORD-1234?"
 
 demo: venv
 	$(MAKE) data train eval sample
+
+atis: venv
+	$(PY) data.py --intent_slot $(ATIS_DIR) --out_dir data/atis --vocab_size 1000
+	$(PY) train.py --data_dir data/atis --out_dir out/atis $(ROUTER) --max_steps $(ATIS_STEPS) --max_minutes 15
+	$(PY) eval.py --ckpt out/atis/best.pt --out out/atis/eval_atis.json
 
 test: venv
 	$(PY) -m pytest -q tests

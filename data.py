@@ -67,6 +67,10 @@ def parse_args(argv=None):
     p.add_argument("--n_heldout", type=int, default=None,
                    help="tools held out of training (default: those marked heldout in the catalogue)")
     p.add_argument("--max_tools", type=int, default=10, help="most tools shown per example")
+    p.add_argument("--long_share", type=float, default=0.0,
+                   help="share of training examples with a long tool list (--max_tools+1 to --long_max_tools), "
+                   "so that a model with a long context learns to use it")
+    p.add_argument("--long_max_tools", type=int, default=30)
     p.add_argument("--n_invented", type=int, default=1500, help="tools invented from parts (0: none)")
     p.add_argument("--p_invented", type=float, default=0.5, help="share of training targets that are invented")
     p.add_argument("--tools", default=None, help="your own tools (JSON list, OpenAI or bare form): "
@@ -165,6 +169,8 @@ def general_splits(args, rng, pools):
     p_inv = args.p_invented if invented else 0.0
     gen = Generator(entries, pools, max_tools=args.max_tools)            # test: our tools only
     train_gen = Generator(entries, pools, max_tools=args.max_tools, invented=invented, p_invented=p_inv)
+    long_gen = Generator(entries, pools, min_tools=args.max_tools + 1, max_tools=args.long_max_tools,
+                         invented=invented, p_invented=p_inv)
     print(f"catalogue: {len(entries)} tools over {len({e['domain'] for e in entries})} domains, "
           f"{len(invented)} invented; held out of training: {', '.join(sorted(held_names)) or 'none'}")
     sibling = lambda g, allowed: (lambda first: g.sibling(rng, first["_entries"], allowed))
@@ -176,8 +182,10 @@ def general_splits(args, rng, pools):
         splits["test"] += generate(lambda: gen.sample(rng, held, entries), None, args.n_test_unseen, reserved,
                                    "test (unseen)", "unseen")
     splits["val"] = generate(lambda: train_gen.sample(rng, seen, seen), None, args.n_val, reserved, "val", "seen")
-    splits["train"] = generate(lambda: train_gen.sample(rng, seen, seen), sibling(train_gen, seen), args.n_train,
-                               reserved, "train", "seen", group=max(1, args.group))
+    draw = (lambda: (long_gen if rng.random() < args.long_share else train_gen).sample(rng, seen, seen)) \
+        if args.long_share > 0 else (lambda: train_gen.sample(rng, seen, seen))
+    splits["train"] = generate(draw, sibling(train_gen, seen), args.n_train, reserved, "train", "seen",
+                               group=max(1, args.group))
     label_domains(splits, entries + invented)
     return [e["tool"] for e in entries], invented, held_names, splits
 
