@@ -43,6 +43,7 @@ class Batch(NamedTuple):
     tags: object = None        # (B, L) tag of each x token (0: none), for the aux tagger
     intent: object = None      # (B,) the first tool (-1: unknown), for the aux intent head
     intent_at: object = None   # (B,) where it is read: the last prompt token
+    ptr: object = None         # (B, L) a tagged request token's argument-name position (-1: none)
 
     def to(self, device):
         move = lambda t: t.to(device, non_blocking=True) if t is not None else None
@@ -142,9 +143,10 @@ def request_tags(sp, ex, tag_index, word_start):
     """Each request token's tag (indices into tag_names): the value of which
     argument it begins (B) or continues (I), else O. A value is placed at the
     first run of request tokens equal to its own tokens that begins a word and
-    that no other value took; a value not found there (not copied) is not tagged."""
+    that no other value took; a value not found there (not copied) is not tagged.
+    -> (tags, owners): owners[j] is (tool name, key) for a tagged token, else None."""
     req = sp.encode(wire.render_request(ex["request"]))
-    tags, taken = [tag_index["O"]] * len(req), set()
+    tags, owners, taken = [tag_index["O"]] * len(req), [None] * len(req), set()
     for c in ex["calls"]:
         for k, v in c.get("arguments", {}).items():
             val = sp.encode(" " + wire.render_value(v))
@@ -155,9 +157,35 @@ def request_tags(sp, ex, tag_index, word_start):
                 span = set(range(j, j + len(val)))
                 if val and req[j:j + len(val)] == val and word_start[req[j]] and not span & taken:
                     tags[j:j + len(val)] = [b] + [i] * (len(val) - 1)
+                    owners[j:j + len(val)] = [(c["name"], k)] * len(val)
                     taken |= span
                     break
-    return tags
+    return tags, owners
+
+
+def catalogue_positions(sp, tools):
+    """Where, among the tokens of wire.render_prefix(tools), each tool's name and
+    each argument's name begins -> ({tool: index}, {(tool, key): index}). The
+    pointer heads (train.py --tagger on a catalogue in the prompt) point there:
+    the intent at the tool it calls, each tagged request token at its argument."""
+    ids = sp.encode(wire.render_prefix(tools))
+    ends = np.cumsum([1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode()) for i in ids])
+    token_at = lambda byte: int(np.searchsorted(ends, byte, side="right"))   # the token holding that byte
+    names, args = {}, {}
+    at = len(wire.TOOLS.encode())
+    for t in tools:
+        line = wire.clean(wire.render_tool(t))
+        names[t["name"]] = token_at(at)
+        pos = line.index("(")
+        for k in t["parameters"].get("properties", {}):
+            for mark in (f" {k}:", f" {k}?:", f" {k}="):
+                j = line.find(mark, pos)
+                if j >= 0:
+                    args[(t["name"], k)] = token_at(at + len(line[:j].encode()))
+                    pos = j + 1
+                    break
+        at += len(line.encode()) + 1          # the newline between lines
+    return names, args
 
 
 def encode_example(sp, ex, nbytes, compiled=False):
@@ -174,9 +202,11 @@ def write_tokens(sp, examples, out_dir, split, max_len, compiled=False, tags=Non
     """Token files for one split; examples over max_len are dropped and counted.
     tags (tag_names) and intents (tool names + "<no call>", compiled only) add
     {split}_tag.bin (each prompt token's tag) and {split}_intent.npy (each
-    example's first tool) for the aux losses.
+    example's first tool) for the aux losses; for a catalogue in the prompt the
+    intent is the position of that tool's name (0: no call), and {split}_ptr.bin
+    gives each tagged request token the position of its argument's name.
     -> (kept examples, number of tokens, length of each kept example)."""
-    ids, cls, tag_ids, intent_ids, offsets, kept = [], [], [], [], [0], []
+    ids, cls, tag_ids, intent_ids, ptr_ids, offsets, kept = [], [], [], [], [], [0], []
     nbytes = piece_lengths(sp)
     tag_index = {t: i for i, t in enumerate(tags or [])}
     word_start = word_boundaries(sp)[0]
@@ -190,15 +220,22 @@ def write_tokens(sp, examples, out_dir, split, max_len, compiled=False, tags=Non
         kept.append(ex)
         if tags:
             n_prompt = next((i for i, k in enumerate(c) if k), len(c))
-            rt = request_tags(sp, ex, tag_index, word_start)
+            rt, owners = request_tags(sp, ex, tag_index, word_start)
             tag_ids.extend([0] * (n_prompt - len(rt)) + rt + [0] * (len(x) - n_prompt))
         if intents:
             name = ex["calls"][0]["name"] if ex["calls"] else intents[-1]
             intent_ids.append(intents.index(name) if name in intents else -1)   # -1: not a known tool
+        elif tags:     # a catalogue in the prompt: point at the tool's and the arguments' names
+            names, args = catalogue_positions(sp, ex["tools"])
+            intent_ids.append(names[ex["calls"][0]["name"]] if ex["calls"] and ex["calls"][0]["name"] in names
+                              else 0)                                  # no call: <|tools|>
+            ptr = [args.get(o, -1) if o else -1 for o in owners]
+            ptr_ids.extend([-1] * (n_prompt - len(rt)) + ptr + [-1] * (len(x) - n_prompt))
     if tags:
         np.array(tag_ids, dtype=np.uint16).tofile(os.path.join(out_dir, f"{split}_tag.bin"))
-    if intents:
         np.save(os.path.join(out_dir, f"{split}_intent.npy"), np.array(intent_ids, dtype=np.int64))
+    if tags and not intents:
+        np.array(ptr_ids, dtype=np.int16).tofile(os.path.join(out_dir, f"{split}_ptr.bin"))
     assert sp.get_piece_size() < 65536, "token ids are stored as uint16"
     cls = np.array(cls, dtype=np.uint8)
     np.array(ids, dtype=np.uint16).tofile(os.path.join(out_dir, f"{split}.bin"))
@@ -236,6 +273,8 @@ class Split:
         self.tags = np.memmap(base + "_tag.bin", dtype=np.uint16, mode="r") if os.path.isfile(base + "_tag.bin") \
             else None
         self.intents = np.load(base + "_intent.npy") if os.path.isfile(base + "_intent.npy") else None
+        self.ptr = np.memmap(base + "_ptr.bin", dtype=np.int16, mode="r") if os.path.isfile(base + "_ptr.bin") \
+            else None
         # per-token loss weight by class (prompt 0, struct, name, key, value, reason)
         self.weights = None
         if class_weights is not None:
@@ -325,6 +364,7 @@ class Split:
         seg = np.zeros((len(idx), L), dtype=np.int64)
         tags = np.zeros((len(idx), L), dtype=np.int64)
         intent, intent_at = np.full(len(idx), -1, dtype=np.int64), np.zeros(len(idx), dtype=np.int64)
+        ptr = np.full((len(idx), L), -1, dtype=np.int64)
         for b, r in enumerate(idx):
             k = self.rows[r][0]
             s, n = self.starts[k], int(self.lens[k])
@@ -338,8 +378,10 @@ class Split:
                 tags[b, :n - 1] = self.tags[s:s + n - 1]
             if self.intents is not None:
                 intent[b], intent_at[b] = self.intents[k], answer - 1
-        aux = (torch.from_numpy(tags), torch.from_numpy(intent), torch.from_numpy(intent_at)) \
-            if self.tags is not None else (None, None, None)
+            if self.ptr is not None:
+                ptr[b, :n - 1] = self.ptr[s:s + n - 1]
+        aux = (torch.from_numpy(tags), torch.from_numpy(intent), torch.from_numpy(intent_at),
+               torch.from_numpy(ptr) if self.ptr is not None else None) if self.tags is not None else ()
         return Batch(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(m), None, torch.from_numpy(seg), *aux)
 
     def _layout_batch(self, idx, pad_id):

@@ -60,6 +60,7 @@ class GPTConfig:
     copy_head: bool = False   # pointer-generator output: copy a token from the prompt or generate one
     n_tags: int = 0           # aux tagger: each request token's tag (which argument's value it is in)
     n_intents: int = 0        # aux intent head: the first tool, read at the last prompt token
+    pointer_heads: bool = False  # aux heads for a catalogue in the prompt: point at the tool's / argument's name
 
     def __post_init__(self):
         # refuse bad combinations here, with the reason, rather than as a shape
@@ -187,6 +188,7 @@ class KVCache:
         self.src_keys = torch.zeros(max_len, config.n_embd, device=device, dtype=dtype) if config.copy_head else None
         self.src_ids = torch.zeros(max_len, dtype=torch.long, device=device)
         self.n_src = 0
+        self.catalogue_h = None    # pointer heads: the hidden states of the catalogue block
         self.max_len = max_len
         self.pos = 0
 
@@ -332,6 +334,26 @@ def attention_mask(T, start=0, layout=None, seg=None, device=None):
     return mask[:, None]                                                          # (B, 1, T, start+T)
 
 
+class PointerHeads(nn.Module):
+    """Intent and slot classification for a catalogue read from the prompt: the
+    classes are positions in it. intent(h, keys): from the last prompt token, scores
+    over positions, trained to point at the called tool's name (or at <|tools|>
+    for no call); arg(h, keys): from each request token, scores trained to point at
+    the name of the argument whose value the token is in."""
+
+    def __init__(self, config):
+        super().__init__()
+        C = config.n_embd
+        self.q_intent, self.k_intent = nn.Linear(C, C, bias=False), nn.Linear(C, C, bias=False)
+        self.q_arg, self.k_arg = nn.Linear(C, C, bias=False), nn.Linear(C, C, bias=False)
+
+    def intent(self, h, keys_h):
+        return self.q_intent(h) @ self.k_intent(keys_h).transpose(-2, -1) / math.sqrt(h.size(-1))
+
+    def arg(self, h, keys_h):
+        return self.q_arg(h) @ self.k_arg(keys_h).transpose(-2, -1) / math.sqrt(h.size(-1))
+
+
 class CopyHead(nn.Module):
     """Pointer-generator output (Vinyals et al. 2015; See et al. 2017): the next
     token is either generated from the vocabulary or copied from the prompt.
@@ -435,6 +457,10 @@ class GPT(nn.Module):
         # own, and a compiled router drafts a whole answer from them (sample.py)
         self.tagger = nn.Linear(config.n_embd, config.n_tags) if config.n_tags else None
         self.intent = nn.Linear(config.n_embd, config.n_intents) if config.n_intents else None
+        # With the catalogue in the prompt the classes are read from it: the intent
+        # points at the called tool's name, each tagged request token at its
+        # argument's name (scores over prompt positions, as the copy head's)
+        self.point = PointerHeads(config) if config.pointer_heads else None
         cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
         # buffers, not parameters: they move with .to(device) but are not trained or saved
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -468,13 +494,17 @@ class GPT(nn.Module):
         attention_mask; 0 for answer tokens), for prefix_lm and copy_head.
         With copy_head the "logits" are log-probabilities (a mixture has no
         logits); softmax and cross-entropy treat them the same.
-        aux=True -> (that, tag logits (B, T, n_tags), intent logits (B, T, n_intents)),
-        None for a head the model does not have."""
+        aux=True -> (that, tag logits (B, T, n_tags), intent logits (B, T, n_intents)
+        or, with pointer heads, intent and argument pointer scores (B, T, T) over
+        positions, None for a head the model does not have)."""
         h = self.hidden(idx, cache, layout, seg)       # (B, T, C)
         out = self._scores(h, idx, sel, seg)
         if not aux:
             return out
-        return out, *(head(h) if head is not None else None for head in (self.tagger, self.intent))
+        tags = self.tagger(h) if self.tagger is not None else None
+        if self.point is not None:                     # (B, T, T): every position over every position
+            return out, tags, self.point.intent(h, h), self.point.arg(h, h)
+        return out, tags, self.intent(h) if self.intent is not None else None, None
 
     def _scores(self, h, idx, sel, seg):
         """Final hidden states -> the output scores (see forward)."""
@@ -508,12 +538,22 @@ class GPT(nn.Module):
         request) for a prompt block, which a prefix LM reads both ways and a copy
         head copies from. Training's seg gives the same blocks (a test checks).
         aux=True -> (that, tag logits of every position (T, n_tags), intent logits
-        of the last position (n_intents)); None for a head the model lacks."""
+        of the last position (n_intents), None); with pointer heads the last two
+        are the intent's and each position's argument pointer scores over the
+        catalogue block ((n_catalogue), (T, n_catalogue)); None for a head the model lacks."""
         T = idx.size(1)
         seg = torch.full_like(idx, prompt) if prompt else None
         h = self.hidden(idx, cache, seg=seg)[0]                      # (T, C)
-        heads = (self.tagger(h) if self.tagger is not None else None,
-                 self.intent(h[-1]) if self.intent is not None else None) if aux else None
+        if self.point is not None and prompt == 1:     # the catalogue: what the pointers point at
+            cache.catalogue_h = h
+        heads = None
+        if aux:
+            tags = self.tagger(h) if self.tagger is not None else None
+            if self.point is not None:
+                cat = cache.catalogue_h                  # (n_catalogue, C)
+                heads = (tags, self.point.intent(h[-1:], cat)[0], self.point.arg(h, cat))
+            else:
+                heads = (tags, self.intent(h[-1]) if self.intent is not None else None, None)
         if self.copy is not None and prompt:
             n = cache.n_src
             cache.src_keys[n:n + T] = self.copy.k(h)

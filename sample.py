@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 import grammar
 import wire
-from datadir import DataDirError, load_data_dir, word_boundaries
+from datadir import DataDirError, catalogue_positions, load_data_dir, word_boundaries
 from model import KVCache, CheckpointError, check_tokenizer, load_checkpoint
 from runtime import die
 
@@ -95,7 +95,10 @@ class Router:
         # is 88% right against 77% for the generative decoder of the same model. The
         # decoder answers whatever the heads cannot (no call, a tool taking numbers,
         # enums or flags, an answer the grammar refuses); switch off to compare.
-        self.answer_from_heads = self.catalogue is not None and self.model.tagger is not None
+        # A catalogue-in-the-prompt model with pointer heads does the same.
+        self.answer_from_heads = self.model.tagger is not None and \
+            (self.catalogue is not None or self.model.point is not None)
+        self.positions = OrderedDict()     # catalogue -> where its names are (pointer heads)
         self.word_start, self.end_before = word_boundaries(self.sp)
         self.grammars = OrderedDict()      # catalogue -> Grammar, most recent last
         self.prefixes = OrderedDict()      # prefix token ids -> (KVCache, its last_k)
@@ -266,16 +269,17 @@ class Router:
         prefix, request_ids = self.encode_prefix(tools), self.encode_request(request)
         budget = self._budget(len(prefix) + len(request_ids), max_new_tokens)
         fast = use_cache and forced_spans         # guesses need the cache and pending tokens
-        drafting = draft and fast and self.model.tagger is not None and self.catalogue is not None
+        drafting = draft and fast and self.model.tagger is not None and \
+            (self.catalogue is not None or self.model.point is not None)
         run = _Pass(self, prefix, request_ids, use_cache, prefix_cache, aux=drafting)
         ans, conf = _Answer(self, g, request_ids), 1.0
-        guess = self._draft(run.aux, request_ids, g) if drafting else []
+        guess = self._draft(run.aux, request_ids, g, tools) if drafting else []
 
         def finish(truncated, dead_end=False):
             ids = self._cut(ans, budget) if truncated else ans.out
             return ids, {"confidence": conf, "passes": run.passes, "truncated": truncated, "dead_end": dead_end}
 
-        if guess and self.answer_from_heads and len(guess) <= budget and self._heads_may_answer(guess, g, ans):
+        if guess and self.answer_from_heads and len(guess) <= budget and self._heads_may_answer(guess, g, ans, tools):
             # the aux heads' answer stands (see answer_from_heads); no decoder pass at all
             conf = self._heads_confidence(run.aux, g)
             return finish(False)
@@ -337,16 +341,20 @@ class Router:
         run.keep_guess(i, guess, rows[i])
         return conf
 
-    def _heads_may_answer(self, draft, g, ans):
+    def _heads_may_answer(self, draft, g, ans, tools):
         """Is the draft the answer (answer_from_heads)? When its tool takes plain
         strings only (what request tags can fill; a number, an enum or a flag is the
         decoder's to write) and the grammar takes it whole, as it was written
         (pushed onto ans)."""
-        name = self.sp.decode(draft[1:2])
-        tool = next((t for t in self.catalogue if t["name"] == name), None)
-        if tool is None or any(p.get("type") != "string" or "enum" in p
-                               for p in tool["parameters"].get("properties", {}).values()):
+        try:
+            calls = wire.parse_answer(self.sp.decode(draft), tools)["calls"]
+        except wire.AnswerError:
             return False
+        by_name = {t["name"]: t for t in tools}
+        for c in calls:
+            props = by_name.get(c["name"], {}).get("parameters", {}).get("properties", {})
+            if c["name"] not in by_name or any(p.get("type") != "string" or "enum" in p for p in props.values()):
+                return False
         s = ans.state
         for t in draft:
             s = self.vocab.advance(g, s, t)
@@ -360,37 +368,56 @@ class Router:
     def _heads_confidence(self, aux, g):
         """How sure the heads are of their answer: the smallest probability among
         the intent and each request token's tag."""
-        tag_logits, intent_logits = aux
+        tag_logits, intent_logits, _ = aux
         p = [float(F.softmax(intent_logits.float(), -1).max())]
         if len(tag_logits):
             p.append(float(F.softmax(tag_logits[:, 1:].float(), -1).max(-1).values.min()))
         return min(p)
 
-    def _draft(self, aux, request_ids, g):
+    def _draft(self, aux, request_ids, g, tools):
         """A whole answer guessed from the aux heads after the prompt pass: the tool
         the intent head names, with an argument for each run of request tokens the
-        tagger marks B-key, I-key... (a key met again opens a second call of the
-        tool, as data.py writes repeated slots) -> its tokens, or [] when the intent
-        head says no call or names a tool the grammar does not allow here."""
-        tag_logits, intent_logits = aux
-        intents = self.meta.get("intents") or []
-        if intent_logits is None or not intents:
+        tagger marks B(-key), I(-key)... (a key met again opens a second call of
+        the tool, as data.py writes repeated slots) -> its tokens, or [] when the
+        intent head says no call or names a tool the grammar does not allow here.
+        A compiled model's heads name tools and keys as classes; pointer heads (a
+        catalogue in the prompt) point at a tool's name and at each argument's name
+        in the catalogue (datadir.catalogue_positions)."""
+        tag_logits, intent_logits, arg_logits = aux
+        if intent_logits is None or tag_logits is None:
             return []
-        name = intents[int(intent_logits.argmax())]
-        tool = g.tools.get(name.encode())
+        if self.model.point is None:                       # compiled: classes
+            intents = self.meta.get("intents") or []
+            name = intents[int(intent_logits.argmax())] if intents else None
+            key_of = lambda tag, j: tag.partition("-")[2]
+        else:                                              # pointers into the catalogue
+            names, args = self._positions(tools)
+            cands = [0] + [p for n, p in names.items() if n.encode() in g.tools]   # 0: <|tools|>, no call
+            best = cands[int(intent_logits[cands].argmax())]
+            name = next((n for n, p in names.items() if p == best and best), None)
+            keys = {p: k for (n, k), p in args.items() if n == name}
+
+            def key_of(tag, j):
+                if not keys:
+                    return None
+                ps = list(keys)
+                return keys[ps[int(arg_logits[j, ps].argmax())]]
+        tool = g.tools.get(name.encode()) if name else None
         if tool is None:
             return []
         known = {k for k, _ in tool["keys"].values()}
-        names, calls, span = self.meta["tags"], [], None
-        spans = []
+        spans, span = [], None
         for j, t in enumerate(tag_logits[:, 1:].argmax(-1).tolist()):    # never "-" for a request token
-            bio, _, key = names[t + 1].partition("-")
-            if bio == "I" and span and span[0] == key:
+            tag = self.meta["tags"][t + 1]
+            bio = tag[0]
+            if bio == "I" and span:
                 span[2] = j + 1
+            elif bio in ("B", "I"):
+                span = [key_of(tag, j), j, j + 1]
+                spans.append(span)
             else:
-                span = [key, j, j + 1] if bio in ("B", "I") else None
-                if span:
-                    spans.append(span)
+                span = None
+        calls = []
         for key, a, b in spans:
             if key not in known:
                 continue
@@ -400,6 +427,15 @@ class Router:
                 calls.append(call)
             call["arguments"][key] = self.sp.decode(request_ids[a:b]).strip()
         return self.sp.encode(wire.render_answer(calls or [{"name": name, "arguments": {}}]))
+
+    def _positions(self, tools):
+        """datadir.catalogue_positions of a catalogue, kept for the last 32."""
+        key = json.dumps([t["name"] for t in tools] + [wire.render_prefix(tools)])
+        pos = self.positions.pop(key, None) or catalogue_positions(self.sp, tools)
+        self.positions[key] = pos
+        while len(self.positions) > 32:
+            self.positions.popitem(last=False)
+        return pos
 
     def _choose(self, logits, allowed, out, pick):
         """The greedy choice among the allowed tokens -> (token id, its probability

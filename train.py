@@ -179,7 +179,7 @@ def run(args, loss=None, name="model", ckpt_extra=None):
         log(f"resumed from {last_path} at step {step}")
     else:
         log.restart()
-    aux = model.tagger is not None or model.intent is not None
+    aux = model.tagger is not None or model.intent is not None or model.point is not None
     if aux and train.tags is None:
         die(f"--tagger: {args.data_dir} has no tag files; build it again with this data.py")
     # what the step calls: under torchrun, DDP averages the gradients over the
@@ -254,7 +254,7 @@ def run(args, loss=None, name="model", ckpt_extra=None):
                         out = net(x, layout=layout, sel=sel, seg=seg, aux=aux)
                         value, logged = loss(out[0] if aux else out, y, m, x, sel, layout, seg)
                         if aux:
-                            extra, extra_logged = aux_loss(out[1], out[2], batch)
+                            extra, extra_logged = aux_loss(*out[1:], batch)
                             value, logged = value + args.aux_weight * extra, {**logged, **extra_logged}
                         value = value / args.grad_accum
                     scaler.scale(value).backward()
@@ -304,11 +304,14 @@ def gold_loss(logits, y, m, x=None, sel=None, layout=None, seg=None):
     return weighted_ce(logits, y[sel], m[sel]), {}
 
 
-def aux_loss(tag_logits, intent_logits, batch):
+def aux_loss(tag_logits, intent_logits, arg_logits, batch):
     """The aux heads' cross-entropies: each request token's tag (positions with a
-    tag), and the first tool at the last prompt token (rows whose tool is known)
-    -> (their sum, {"tag": ..., "intent": ...} to log)."""
+    tag); the first tool at the last prompt token (rows whose tool is known), as a
+    class (compiled) or as the position of its name in the catalogue (pointer
+    heads); and, pointer heads, each tagged request token's argument-name position
+    -> (their sum, {"tag": ..., "intent": ..., "arg": ...} to log)."""
     total, parts = 0.0, {}
+    catalogue = (batch.seg == 1)[:, None, :] if arg_logits is not None else None   # (B, 1, T) pointable
     if tag_logits is not None:
         on = batch.tags > 0
         ce = F.cross_entropy(tag_logits[on].float(), batch.tags[on])
@@ -316,8 +319,17 @@ def aux_loss(tag_logits, intent_logits, batch):
     if intent_logits is not None:
         rows = torch.nonzero(batch.intent >= 0).squeeze(1)
         if len(rows):
-            ce = F.cross_entropy(intent_logits[rows, batch.intent_at[rows]].float(), batch.intent[rows])
+            logits = intent_logits[rows, batch.intent_at[rows]].float()
+            if catalogue is not None:
+                logits = logits.masked_fill(~catalogue[rows, 0], float("-inf"))
+            ce = F.cross_entropy(logits, batch.intent[rows])
             total, parts["intent"] = total + ce, ce.item()
+    if arg_logits is not None:
+        on = batch.ptr >= 0
+        if on.any():
+            logits = arg_logits.float().masked_fill(~catalogue, float("-inf"))[on]
+            ce = F.cross_entropy(logits, batch.ptr[on])
+            total, parts["arg"] = total + ce, ce.item()
     return total, parts
 
 
@@ -395,7 +407,8 @@ def model_config(args, meta):
                                   ffn=args.ffn, n_kv_head=args.n_kv_head, qk_norm=args.qk_norm,
                                   prefix_lm=args.prefix_lm, copy_head=args.copy_head,
                                   n_tags=len(meta.get("tags") or []) if args.tagger else 0,
-                                  n_intents=len(meta.get("intents") or []) if args.tagger else 0)
+                                  n_intents=len(meta.get("intents") or []) if args.tagger else 0,
+                                  pointer_heads=bool(args.tagger and not meta.get("compiled")))
     except ValueError as e:
         die(str(e))
 

@@ -51,3 +51,14 @@ def compiled_ckpt(compiled_data, tmp_path_factory):
                 "--copy_head", "--tagger", "--max_steps", "6", "--batch_size", "8", "--eval_interval", "3",
                 "--eval_batches", "1", "--log_interval", "1", "--warmup_steps", "2"])
     return os.path.join(out, "best.pt")
+
+
+@pytest.fixture(scope="session")
+def pointer_ckpt(toy_data, tmp_path_factory):
+    """A few steps of a catalogue-in-the-prompt model with pointer heads (--tagger)."""
+    import train
+    out = str(tmp_path_factory.mktemp("out") / "pointer")
+    train.main(["--data_dir", toy_data, "--out_dir", out, "--preset", "tiny", *MICRO, "--prefix_lm", "--tagger",
+                "--max_steps", "4", "--batch_size", "4", "--eval_interval", "3", "--eval_batches", "1",
+                "--log_interval", "1", "--warmup_steps", "2"])
+    return os.path.join(out, "best.pt")

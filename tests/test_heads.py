@@ -1,0 +1,94 @@
+"""The aux heads of a catalogue-in-the-prompt model: pointer targets in the data,
+the pointer losses, and drafting from them (compiled models: test_compiled.py)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import datadir
+import wire
+from conftest import ROOT
+from sample import Router
+
+TOOLS = wire.load_tools(os.path.join(ROOT, "examples", "tools.json"))
+
+
+def test_catalogue_positions_point_at_the_names(toy_data):
+    d = datadir.load_data_dir(toy_data)
+    names, args = datadir.catalogue_positions(d.sp, TOOLS)
+    ids = d.sp.encode(wire.render_prefix(TOOLS))
+    for t in TOOLS:
+        assert d.sp.decode(ids[names[t["name"]]:names[t["name"]] + 8]).startswith(t["name"][:4])
+        for k in t["parameters"]["properties"]:
+            assert d.sp.decode(ids[args[(t["name"], k)]:args[(t["name"], k)] + 6]).startswith(" " + k[:3])
+
+
+def test_pointer_targets_are_the_called_tool_and_each_values_argument(toy_data):
+    d = datadir.load_data_dir(toy_data)
+    split = datadir.Split(toy_data, "train", 512)
+    examples = datadir.read_jsonl(os.path.join(toy_data, "train.jsonl"))
+    checked = 0
+    for k, ex in enumerate(examples[:60]):
+        if not ex["calls"] or k >= len(split):
+            continue
+        b = split.batch([k], d.special(wire.PAD))
+        names, args = datadir.catalogue_positions(d.sp, ex["tools"])
+        assert b.intent[0] == names[ex["calls"][0]["name"]]
+        ptr = b.ptr[0][b.ptr[0] >= 0].tolist()
+        valid = {p for (n, _), p in args.items() if n in {c["name"] for c in ex["calls"]}}
+        assert set(ptr) <= valid
+        checked += bool(ptr)
+    assert checked > 5
+
+
+def test_pointer_heads_train_and_log_their_losses(pointer_ckpt):
+    log = open(os.path.join(os.path.dirname(pointer_ckpt), "log.txt")).read()
+    assert "| tag " in log and "| intent " in log and "| arg " in log
+    cfg = torch.load(pointer_ckpt, weights_only=True)["model_config"]
+    assert cfg["pointer_heads"] and cfg["n_tags"] == 4 and cfg["n_intents"] == 0
+
+
+@pytest.fixture(scope="module")
+def router(pointer_ckpt):
+    return Router(pointer_ckpt)
+
+
+def test_a_draft_from_pointers_names_the_pointed_tool_and_argument(router):
+    g = router.grammar(TOOLS)
+    req = router.encode_request("weather in Oslo please")
+    names, args = router._positions(TOOLS)
+    n_cat = len(router.encode_prefix(TOOLS))
+    tags = router.meta["tags"]
+    tag_logits = torch.full((len(req), len(tags)), -9.0)
+    tag_logits[:, tags.index("O")] = 0.0
+    oslo = router.sp.encode(" Oslo")
+    at = next(j for j in range(len(req)) if req[j:j + len(oslo)] == oslo)
+    tag_logits[at, tags.index("B")] = 9.0
+    for j in range(at + 1, at + len(oslo)):
+        tag_logits[j, tags.index("I")] = 9.0
+    intent = torch.zeros(n_cat)
+    intent[names["get_current_weather"]] = 9.0
+    arg = torch.zeros(len(req), n_cat)
+    arg[:, args[("get_current_weather", "city")]] = 9.0
+    draft = router._draft((tag_logits, intent, arg), req, g, TOOLS)
+    assert router.sp.decode(draft) == wire.render_answer(
+        [{"name": "get_current_weather", "arguments": {"city": "Oslo"}}])
+    intent[0] = 99.0                                   # pointing at <|tools|>: no call, no draft
+    assert router._draft((tag_logits, intent, arg), req, g, TOOLS) == []
+
+
+def test_decoders_agree_with_pointer_heads_drafting(router, toy_data):
+    """With the heads' answers off, drafting is only a speed-up: the same tokens."""
+    router.answer_from_heads = False
+    try:
+        for ex in [json.loads(l) for l in open(os.path.join(toy_data, "test.jsonl"))][:4]:
+            ref = router.decode_reference(ex["tools"], ex["request"], 24)
+            fast, _ = router.generate_constrained(ex["tools"], ex["request"], 24)
+            assert fast == ref
+    finally:
+        router.answer_from_heads = True
+    res = router.answer(TOOLS, "weather in Oslo please", 24)      # and answers validly either way
+    assert res["valid"]
