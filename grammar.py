@@ -354,6 +354,7 @@ class Grammar:
         reasons = list(REASONS) + [wire.REASON_MISSING + k for k in sorted(arg_names)]
         self.reasons = tuple(r.encode() for r in reasons)
         self.memo = {}           # structural byte-key -> allowed normal token ids
+        self._cand_memo = {}     # (phase, tool, text) -> the names / reasons / keys it begins
 
     def start(self):
         return State("start")
@@ -379,14 +380,26 @@ class Grammar:
         return None
 
     def _candidates(self, s):
-        """The names / reasons / key strings that s.text is a prefix of."""
-        if s.phase == "name":
-            pool = self.tools
-        elif s.phase == "reason":
-            pool = self.reasons
-        else:
-            pool = [k for k, (name, _) in self.tools[s.tool]["keys"].items() if name not in s.used]
-        return [c for c in pool if c.startswith(s.text)]
+        """The names / reasons / key strings that s.text is a prefix of. Memoised
+        per (phase, tool, text), used keys filtered after: the grammar steps byte by
+        byte, and a tool with dozens of arguments made this the decoder's hot spot."""
+        memo_key = (s.phase, s.tool, s.text)
+        cands = self._cand_memo.get(memo_key)
+        if cands is None:
+            if s.phase == "name":
+                pool = self.tools
+            elif s.phase == "reason":
+                pool = self.reasons
+            else:
+                pool = self.tools[s.tool]["keys"]
+            cands = [c for c in pool if c.startswith(s.text)]
+            if len(self._cand_memo) > 100_000:
+                self._cand_memo.clear()
+            self._cand_memo[memo_key] = cands
+        if s.phase == "key":
+            keys = self.tools[s.tool]["keys"]
+            return [c for c in cands if keys[c][0] not in s.used]
+        return cands
 
     def _special(self, s, sym):
         if s.phase == "start":
