@@ -180,8 +180,8 @@ def run(args, loss=None, name="model", ckpt_extra=None):
     else:
         log.restart()
     aux = model.tagger is not None or model.intent is not None or model.point is not None
-    if aux and train.tags is None:
-        die(f"--tagger: {args.data_dir} has no tag files; build it again with this data.py")
+    if aux and (train.tags is None or (model.point is not None and train.ptr is None)):
+        die(f"--tagger: {args.data_dir} has no tag (or pointer) files; build it again with this data.py")
     # what the step calls: under torchrun, DDP averages the gradients over the
     # processes in backward (the checkpoint stores the bare model: no "module.")
     net = DDP(model, device_ids=[device] if device.startswith("cuda") else None) if world > 1 else model
