@@ -264,3 +264,12 @@ def test_the_heads_answer_when_their_tool_takes_strings_only(router, monkeypatch
     monkeypatch.setattr(router, "_draft", lambda aux, req, g, tools: router.sp.encode(track))
     ids, info = router.generate_constrained(None, "where is my order 12345?", 64, tool_choice="none")
     assert info["passes"] > 1 and wire.CALL not in router.sp.decode(ids)
+
+
+def test_bench_routers_times_each_model(compiled_ckpt, compiled_data, tmp_path):
+    from utils import bench_routers
+    out = str(tmp_path / "routers.json")
+    bench_routers.main(["--model", f"c={compiled_ckpt}:{os.path.join(compiled_data, 'test.jsonl')}",
+                        "--n", "3", "--out", out])
+    row = json.load(open(out))["models"]["c"]
+    assert row["n"] == 3 and 0 < row["p50_ms"] <= row["p95_ms"] and row["compiled"]
