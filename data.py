@@ -259,14 +259,11 @@ def train_tokenizer(examples, tools, vocab_size, out_dir, compiled=False):
               + wire.render_answer(ex["calls"], ex["reason"]) for ex in examples]
     symbols = wire.SPECIAL_TOKENS + ([t["name"] for t in tools] if compiled else [])
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
-        model_type="bpe", byte_fallback=True, split_digits=True,
-        normalization_rule_name="identity", add_dummy_prefix=False,
-        remove_extra_whitespaces=False, character_coverage=1.0,
-        user_defined_symbols=symbols, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
-        max_sentence_length=1 << 16, input_sentence_size=200000, shuffle_input_sentence=True,
-        num_threads=1, minloglevel=2)   # one thread: the same tokenizer on every run
+    try:
+        _train_sentencepiece(spm, texts, model, vocab_size, symbols)
+    except RuntimeError as e:     # sentencepiece's own message, e.g. a vocabulary smaller than the alphabet
+        die(f"--vocab_size {vocab_size}: sentencepiece cannot train on these examples "
+            f"({str(e).split('] ')[-1].split('. Increase')[0]}); raise --vocab_size")
     path = os.path.join(out_dir, "tok.model")
     with open(path, "wb") as f:
         f.write(model.getvalue())
@@ -275,6 +272,17 @@ def train_tokenizer(examples, tools, vocab_size, out_dir, compiled=False):
         for i in range(sp.get_piece_size()):
             f.write(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n")
     return sp
+
+
+def _train_sentencepiece(spm, texts, model, vocab_size, symbols):
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, split_digits=True,
+        normalization_rule_name="identity", add_dummy_prefix=False,
+        remove_extra_whitespaces=False, character_coverage=1.0,
+        user_defined_symbols=symbols, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
+        max_sentence_length=1 << 16, input_sentence_size=200000, shuffle_input_sentence=True,
+        num_threads=1, minloglevel=2)   # one thread: the same tokenizer on every run
 
 
 # -----------------------------------------------------------------------------

@@ -273,3 +273,24 @@ def test_bench_routers_times_each_model(compiled_ckpt, compiled_data, tmp_path):
                         "--n", "3", "--out", out])
     row = json.load(open(out))["models"]["c"]
     assert row["n"] == 3 and 0 < row["p50_ms"] <= row["p95_ms"] and row["compiled"]
+
+
+def test_a_teacher_labels_a_compiled_catalogue(tmp_path, monkeypatch):
+    """--compiled with --teacher: the teacher sees the whole catalogue; its answers
+    become the training labels; the examples keep no tools (tools.json has them)."""
+    import data
+    from fake_servers import Fake
+    fake = Fake("openai")
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    out = str(tmp_path / "d")
+    try:
+        data.main(["--compiled", "--domains", "weather", "--out_dir", out, "--teacher", "openai",
+                   "--teacher_base_url", fake.url, "--teacher_rps", "1000", "--n_train", "40", "--n_val", "6",
+                   "--n_test", "6", "--n_test_unseen", "4", "--vocab_size", "500"])
+        asked = fake.requests[0][2]                # (path, headers, body)
+    finally:
+        fake.close()
+    names = {t["name"] for t in wire.load_tools(os.path.join(out, "tools.json"))}
+    assert {t["function"]["name"] for t in asked["tools"]} == names       # the whole catalogue
+    train = datadir.read_jsonl(os.path.join(out, "train.jsonl"))
+    assert train and all(ex["label"].startswith("openai:") and "tools" not in ex for ex in train)

@@ -205,3 +205,12 @@ def test_groups_over_your_own_few_tools_never_run_out_of_tools(tmp_path):
                "--out_dir", str(tmp_path / "mine"), "--n_train", "1500", "--n_val", "20", "--n_test", "10",
                "--n_test_unseen", "5", "--vocab_size", "400", "--group", "4", "--n_invented", "30"])
     assert os.path.isfile(tmp_path / "mine" / "meta.json")
+
+
+def test_a_vocabulary_too_small_for_the_alphabet_is_one_clear_line(tmp_path, capsys):
+    import pytest
+    with pytest.raises(SystemExit) as e:
+        data.main(["--compiled", "--domains", "weather", "--out_dir", str(tmp_path / "v"), "--n_train", "30",
+                   "--n_val", "4", "--n_test", "4", "--n_test_unseen", "2", "--vocab_size", "100"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--vocab_size 100" in err and "Traceback" not in err
