@@ -13,6 +13,17 @@ sys.path.insert(0, ROOT)
 MICRO = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--n_hidden", "64", "--block_size", "512"]
 
 
+@pytest.fixture(autouse=True)
+def _autograd_left_on():
+    """Scripts run in-process here: one that switches autograd off for good breaks every
+    later training test with a confusing error, so name the culprit instead."""
+    import torch
+    yield
+    if not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail("this test left autograd switched off (torch.set_grad_enabled(False) in a script's main?)")
+
+
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory):
     import data

@@ -152,6 +152,7 @@ def run_variant(router, tools, kw, n_requests, warmup=2):
     return lat, passes, ntok, ok
 
 
+@torch.no_grad()   # timing only; a caller in the same process keeps its autograd
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", default="tiny,small,26m")
@@ -165,7 +166,6 @@ def main(argv=None):
     except DataDirError as e:
         die(f"{e} (the benchmark needs its tokenizer)")
     tools = wire.load_tools(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "tools.json"))
-    torch.set_grad_enabled(False)
 
     bw, mm = measure_bandwidth(), measure_matmul()
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "

@@ -55,6 +55,7 @@ def bench(router, items, n, warmup=10):
     return times, heads
 
 
+@torch.no_grad()   # timing only; a caller in the same process keeps its autograd
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=parse_model, action="append", required=True, metavar="NAME=CKPT:TEST")
@@ -64,7 +65,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.set_grad_enabled(False)
     rows = {}
     for name, ckpt, test in args.model:
         if not os.path.isfile(test):
