@@ -273,13 +273,14 @@ class Router:
             (self.catalogue is not None or self.model.point is not None)
         run = _Pass(self, prefix, request_ids, use_cache, prefix_cache, aux=drafting)
         ans, conf = _Answer(self, g, request_ids), 1.0
-        guess = self._draft(run.aux, request_ids, g, tools) if drafting else []
+        guess, whole = self._draft(run.aux, request_ids, g, tools) if drafting else ([], False)
 
         def finish(truncated, dead_end=False):
             ids = self._cut(ans, budget) if truncated else ans.out
             return ids, {"confidence": conf, "passes": run.passes, "truncated": truncated, "dead_end": dead_end}
 
-        if guess and self.answer_from_heads and len(guess) <= budget and self._heads_may_answer(guess, g, ans, tools):
+        if guess and whole and self.answer_from_heads and len(guess) <= budget and \
+                self._heads_may_answer(guess, g, ans, tools):
             # the aux heads' answer stands (see answer_from_heads); no decoder pass at all
             conf = self._heads_confidence(run.aux, g)
             return finish(False)
@@ -378,14 +379,17 @@ class Router:
         """A whole answer guessed from the aux heads after the prompt pass: the tool
         the intent head names, with an argument for each run of request tokens the
         tagger marks B(-key), I(-key)... (a key met again opens a second call of
-        the tool, as data.py writes repeated slots) -> its tokens, or [] when the
-        intent head says no call or names a tool the grammar does not allow here.
+        the tool, as data.py writes repeated slots) -> (its tokens, whole), or
+        ([], False) when the intent head says no call or names a tool the grammar
+        does not allow here. whole is False when a tagged run's key is not the
+        tool's: the request asks for more (a second tool), so the draft may only
+        be verified, never stand as the answer.
         A compiled model's heads name tools and keys as classes; pointer heads (a
         catalogue in the prompt) point at a tool's name and at each argument's name
         in the catalogue (datadir.catalogue_positions)."""
         tag_logits, intent_logits, arg_logits = aux
         if intent_logits is None or tag_logits is None:
-            return []
+            return [], False
         if self.model.point is None:                       # compiled: classes
             intents = self.meta.get("intents") or []
             name = intents[int(intent_logits.argmax())] if intents else None
@@ -404,7 +408,7 @@ class Router:
                 return keys[ps[int(arg_logits[j, ps].argmax())]]
         tool = g.tools.get(name.encode()) if name else None
         if tool is None:
-            return []
+            return [], False
         known = {k for k, _ in tool["keys"].values()}
         spans, span = [], None
         for j, t in enumerate(tag_logits[:, 1:].argmax(-1).tolist()):    # never "-" for a request token
@@ -417,16 +421,17 @@ class Router:
                 spans.append(span)
             else:
                 span = None
-        calls = []
+        calls, whole = [], True
         for key, a, b in spans:
             if key not in known:
+                whole = False
                 continue
             call = next((c for c in calls if key not in c["arguments"]), None)
             if call is None:
                 call = {"name": name, "arguments": {}}
                 calls.append(call)
             call["arguments"][key] = self.sp.decode(request_ids[a:b]).strip()
-        return self.sp.encode(wire.render_answer(calls or [{"name": name, "arguments": {}}]))
+        return self.sp.encode(wire.render_answer(calls or [{"name": name, "arguments": {}}])), whole
 
     def _positions(self, tools):
         """datadir.catalogue_positions of a catalogue, kept for the last 32."""

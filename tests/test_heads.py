@@ -73,11 +73,11 @@ def test_a_draft_from_pointers_names_the_pointed_tool_and_argument(router):
     intent[names["get_current_weather"]] = 9.0
     arg = torch.zeros(len(req), n_cat)
     arg[:, args[("get_current_weather", "city")]] = 9.0
-    draft = router._draft((tag_logits, intent, arg), req, g, TOOLS)
-    assert router.sp.decode(draft) == wire.render_answer(
+    draft, whole = router._draft((tag_logits, intent, arg), req, g, TOOLS)
+    assert whole and router.sp.decode(draft) == wire.render_answer(
         [{"name": "get_current_weather", "arguments": {"city": "Oslo"}}])
     intent[0] = 99.0                                   # pointing at <|tools|>: no call, no draft
-    assert router._draft((tag_logits, intent, arg), req, g, TOOLS) == []
+    assert router._draft((tag_logits, intent, arg), req, g, TOOLS) == ([], False)
 
 
 def test_decoders_agree_with_pointer_heads_drafting(router, toy_data):
