@@ -49,7 +49,7 @@ the local answer stands. Every response has "x_nanotool": {"answered_by", "confi
 Requests are checked in full before anything runs, against limits that keep every check
 short: a body over --max_request_bytes (413), JSON nested over 32 levels, over 256 tools
 or 10,000 JSON values in them, numbers Python cannot hold, lone surrogates, names and
-enum values the answer format cannot carry, "$ref" and regex patterns that can take
+enum values the answer format cannot carry, a "$ref" that cannot be inlined and regex patterns that can take
 exponential time. A large body is checked in a separate process, so neither the event
 loop (and /health) nor the model waits for it.
 
