@@ -37,6 +37,7 @@ grammar leaves them out (a tool that requires one is left out too).
 """
 
 import json
+import re
 import unicodedata
 from typing import NamedTuple
 
@@ -117,6 +118,72 @@ def value_node(prop, top=True):
     return nodes[0] if len(nodes) == 1 else ("alt", tuple(nodes))
 
 
+class Spans:
+    """Where a value copied from this request may begin and end: byte offsets into
+    its UTF-8 text, and the numbers it writes in digits.
+
+    A copied value is a run of whole request words: it begins at a word's first
+    letter or digit (after white space, a quote or a bracket: "Our" in '"Our Starlit
+    Journey"'; or at a '#', '$', '@' or '+' that opens a word) and ends right after
+    a word's last letter or digit (before white space, punctuation or the end: "La
+    Paz" in "fly to La Paz?"). Anything of the request may stand between ("Paris,
+    France", "ORD-1234"). Classic intent/slot taggers label whole words and so can
+    never answer "cggs" for "eggs" or "Mateo Walk" for "Mateo Walker"; a decoder
+    held to these offsets cannot either."""
+
+    def __init__(self, request):
+        text = wire.clean(request.strip())
+        self.text = text.encode("utf-8")
+        starts, ends, at = set(), set(), 0
+        for i, ch in enumerate(text):
+            prev = text[i - 1] if i else " "
+            nxt = text[i + 1] if i + 1 < len(text) else " "
+            if ch.isalnum() and not prev.isalnum():
+                starts.add(at)
+            elif ch in "#$@+" and prev.isspace() and nxt.isalnum():
+                starts.add(at)
+            at += len(ch.encode("utf-8"))
+            if ch.isalnum() and not nxt.isalnum():
+                ends.add(at)
+        self.starts, self.ends = frozenset(starts), frozenset(ends)
+        self.first = frozenset(self.text[a] for a in starts)    # bytes a value may open with
+        # numbers as written ("107", "3.5", and "-3" where the minus is no hyphen)
+        nums = set()
+        for m in re.finditer(r"\d+(?:\.\d+)?", text):
+            nums.add(m.group().encode())
+            if m.start() and text[m.start() - 1] == "-" and (m.start() < 2 or not text[m.start() - 2].isalnum()):
+                nums.add(b"-" + m.group().encode())
+        self.numbers = frozenset(nums)
+
+    def go_on(self, offs, b):
+        """Offsets reached after byte b from offsets offs (None: the value's first byte)."""
+        if offs is None:
+            return frozenset(a + 1 for a in self.starts if self.text[a] == b)
+        return frozenset(p + 1 for p in offs if p < len(self.text) and self.text[p] == b)
+
+    def next_bytes(self, offs):
+        if offs is None:
+            return self.first
+        return {self.text[p] for p in offs if p < len(self.text)}
+
+    def may_end(self, offs):
+        return offs is not None and not offs.isdisjoint(self.ends)
+
+    def whole_number(self, digits):
+        """May a number written as these bytes end here? Not in the middle of a
+        number the request writes in digits ("10" of "107", "9" of "volume 90")."""
+        return digits in self.numbers or not any(n.startswith(digits) for n in self.numbers)
+
+
+def spanned(node):
+    """The node of a span key (one whose values the training data always copies
+    from the request): a plain string, strings in an array, or a number, held to
+    the request's words once it is known (bind). Other types are left as they are."""
+    if node == RAW or node[0] == "num" or (node[0] == "arr" and node[1] == ("str",)):
+        return ("span", node)
+    return node
+
+
 def _start(node, depth=0):
     """The frames a value of this node may open with (depth: containers around it;
     a free-form value stops nesting at MAX_DEPTH, declared schemas are finite)."""
@@ -130,6 +197,12 @@ def _start(node, depth=0):
         return [("obj", None, frozenset(), 0, frozenset(), b""), ("arr", ANY, 0)] + scalars
     if kind == "raw":
         return [("raw", 0, b"")]
+    if kind == "sraw":                    # (sraw, spans, offsets reached)
+        return [("sraw", node[1], None)]
+    if kind == "sstr":                    # (sstr, spans, 0 before / 1 after the quote, offsets)
+        return [("sstr", node[1], 0, None)]
+    if kind in ("snum", "wnum"):          # (kind, int_only, spans, phase, text so far)
+        return [(kind, node[1], node[2], "s", b"")]
     if kind == "lit":
         return [("lit", node[1], b"")]
     if kind == "num":
@@ -159,6 +232,12 @@ def _accepting(frame):
         return frame[2] in frame[1]
     if kind == "num":
         return frame[2] in _NUM_DONE
+    if kind == "sraw":
+        return frame[1].may_end(frame[2])
+    if kind == "snum":
+        return frame[3] in _NUM_DONE and frame[4] in frame[2].numbers
+    if kind == "wnum":
+        return frame[3] in _NUM_DONE and frame[2].whole_number(frame[4])
     return False
 
 
@@ -217,6 +296,23 @@ def _advance(frame, b, depth):
     if kind == "num":
         nxt = _num(frame[1], frame[2], b)
         return [] if nxt is None else [(("num", frame[1], nxt),)]
+    if kind == "sraw":
+        offs = frame[1].go_on(frame[2], b)
+        return [(("sraw", frame[1], offs),)] if offs else []
+    if kind == "sstr":
+        spans, phase, offs = frame[1:]
+        if phase == 0:
+            return [(("sstr", spans, 1, None),)] if b == 34 else []
+        if b == 34:                                       # the closing quote, at a word's end
+            return [()] if spans.may_end(offs) else []
+        offs = spans.go_on(offs, b) if b != 92 else None  # no escapes: a span is plain text
+        return [(("sstr", spans, 1, offs),)] if offs else []
+    if kind in ("snum", "wnum"):
+        _, int_only, spans, phase, text = frame
+        nxt, text = _num(int_only, phase, b), text + bytes([b])
+        if nxt is None or (kind == "snum" and not any(n.startswith(text) for n in spans.numbers)):
+            return []
+        return [((kind, int_only, spans, nxt, text),)]
     if kind == "str":
         phase = frame[1]
         if phase == 0:                                    # expect the opening quote
@@ -292,9 +388,39 @@ def _step_stack(stack, b):
     return out
 
 
-def value_start(node):
+def bind(node, spans):
+    """A node with the request's spans bound in: a ("span", x) node becomes a
+    span frame's node (x a plain string, a JSON string or a number: the value is
+    copied from the request), and any other number must not stop inside a number
+    the request writes in digits. Without spans (no request), the plain node."""
+    kind = node[0]
+    if kind == "span":
+        inner = node[1]
+        if spans is None:
+            return bind(inner, None)
+        if inner == RAW:
+            return ("sraw", spans)
+        if inner == ("str",):
+            return ("sstr", spans)
+        if inner[0] == "num":
+            return ("snum", inner[1], spans)
+        if inner[0] == "arr":
+            return ("arr", bind(("span", inner[1]), spans))
+        return bind(inner, spans)
+    if kind == "num":
+        return ("wnum", node[1], spans) if spans is not None else node
+    if kind == "arr":
+        return ("arr", bind(node[1], spans))
+    if kind == "alt":
+        return ("alt", tuple(bind(n, spans) for n in node[1]))
+    if kind == "obj" and node[1] is not None:
+        return ("obj", tuple((k, bind(n, spans)) for k, n in node[1]), node[2])
+    return node
+
+
+def value_start(node, spans=None):
     """The value state right after " key:": a space, then the value."""
-    return frozenset((f, ("sp",)) for f in _start(node))
+    return frozenset((f, ("sp",)) for f in _start(bind(node, spans)))
 
 
 def value_step(vstate, b):
@@ -325,6 +451,7 @@ class State(NamedTuple):
     used: frozenset = frozenset()  # its keys written so far (including the current one)
     value: frozenset = None      # the value automaton's state
     calls: int = 0               # calls opened so far
+    spans: Spans = None          # the request's (span values), if known
 
 
 class Grammar:
@@ -333,7 +460,7 @@ class Grammar:
     tool_choice (OpenAI's): "auto" (call or not), "none" (no call), "required"
     (at least one call), or a tool name (calls of that tool only)."""
 
-    def __init__(self, tools, tool_choice="auto"):
+    def __init__(self, tools, tool_choice="auto", span_keys=()):
         names = {t["name"] for t in tools}
         if tool_choice not in ("auto", "none", "required") and tool_choice not in names:
             raise ValueError(f"tool_choice names {tool_choice!r}, which is not among the tools")
@@ -345,8 +472,8 @@ class Grammar:
                 continue
             props = t["parameters"].get("properties", {})
             required = set(t["parameters"].get("required", []))
-            keys = {f" {k}:".encode(): (k, value_node(p)) for k, p in props.items()
-                    if k and ":" not in k and wire.clean(k) == k}
+            keys = {f" {k}:".encode(): (k, spanned(value_node(p)) if (t["name"], k) in span_keys else value_node(p))
+                    for k, p in props.items() if k and ":" not in k and wire.clean(k) == k}
             if required - {k for k, _ in keys.values()}:
                 continue                       # a required key the wire format cannot write
             self.tools[t["name"].encode()] = {"name": t["name"], "keys": keys, "required": required}
@@ -356,8 +483,10 @@ class Grammar:
         self.memo = {}           # structural byte-key -> allowed normal token ids
         self._cand_memo = {}     # (phase, tool, text) -> the names / reasons / keys it begins
 
-    def start(self):
-        return State("start")
+    def start(self, request=None):
+        """The state before the answer; with the request, values of the span keys
+        are held to runs of its words (Spans)."""
+        return State("start", spans=Spans(request) if request else None)
 
     # -- stepping
 
@@ -375,7 +504,7 @@ class Grammar:
                 return None
             if s.phase == "key" and text in cands:          # " key:" complete: its value next
                 key, node = self.tools[s.tool]["keys"][text]
-                return s._replace(phase="value", text=b"", used=s.used | {key}, value=value_start(node))
+                return s._replace(phase="value", text=b"", used=s.used | {key}, value=value_start(node, s.spans))
             return s._replace(text=text)
         return None
 
@@ -404,12 +533,12 @@ class Grammar:
     def _special(self, s, sym):
         if s.phase == "start":
             if sym == wire.CALL and self.choice != "none" and self.tools:
-                return State("name", calls=1)
+                return State("name", calls=1, spans=s.spans)
             if sym == wire.NOCALL and (self.choice in ("auto", "none") or not self.tools):
-                return State("reason")     # (a forced call no tool can make declines instead)
+                return State("reason", spans=s.spans)     # (a forced call no tool can make declines instead)
             return None
         if s.phase == "reason":
-            return State("done") if sym == wire.END and s.text in self.reasons else None
+            return State("done", spans=s.spans) if sym == wire.END and s.text in self.reasons else None
         if s.phase == "name":
             if s.text not in self.tools:
                 return None
@@ -419,13 +548,13 @@ class Grammar:
         tool = self.tools[s.tool]
         if sym == wire.ARG:
             left = [k for k, _ in tool["keys"].values() if k not in s.used]
-            return State("key", tool=s.tool, used=s.used, calls=s.calls) if left else None
+            return State("key", tool=s.tool, used=s.used, calls=s.calls, spans=s.spans) if left else None
         if not tool["required"] <= s.used:
             return None
         if sym == wire.END:
-            return State("done", calls=s.calls)
+            return State("done", calls=s.calls, spans=s.spans)
         if sym == wire.CALL and s.calls < MAX_CALLS:
-            return State("name", calls=s.calls + 1)
+            return State("name", calls=s.calls + 1, spans=s.spans)
         return None
 
     # -- what the decoder needs
@@ -437,6 +566,25 @@ class Grammar:
         if s.phase == "key":
             return ("key", s.tool, s.used, s.text)
         return (s.phase, s.text)
+
+    def next_bytes(self, s):
+        """The bytes that may come next in state s, when few and known (inside a
+        span value), else None: the trie walk then skips every other branch."""
+        if s.phase != "value":
+            return None
+        out = set()
+        for stack in s.value:
+            top = stack[-1] if stack else ("done",)
+            if top[0] == "sp":
+                out.add(32)
+            elif top[0] == "sraw":
+                out |= top[1].next_bytes(top[2])
+            elif top[0] == "sstr":
+                spans, phase, offs = top[1:]
+                out |= {34} if phase == 0 else (spans.next_bytes(offs) - {34, 92}) | ({34} if spans.may_end(offs) else set())
+            else:
+                return None
+        return out
 
     def determined_text(self, s):
         """Bytes that must come next whatever the model prefers: the rest of a
@@ -584,7 +732,10 @@ class Vocab:
         ids, todo = [], [(self.root, s)]
         while todo:
             node, st = todo.pop()
-            for b, child in node.children.items():
+            few = grammar.next_bytes(st)
+            kids = node.children.items() if few is None else \
+                [(b, node.children[b]) for b in few if b in node.children]
+            for b, child in kids:
                 st2 = grammar.step(st, b)
                 if st2 is None:
                     continue

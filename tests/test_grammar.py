@@ -397,3 +397,78 @@ def test_guesses_never_run_past_the_context(router):
             assert n_prompt + len(ids) - 1 <= block and ids[-1] == router.end_id
     finally:
         router.model = real
+
+
+# -----------------------------------------------------------------------------
+# span values: a value copied from the request is a run of its whole words
+
+def accepts_span(node, request, text):
+    s = grammar.value_start(node, grammar.Spans(request))
+    for b in (" " + text).encode():
+        s = grammar.value_step(s, b)
+        if s is None:
+            return False
+    return grammar.value_done(s)
+
+
+@pytest.mark.parametrize("prop, request_text, good, bad", [
+    ({"type": "string"}, "add milk and eggs to my shopping list",
+     ["milk", "milk and eggs", "eggs", "list"], ["c milk", "cggs", "ilk", "mil", "milk ", "Milk"]),
+    ({"type": "string"}, 'play "Our Starlit Journey" please, in La Paz?',
+     ["Our Starlit Journey", "La Paz", "please"], ["Our Starlit Journe", '"Our', "La Paz?", "please,"]),
+    ({"type": "string"}, "text #general and @mia about ORD-1234",
+     ["#general", "@mia", "ORD-1234", "1234", "general"], ["ORD-", "#gen"]),
+    ({"type": "array", "items": {"type": "string"}}, "add milk and eggs to my shopping list",
+     ['["milk","eggs"]', '["milk and eggs"]', "[]"], ['["c milk","cggs"]', '["mil"]', '["milk"', '["milk\\u0020"]']),
+    ({"type": "integer"}, "set the volume to 90 for 107 min", ["90", "107"], ["9", "10", "5", "-90"]),
+    ({"type": "number"}, "a=1, b=-3, c=2.5", ["1", "-3", "2.5", "3"], ["2", "-1", "25"]),
+])
+def test_span_values_are_runs_of_whole_request_words(prop, request_text, good, bad):
+    node = grammar.spanned(grammar.value_node(prop))
+    for text in good:
+        assert accepts_span(node, request_text, text), text
+    for text in bad:
+        assert not accepts_span(node, request_text, text), text
+
+
+def test_a_number_is_never_cut_inside_one_the_request_writes():
+    """Any number value (span key or not) may not stop inside a number the
+    request writes in digits; converted numbers stay free."""
+    node = grammar.value_node({"type": "integer"})
+    assert not accepts_span(node, "volume 90 in 2 hours", "9")
+    for text in ["90", "2", "120", "7"]:
+        assert accepts_span(node, "volume 90 in 2 hours", text), text
+
+
+def test_span_keys_are_the_grammars_and_the_request_binds_them(router):
+    """Only the span keys are held to the request, and only once a request is
+    known; the trie walk's allowed tokens are exactly those that stay inside."""
+    tools = [{"name": "add_items", "description": "", "parameters": {"type": "object", "properties": {
+        "items": {"type": "array", "items": {"type": "string"}}, "note": {"type": "string"}}}}]
+    g = grammar.Grammar(tools, span_keys={("add_items", "items")})
+    v = router.vocab
+
+    def walk(state, text):
+        for b in text.encode():
+            state = g.step(state, b)
+            if state is None:
+                return None
+        return state
+
+    s = g.start("add milk and eggs to my list")
+    for sym in (wire.CALL, *b"add_items"):
+        s = g.step(s, sym)
+    s = g.step(s, wire.ARG)
+    in_items = walk(s, ' items: ["')
+    for t in v.allowed(g, in_items).tolist():
+        text = v.token_bytes[t].decode("utf-8", "replace") if v.token_bytes[t] else ""
+        assert "add milk and eggs to my list".find(text.split('"')[0]) >= 0, text
+    assert len(v.allowed(g, in_items)) > 0
+    free = walk(s, " note:")           # not a span key: free text
+    assert walk(free, " anything at all") is not None
+    # without a request, the span key is a plain array of strings
+    s0 = g.start()
+    for sym in (wire.CALL, *b"add_items"):
+        s0 = g.step(s0, sym)
+    assert walk(g.step(s0, wire.ARG), ' items: ["cggs"]') is not None
+    assert walk(s, ' items: ["cggs"]') is None
