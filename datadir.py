@@ -26,6 +26,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+import grammar
 import wire
 from model import Layout
 
@@ -139,28 +140,65 @@ def tag_names(tools, compiled):
     return ["-", "O"] + [f"{bi}-{k}" for k in keys for bi in "BI"]
 
 
-def request_tags(sp, ex, tag_index, word_start):
-    """Each request token's tag (indices into tag_names): the value of which
-    argument it begins (B) or continues (I), else O. A value is placed at the
-    first run of request tokens equal to its own tokens that begins a word and
-    that no other value took; a value not found there (not copied) is not tagged.
+def request_words(sp, request, nbytes):
+    """The request as the model reads it -> (its token ids, its words as (index of
+    the token holding the word's first byte, start byte, end byte), its bytes).
+    The heads tag each word on its first token (as JointBERT tags a word's first
+    piece): a value read off the tags is then whole words (grammar.word_cores)."""
+    text = wire.render_request(request)
+    ids = sp.encode(text)
+    ends = np.cumsum(nbytes[ids]) if ids else np.zeros(0, dtype=np.int64)
+    words = [(int(np.searchsorted(ends, a, side="right")), a, z) for a, z in grammar.word_cores(text)]
+    return ids, words, text.encode("utf-8")
+
+
+def request_tags(sp, ex, tag_index, nbytes):
+    """Each request token's tag (indices into tag_names): on the first token of
+    each word, the argument whose value the word begins (B) or continues (I), else
+    O; every other token "-" (no tag, no loss). A value (each item of a list) is
+    placed at the first run of whole words that spells it and that no other value
+    took; a value no run spells (converted, not copied) is not tagged.
     -> (tags, owners): owners[j] is (tool name, key) for a tagged token, else None."""
-    req = sp.encode(wire.render_request(ex["request"]))
-    tags, owners, taken = [tag_index["O"]] * len(req), [None] * len(req), set()
+    ids, words, text = request_words(sp, ex["request"], nbytes)
+    tags, owners, taken = [0] * len(ids), [None] * len(ids), set()
+    for tok, _, _ in words:
+        tags[tok] = tag_index["O"]
     for c in ex["calls"]:
         for k, v in c.get("arguments", {}).items():
-            val = sp.encode(" " + wire.render_value(v))
             b, i = tag_index.get(f"B-{k}", tag_index.get("B")), tag_index.get(f"I-{k}", tag_index.get("I"))
             if b is None:           # a key the catalogue does not have (a test item): no tag for it
                 continue
-            for j in range(len(req) - len(val) + 1):
-                span = set(range(j, j + len(val)))
-                if val and req[j:j + len(val)] == val and word_start[req[j]] and not span & taken:
-                    tags[j:j + len(val)] = [b] + [i] * (len(val) - 1)
-                    owners[j:j + len(val)] = [(c["name"], k)] * len(val)
-                    taken |= span
-                    break
+            for item in (v if isinstance(v, list) else [v]):
+                val = wire.render_value(item).encode("utf-8")
+                run = next((range(x, y + 1) for x in range(len(words)) for y in range(x, len(words))
+                            if text[words[x][1]:words[y][2]] == val and not taken & set(range(x, y + 1))), None)
+                if run is None:
+                    continue
+                taken |= set(run)
+                for n, w in enumerate(run):
+                    tags[words[w][0]] = b if n == 0 else i
+                    owners[words[w][0]] = (c["name"], k)
     return tags, owners
+
+
+def tag_moves(out_dir, split, tags):
+    """The word-tag transitions a split's data shows -> sorted [previous, next]
+    pairs of tag names ("^" as previous: a request's first word). The heads read
+    their tags as a sequence that keeps to these (heads.best_tags): a value the
+    data never splits cannot come out split in two."""
+    base = os.path.join(out_dir, split)
+    seq = np.fromfile(base + "_tag.bin", dtype=np.uint16)
+    starts = np.load(base + "_idx.npy")
+    at = np.nonzero(seq)[0]                                   # the tagged tokens: one per request word
+    ex = np.searchsorted(starts, at, side="right") - 1        # the example each belongs to
+    vals = seq[at]
+    pairs = set()
+    first = np.ones(len(at), dtype=bool)
+    first[1:] = ex[1:] != ex[:-1]
+    pairs |= {("^", tags[v]) for v in np.unique(vals[first])}
+    same = ~first[1:]
+    pairs |= {(tags[a], tags[b]) for a, b in set(zip(vals[:-1][same].tolist(), vals[1:][same].tolist()))}
+    return sorted([a, b] for a, b in pairs)
 
 
 def catalogue_positions(sp, tools):
@@ -209,7 +247,6 @@ def write_tokens(sp, examples, out_dir, split, max_len, compiled=False, tags=Non
     ids, cls, tag_ids, intent_ids, ptr_ids, offsets, kept = [], [], [], [], [], [0], []
     nbytes = piece_lengths(sp)
     tag_index = {t: i for i, t in enumerate(tags or [])}
-    word_start = word_boundaries(sp)[0]
     for ex in examples:
         x, c = encode_example(sp, ex, nbytes, compiled)
         if len(x) > max_len:
@@ -220,7 +257,7 @@ def write_tokens(sp, examples, out_dir, split, max_len, compiled=False, tags=Non
         kept.append(ex)
         if tags:
             n_prompt = next((i for i, k in enumerate(c) if k), len(c))
-            rt, owners = request_tags(sp, ex, tag_index, word_start)
+            rt, owners = request_tags(sp, ex, tag_index, nbytes)
             tag_ids.extend([0] * (n_prompt - len(rt)) + rt + [0] * (len(x) - n_prompt))
         if intents:
             name = ex["calls"][0]["name"] if ex["calls"] else intents[-1]

@@ -175,6 +175,43 @@ class Spans:
         return digits in self.numbers or not any(n.startswith(digits) for n in self.numbers)
 
 
+def word_cores(text):
+    """The words of a text as (start, end) byte offsets: each run between white
+    space without the punctuation around it ('"Our' -> Our, 'Paz?' -> Paz; a
+    leading '#', '$', '@' or '+' stays); a run with no letter or digit is no
+    word. The heads tag these, one tag a word, and a value read off the tags,
+    text[start of its first word : end of its last], is a span Spans allows."""
+    out = []
+    for m in re.finditer(r"\S+", text):
+        w = m.group()
+        i, j = 0, len(w)
+        if not (w[0] in "#$@+" and j > 1 and w[1].isalnum()):
+            while i < j and not w[i].isalnum():
+                i += 1
+        while j > i and not w[j - 1].isalnum():
+            j -= 1
+        if i < j:
+            a = len(text[:m.start() + i].encode("utf-8"))
+            out.append((a, a + len(w[i:j].encode("utf-8"))))
+    return out
+
+
+def is_span(value, spans):
+    """Is this argument value copied from the request as Spans has it: a string
+    that is a run of whole words, a list of such strings, or a number as the
+    request writes it in digits?"""
+    if isinstance(value, bool) or value is None:
+        return False
+    if isinstance(value, (int, float)):
+        return json.dumps(value).encode() in spans.numbers
+    if isinstance(value, list):
+        return bool(value) and all(isinstance(v, str) and is_span(v, spans) for v in value)
+    if not isinstance(value, str) or not value:
+        return False
+    v, t = value.encode("utf-8"), spans.text
+    return any(t.startswith(v, a) and a + len(v) in spans.ends for a in spans.starts)
+
+
 def spanned(node):
     """The node of a span key (one whose values the training data always copies
     from the request): a plain string, strings in an array, or a number, held to
