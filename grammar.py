@@ -118,6 +118,10 @@ def value_node(prop, top=True):
     return nodes[0] if len(nodes) == 1 else ("alt", tuple(nodes))
 
 
+# letters with periods ("p.m.", "U.S."): the last period belongs to the word
+ABBREVIATION = re.compile(r"(?<![\w.])(?:[^\W\d_]\.){2,}")
+
+
 class Spans:
     """Where a value copied from this request may begin and end: byte offsets into
     its UTF-8 text, and the numbers it writes in digits.
@@ -126,7 +130,8 @@ class Spans:
     letter or digit (after white space, a quote or a bracket: "Our" in '"Our Starlit
     Journey"'; or at a '#', '$', '@' or '+' that opens a word) and ends right after
     a word's last letter or digit (before white space, punctuation or the end: "La
-    Paz" in "fly to La Paz?"). Anything of the request may stand between ("Paris,
+    Paz" in "fly to La Paz?"), or after the last period of an abbreviation ("7:30
+    p.m."). Anything of the request may stand between ("Paris,
     France", "ORD-1234"). Classic intent/slot taggers label whole words and so can
     never answer "cggs" for "eggs" or "Mateo Walk" for "Mateo Walker"; a decoder
     held to these offsets cannot either."""
@@ -145,6 +150,8 @@ class Spans:
             at += len(ch.encode("utf-8"))
             if ch.isalnum() and not nxt.isalnum():
                 ends.add(at)
+        for m in ABBREVIATION.finditer(text):          # "7:30 p.m." keeps its last period
+            ends.add(len(text[:m.end()].encode("utf-8")))
         self.starts, self.ends = frozenset(starts), frozenset(ends)
         self.first = frozenset(self.text[a] for a in starts)    # bytes a value may open with
         # numbers as written ("107", "3.5", and "-3" where the minus is no hyphen)
@@ -190,6 +197,9 @@ def word_cores(text):
                 i += 1
         while j > i and not w[j - 1].isalnum():
             j -= 1
+        abbr = ABBREVIATION.search(w, i)
+        if abbr and abbr.end() > j and abbr.start() < j:  # "p.m.:" -> p.m.
+            j = abbr.end()
         if i < j:
             a = len(text[:m.start() + i].encode("utf-8"))
             out.append((a, a + len(w[i:j].encode("utf-8"))))

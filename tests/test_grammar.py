@@ -416,6 +416,8 @@ def accepts_span(node, request, text):
      ["milk", "milk and eggs", "eggs", "list"], ["c milk", "cggs", "ilk", "mil", "milk ", "Milk"]),
     ({"type": "string"}, 'play "Our Starlit Journey" please, in La Paz?',
      ["Our Starlit Journey", "La Paz", "please"], ["Our Starlit Journe", '"Our', "La Paz?", "please,"]),
+    ({"type": "string"}, "remind me at 7:30 p.m.: pay the ticket in the U.S. now.",
+     ["7:30 p.m.", "pay the ticket", "U.S.", "now"], ["now.", "p.m.:", "ticket in the U.S. now."]),
     ({"type": "string"}, "text #general and @mia about ORD-1234",
      ["#general", "@mia", "ORD-1234", "1234", "general"], ["ORD-", "#gen"]),
     ({"type": "array", "items": {"type": "string"}}, "add milk and eggs to my shopping list",
@@ -472,3 +474,12 @@ def test_span_keys_are_the_grammars_and_the_request_binds_them(router):
         s0 = g.step(s0, sym)
     assert walk(g.step(s0, wire.ARG), ' items: ["cggs"]') is not None
     assert walk(s, ' items: ["cggs"]') is None
+
+
+def test_word_cores_are_the_words_a_value_is_made_of():
+    text = ' play "Our Starlit Journey" at 7:30 p.m.: in La Paz? #general'
+    words = [text.encode()[a:z].decode() for a, z in grammar.word_cores(text)]
+    assert words == ["play", "Our", "Starlit", "Journey", "at", "7:30", "p.m.", "in", "La", "Paz", "#general"]
+    spans = grammar.Spans(text)
+    for a, _ in grammar.word_cores(text):            # every word may begin a value
+        assert a - 1 in spans.starts                  # (Spans reads the text without its leading space)
