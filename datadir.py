@@ -201,6 +201,31 @@ def tag_moves(out_dir, split, tags):
     return sorted([a, b] for a, b in pairs)
 
 
+def span_keys(examples, tools, share=0.99):
+    """The arguments of a compiled catalogue whose values the data copies from the
+    request (grammar.is_span) in at least `share` of its examples -> sorted [tool,
+    key] pairs. The decoder holds these to runs of the request's words (grammar
+    span frames); the rest (converted: number words, flags, enums, dates written
+    anew) stay free. A (tool, key) the data never shows goes by its key over all
+    tools (an intent/slot set pairs slots with new intents at test time)."""
+    pair, key = {}, {}
+    for ex in examples:
+        spans = grammar.Spans(ex["request"])
+        for c in ex["calls"]:
+            for k, v in c.get("arguments", {}).items():
+                ok = grammar.is_span(v, spans)
+                for tally, at in ((pair, (c["name"], k)), (key, k)):
+                    n, m = tally.get(at, (0, 0))
+                    tally[at] = (n + 1, m + ok)
+    out = []
+    for t in tools:
+        for k in t["parameters"].get("properties", {}):
+            n, m = pair.get((t["name"], k)) or key.get(k) or (0, 0)
+            if n and m >= share * n:
+                out.append([t["name"], k])
+    return sorted(out)
+
+
 def catalogue_positions(sp, tools):
     """Where, among the tokens of wire.render_prefix(tools), each tool's name and
     each argument's name begins -> ({tool: index}, {(tool, key): index}). The
