@@ -495,6 +495,7 @@ class _Pass:
             self.pending = self.pending + guess[:n_ok]
         self._last, self.stale = next_logits, False
 
+    @torch.inference_mode()
     def logprobs(self, ids, k):
         """The decoder's own log-probabilities of answer ids (the whole vocabulary,
         no grammar mask): the logits after the prompt, then one pass of the answer
