@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 import grammar
 import wire
-from datadir import DataDirError, load_data_dir, word_boundaries
+from datadir import DataDirError, load_data_dir
 from heads import Heads, remember
 from model import KVCache, CheckpointError, check_tokenizer, load_checkpoint
 from runtime import die
@@ -101,9 +101,12 @@ class Router:
         ids = self.meta["special_tokens"]
         self.end_id, self.call_id, self.nocall_id = ids[wire.END], ids[wire.CALL], ids[wire.NOCALL]
         self.vocab = grammar.Vocab(self.sp, ids)
-        # string values are runs of whole request words (see _Answer.allowed)
-        self.span_values = bool(self.meta.get("span_values"))
-        self.word_start, self.end_before = word_boundaries(self.sp)
+        # Values the training data always copies from the request are held to runs of
+        # its whole words (grammar.Spans): the arguments data.py lists as span keys
+        # (a compiled catalogue), or every plain string when the data dir says all
+        # of its string values are such runs ("span_values").
+        self.span_keys = {tuple(k) for k in self.meta.get("span_keys", [])}
+        self.span_strings = bool(self.meta.get("span_values")) and not self.span_keys
         # A model with aux heads (train.py --tagger) on a compiled catalogue, or with
         # pointer heads on a catalogue in the prompt, drafts the answer from them
         # (heads.py); the draft is the answer when it can be (answer_from_heads,
@@ -156,7 +159,14 @@ class Router:
     def grammar(self, tools, tool_choice="auto"):
         # the compiled catalogue is one object: no need to serialise it for the key
         key = ("catalogue", tool_choice) if tools is self.catalogue else json.dumps([tools, tool_choice], sort_keys=True)
-        return remember(self.grammars, key, lambda: grammar.Grammar(tools, tool_choice), 32)
+        return remember(self.grammars, key, lambda: grammar.Grammar(tools, tool_choice, self.spans_of(tools)), 32)
+
+    def spans_of(self, tools):
+        """The (tool, key) pairs whose values are held to runs of request words."""
+        if self.span_strings:
+            return {(t["name"], k) for t in tools for k, p in t["parameters"].get("properties", {}).items()
+                    if isinstance(p, dict) and p.get("type") == "string" and "enum" not in p}
+        return self.span_keys
 
     def _budget(self, n_prompt, max_new_tokens):
         room = self.model.config.block_size - n_prompt
@@ -241,7 +251,7 @@ def step(ans, logits, choose=greedy):
     """One step of constrained decoding: the text the grammar fixes next (the rest
     of a name once only one fits, a special token that is the only one allowed,
     ...), else the only token allowed, else the choice among the allowed tokens
-    (the grammar's, narrowed by the rule on values: _Answer.allowed) from the
+    (the grammar's, with its rule on values: grammar.Spans) from the
     model's logits. logits() gives the next-token logits (V); it is called only
     for a choice, so a decoder may put off running the model until then.
     -> (tokens, the choice's probability under the constrained distribution, or
@@ -282,7 +292,7 @@ def decode_reference(router, tools, request, max_new_tokens=128, tool_choice="au
     cache = KVCache(cfg, 1, cfg.block_size, router.device)
     router.model.decode(router._tensor(prefix), cache, prompt=1)
     logits = router.model.decode(router._tensor(request_ids), cache, prompt=2, aux=router.heads is not None)
-    ans = _Answer(router, g, request_ids)
+    ans = _Answer(router, g, request, request_ids)
     if router.heads is not None:
         logits, *aux = logits
         if router.heads.answer(aux, ans, tools, budget)[1] is not None:
@@ -317,7 +327,7 @@ def decode_fast(router, tools, request, max_new_tokens=128, tool_choice="auto", 
     tools, g, prefix, request_ids, budget = begin(router, tools, request, max_new_tokens, tool_choice)
     fast = use_cache and forced_spans         # guesses need the cache and pending tokens
     run = _Pass(router, prefix, request_ids, use_cache, prefix_cache, aux=router.heads is not None)
-    ans, conf, guess = _Answer(router, g, request_ids), 1.0, []
+    ans, conf, guess = _Answer(router, g, request, request_ids), 1.0, []
 
     def finish(truncated, dead_end=False):
         ids = ans.cut(budget) if truncated else ans.out
@@ -522,35 +532,26 @@ class _Pass:
 # the answer being written
 
 class _Answer:
-    """The answer being written: its tokens, the grammar state after them, where
-    it could end (for a cut), and where the current argument value began.
+    """The answer being written: its tokens, the grammar state after them (which
+    knows the request: values of span keys are runs of its whole words, see
+    grammar.Spans), and where it could end (for a cut)."""
 
-    The rule on values lives here, in allowed() (the step's only source of
-    allowed tokens) and may_end(): with span values (the data dir's
-    "span_values": every string value of the training data is a run of whole
-    words of the request, as in intent/slot sets), a string value may only be
-    such a run: it starts where a request word starts, continues as the request
-    does, and ends where a request word ends. The model then cannot write a
-    garbled copy ("baya" for "bay area") or cut a word."""
-
-    def __init__(self, router, g, request_ids):
-        self.r, self.g, self.request_ids = router, g, request_ids
-        self.state, self.out, self.ends, self.value_at = g.start(), [], [], None
+    def __init__(self, router, g, request, request_ids):
+        self.r, self.g, self.request, self.request_ids = router, g, request, request_ids
+        self.state, self.out, self.ends = g.start(request), [], []
 
     def done(self):
         return self.state.phase == "done"
 
     def may_end(self):
         """Note that the answer could close here (for a cut when tokens run out)."""
-        if self.g.step(self.state, wire.END) is not None and (self._span() is None or self._span()[1]):
+        if self.g.step(self.state, wire.END) is not None:
             self.ends.append(len(self.out))
 
     def push(self, toks):
         for t in toks:
             s = self.r.vocab.advance(self.g, self.state, t)
             assert s is not None, "the grammar rejected a token it allowed"
-            if s.phase == "value" and self.state.phase != "value":
-                self.value_at = len(self.out) + 1          # the value begins with the next token
             self.state = s
             self.out.append(t)
 
@@ -578,27 +579,8 @@ class _Answer:
         return ids
 
     def allowed(self):
-        """Token ids the step may take: the grammar's, narrowed by the rule on values."""
-        allowed = self.r.vocab.allowed(self.g, self.state)
-        span = self._span()
-        if span is None:
-            return allowed
-        nxt, may_end = span
-        keep = [t for t in allowed.tolist() if t in nxt or (may_end and t in self.r.vocab.id_special)]
-        return torch.tensor(keep, dtype=torch.long)
-
-    def _span(self):
-        """Inside a string value under span values: (the request tokens that may
-        come next, may the value end here), else None."""
-        if not self.r.span_values or self.state.phase != "value" or not grammar.is_raw(self.state.value):
-            return None
-        req, v = self.request_ids, self.out[self.value_at:]
-        n = len(v)
-        starts = [j for j in range(len(req) - n + 1) if req[j:j + n] == v and (n or self.r.word_start[req[j]])]
-        nxt = {req[j + n] for j in starts if j + n < len(req)}
-        # a value ends where a request word ends: at the request's end, before a new
-        # word or before punctuation (datadir.word_boundaries)
-        return nxt, n > 0 and any(j + n == len(req) or self.r.end_before[req[j + n]] for j in starts)
+        """Token ids the step may take: the grammar's (span values included)."""
+        return self.r.vocab.allowed(self.g, self.state)
 
 
 def main(argv=None):

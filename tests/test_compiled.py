@@ -14,6 +14,7 @@ import torch
 import datadir
 import evalsets
 import formats
+import grammar
 import wire
 from conftest import MICRO, ROOT
 from sample import Router
@@ -185,21 +186,23 @@ def test_server_answers_from_the_compiled_catalogue_and_refuses_unknown_tools(ro
                                           "cancel order 778 and track 99812 please"])
 def test_span_values_are_runs_of_whole_request_words(router, request_text):
     """With span values on, every string value is a run of whole words of the
-    request, and the fast decoder still gives the reference decoder's tokens."""
-    router.span_values = True
+    request (grammar.Spans), and the fast decoder still gives the reference
+    decoder's tokens."""
+    router.span_strings = True
+    router.grammars.clear()
     try:
         ref = router.decode_reference(None, request_text, 40, tool_choice="required")
         fast, _ = router.generate_constrained(None, request_text, 40, tool_choice="required")
         res = router.answer(None, request_text, 40, tool_choice="required")
     finally:
-        router.span_values = False
+        router.span_strings = False
+        router.grammars.clear()
     assert fast == ref
-    words = wire.render_request(request_text).split()
+    spans = grammar.Spans(request_text)
     for c in res["calls"]:
         for k, v in c["arguments"].items():
             if isinstance(v, str):
-                vw = v.split()
-                assert any(words[a:a + len(vw)] == vw for a in range(len(words))), (v, request_text)
+                assert grammar.is_span(v, spans), (v, request_text)
 
 
 def test_a_right_draft_is_verified_in_one_pass_and_a_wrong_one_changes_nothing(router, monkeypatch):
