@@ -44,8 +44,9 @@ import numpy as np
 from tqdm import tqdm
 
 import formats
+import grammar
 import wire
-from datadir import tag_names, word_boundaries, write_jsonl, write_tokens
+from datadir import span_keys, tag_moves, tag_names, write_jsonl, write_tokens
 from model import file_sha256
 from formats import import_jsonl
 from runtime import die
@@ -465,25 +466,19 @@ def main(argv=None):
     write_data_dir(args, tools, splits, compiled, invented, held_names)
 
 
-def span_share(sp, examples, tools):
-    """The share of string argument values that are, token for token, a run of
-    whole words of the request (the decoder's span rule, sample._Answer). When it
-    is all of them, the data dir says so and decoding keeps values to such runs."""
+def span_share(examples, tools):
+    """The share of plain string argument values that are runs of whole words of
+    the request (grammar.is_span). When it is all of them, the data dir says so
+    ("span_values") and decoding keeps every plain string to such runs."""
     string_keys = {(t["name"], k) for t in tools for k, p in t["parameters"].get("properties", {}).items()
                    if p.get("type") == "string" and "enum" not in p}
-    word_start, end_before = word_boundaries(sp)
     n = ok = 0
     for ex in examples:
-        req = sp.encode(wire.render_request(ex["request"]))
+        spans = grammar.Spans(ex["request"])
         for c in ex["calls"]:
             for k, v in c["arguments"].items():
-                if (c["name"], k) not in string_keys:
-                    continue
-                val = sp.encode(" " + wire.render_value(v))
-                m = len(val)
-                n += 1
-                ok += any(req[j:j + m] == val and word_start[req[j]] and (j + m == len(req) or end_before[req[j + m]])
-                          for j in range(len(req) - m + 1))
+                if (c["name"], k) in string_keys:
+                    n, ok = n + 1, ok + grammar.is_span(v, spans)
     return ok / n if n else 0.0
 
 
@@ -504,10 +499,11 @@ def write_data_dir(args, tools, splits, compiled, invented, held_names):
     for t, i in list(special_ids.items()) + [(n, sp.piece_to_id(n)) for n in names]:
         assert sp.encode(t) == [i], f"{t} is not a single piece"
 
-    spans = span_share(sp, splits["train"], tools) if compiled else 0.0
+    spans = span_share(splits["train"], tools) if compiled else 0.0
+    keys = span_keys(splits["train"], tools) if compiled else []
     tags = tag_names(tools, compiled)
     intents = [t["name"] for t in tools] + ["<no call>"] if compiled else None
-    meta = {"vocab_size": sp.get_piece_size(), "special_tokens": special_ids, "span_values": spans == 1.0,
+    meta = {"vocab_size": sp.get_piece_size(), "special_tokens": special_ids, "span_values": spans == 1.0, "span_keys": keys,
             "tokenizer_sha256": file_sha256(os.path.join(args.out_dir, "tok.model")),
             "compiled": compiled, "tool_tokens": {n: sp.piece_to_id(n) for n in names},
             "tags": tags, "intents": intents,
@@ -521,15 +517,16 @@ def write_data_dir(args, tools, splits, compiled, invented, held_names):
                                  "tokens_p95": pct(lens, 95), "kinds": _count(ex["kind"] for ex in kept)}
         if split == "train":
             card = data_card(kept, lens, {e["tool"]["name"] for e in invented}, tools)
+            meta["tag_moves"] = tag_moves(args.out_dir, split, tags)
     for name, obj in (("tools.json", tools), ("invented_tools.json", [e["tool"] for e in invented]),
                       ("data_card.json", card), ("meta.json", meta)):
         with open(os.path.join(args.out_dir, name), "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=1, ensure_ascii=False)
 
     print(f"wrote {args.out_dir}/ (vocab {meta['vocab_size']}, tokenizer {meta['tokenizer_sha256'][:12]}"
-          + (f", compiled catalogue of {len(tools)} tools, one token each; {spans:.1%} of the string values "
-             f"are runs of whole request words{': decoding keeps them so' if spans == 1.0 else ''}"
-             if compiled else "") + ")")
+          + (f", compiled catalogue of {len(tools)} tools, one token each; {len(keys)} of "
+             f"{sum(len(t['parameters'].get('properties', {})) for t in tools)} arguments always copied from the "
+             "request: decoding keeps their values to runs of whole request words" if compiled else "") + ")")
     for split, s in meta["splits"].items():
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(s["kinds"].items()))
         print(f"  {split:5s} {s['examples']:6d} examples {s['tokens']:9,d} tokens "

@@ -119,16 +119,6 @@ def token_classes(ids, spans, nbytes):
     return [classes[min(int(np.searchsorted(bounds, b, side="right")), len(classes) - 1)] for b in last]
 
 
-def word_boundaries(sp):
-    """Per token id: (does it begin a word, may a value end right before it). A
-    copied value begins where a request word begins, and ends before the next
-    word or before punctuation ("Oslo" in "in Oslo?")."""
-    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
-    starts = [p.startswith("\u2581") for p in pieces]
-    ends = [s or (not sp.is_byte(i) and bool(p) and not p[0].isalnum()) for i, (p, s) in enumerate(zip(pieces, starts))]
-    return starts, ends
-
-
 def tag_names(tools, compiled):
     """The request-token tags of a data dir (the aux tagging loss, model.Tagger):
     0 "-" (not a request token), 1 "O" (in no argument value), then B-/I- per

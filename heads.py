@@ -17,12 +17,16 @@ still a guess of the whole answer that the fast decoder verifies in one pass
 """
 
 import json
+import re
 from collections import OrderedDict
 
+import torch
 import torch.nn.functional as F
 
 import wire
-from datadir import catalogue_positions
+from datadir import catalogue_positions, piece_lengths, request_words
+
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def remember(memo, key, make, n):
@@ -43,13 +47,16 @@ class Heads:
     def __init__(self, router):
         self.r = router
         self.positions = OrderedDict()     # catalogue -> where its names are (pointer heads)
+        self.nbytes = piece_lengths(router.sp)
+        # which word tag may follow which (the training data's, else BIO's rule)
+        self.rules = tag_rules(router.meta["tags"], router.meta.get("tag_moves"))
 
     def answer(self, aux, ans, tools, budget):
         """The heads' turn, after the prompt pass: aux = the heads' logits of the
         request (GPT.decode with aux). -> (draft tokens, confidence): the draft is
         pushed onto ans and confidence is a float when it stands as the answer;
         otherwise confidence is None and the draft (maybe []) is only a guess to verify."""
-        draft, whole = self.draft(aux, ans.request_ids, ans.g, tools)
+        draft, whole, ans.found = self.draft(aux, ans, tools)
         if draft and whole and self.r.answer_from_heads and len(draft) <= budget and \
                 self.may_answer(draft, ans, tools):
             ans.push(draft)
@@ -64,10 +71,10 @@ class Heads:
             calls = wire.parse_answer(self.r.sp.decode(draft), tools)["calls"]
         except wire.AnswerError:
             return False
-        by_name = {t["name"]: t for t in tools}
+        by_name, spans = {t["name"]: t for t in tools}, self.r.spans_of(tools)
         for c in calls:
             props = by_name.get(c["name"], {}).get("parameters", {}).get("properties", {})
-            if c["name"] not in by_name or any(p.get("type") != "string" or "enum" in p for p in props.values()):
+            if c["name"] not in by_name or any(not plain(p) and (c["name"], k) not in spans for k, p in props.items()):
                 return False
         s = ans.state
         for t in draft:
@@ -86,21 +93,24 @@ class Heads:
             p.append(float(F.softmax(tag_logits[:, 1:].float(), -1).max(-1).values.min()))
         return min(p)
 
-    def draft(self, aux, request_ids, g, tools):
+    def draft(self, aux, ans, tools):
         """A whole answer guessed from the heads: the tool the intent head names,
-        with an argument for each run of request tokens the tagger marks B(-key),
+        with an argument for each run of request words the tagger marks B(-key),
         I(-key)... (a key met again opens a second call of the tool, as data.py
-        writes repeated slots) -> (its tokens, whole), or ([], False) when the
-        intent head says no call or names a tool the grammar does not allow here.
-        whole is False when a tagged run's key is not the tool's: the request asks
-        for more (a second tool), so the draft may only be verified, never stand.
+        writes repeated slots; a list's items are its runs in order) -> (its
+        tokens, whole, every tagged run's text), or ([], False, those texts) when the
+        intent head says no call or names a tool the grammar does not allow here. The tags are read a word at a time
+        (on each word's first token) and as a sequence (best_tags), so a value is
+        whole words and never split in two. whole is False when a tagged run's key
+        is not the tool's: the request asks for more (a second tool), so the draft
+        may only be verified, never stand.
         A compiled model's heads name tools and keys as classes; pointer heads (a
         catalogue in the prompt) point at a tool's name and at each argument's name
         in the catalogue (datadir.catalogue_positions)."""
         tag_logits, intent_logits, arg_logits = aux
         if intent_logits is None or tag_logits is None:
-            return [], False
-        meta = self.r.meta
+            return [], False, []
+        meta, g = self.r.meta, ans.g
         if self.r.model.point is None:                     # compiled: classes
             intents = meta.get("intents") or []
             name = intents[int(intent_logits.argmax())] if intents else None
@@ -117,34 +127,98 @@ class Heads:
                     return None
                 ps = list(keys)
                 return keys[ps[int(arg_logits[j, ps].argmax())]]
+        _, words, text = request_words(self.r.sp, ans.request, self.nbytes)
+        runs = []
+        if words:
+            logp = F.log_softmax(tag_logits[[w[0] for w in words], 1:].float(), dim=-1)
+            for w, t in enumerate(best_tags(logp, *self.rules)):      # never "-" for a word
+                tag = meta["tags"][t + 1]
+                if tag[0] == "I" and runs and runs[-1][2] == w - 1:
+                    runs[-1][2] = w
+                elif tag[0] in "BI":
+                    runs.append([tag, w, w])
+        found = [text[words[a][1]:words[b][2]].decode("utf-8") for _, a, b in runs]
         tool = g.tools.get(name.encode()) if name else None
         if tool is None:
-            return [], False
+            return [], False, found
+        runs = [[key_of(tag, words[a][0]), a, b] for tag, a, b in runs]
         known = {k for k, _ in tool["keys"].values()}
-        spans, span = [], None
-        for j, t in enumerate(tag_logits[:, 1:].argmax(-1).tolist()):    # never "-" for a request token
-            tag = meta["tags"][t + 1]
-            bio = tag[0]
-            if bio == "I" and span:
-                span[2] = j + 1
-            elif bio in ("B", "I"):
-                span = [key_of(tag, j), j, j + 1]
-                spans.append(span)
-            else:
-                span = None
+        props = next(t for t in tools if t["name"] == name)["parameters"].get("properties", {})
         calls, whole = [], True
-        for key, a, b in spans:
+        for key, a, b in runs:
             if key not in known:
                 whole = False
                 continue
-            call = next((c for c in calls if key not in c["arguments"]), None)
+            value = text[words[a][1]:words[b][2]].decode("utf-8")
+            kind = (props.get(key) or {}).get("type")
+            if kind == "array":                            # one more item of the list
+                call = next((c for c in calls if key in c["arguments"]), None) or \
+                    next((c for c in calls if key not in c["arguments"]), None)
+            else:
+                call = next((c for c in calls if key not in c["arguments"]), None)
             if call is None:
                 call = {"name": name, "arguments": {}}
                 calls.append(call)
-            call["arguments"][key] = self.r.sp.decode(request_ids[a:b]).strip()
-        return self.r.sp.encode(wire.render_answer(calls or [{"name": name, "arguments": {}}])), whole
+            if kind == "array":
+                call["arguments"].setdefault(key, []).append(value)
+            elif kind in ("integer", "number") and NUMBER.fullmatch(value):
+                call["arguments"][key] = json.loads(value)
+            else:
+                call["arguments"][key] = value
+        return self.r.sp.encode(wire.render_answer(calls or [{"name": name, "arguments": {}}])), whole, found
 
     def catalogue_positions(self, tools):
         """datadir.catalogue_positions of a catalogue, kept for the last 32."""
         key = json.dumps([t["name"] for t in tools] + [wire.render_prefix(tools)])
         return remember(self.positions, key, lambda: catalogue_positions(self.r.sp, tools), 32)
+
+
+def plain(prop):
+    """A plain string argument: what a run of request words fills as it is."""
+    return isinstance(prop, dict) and prop.get("type") == "string" and "enum" not in prop
+
+
+def tag_rules(names, moves=None):
+    """Which word tag may follow which -> (allowed (n, n) bool, start (n,) bool)
+    over names[1:] (the tags a request word can have: "-" is none). moves: the
+    data dir's [previous, next] pairs seen in training ("^": before the first
+    word; datadir.tag_moves); without them, BIO's own rule: I-k only right after
+    B-k or I-k. O may always follow, and begin."""
+    tags = names[1:]
+    n = len(tags)
+    index = {t: i for i, t in enumerate(tags)}
+    if moves:
+        allowed, start = torch.zeros(n, n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+        for a, b in moves:
+            if b in index and a == "^":
+                start[index[b]] = True
+            elif a in index and b in index:
+                allowed[index[a], index[b]] = True
+    else:
+        key = [t.partition("-")[2] for t in tags]
+        inside = [t[0] == "I" for t in tags]
+        allowed = torch.tensor([[not inside[j] or (tags[i][0] in "BI" and key[i] == key[j]) for j in range(n)]
+                                for i in range(n)])
+        start = ~torch.tensor(inside)
+    if "O" in index:
+        allowed[:, index["O"]] = True
+        start[index["O"]] = True
+    return allowed, start
+
+
+def best_tags(logp, allowed, start):
+    """The likeliest sequence of word tags that keeps the rules (Viterbi):
+    logp (n_words, n) log-probabilities -> n_words tag indices. Read one word at a
+    time, a value can come out in two pieces (B B where B I was meant), which then
+    opens a call of its own; read as a sequence, only as the data has them."""
+    ban = torch.zeros(allowed.shape).masked_fill(~allowed, -1e9)
+    score = logp[0].masked_fill(~start, -1e9)
+    back = []
+    for t in range(1, len(logp)):
+        best, arg = (score[:, None] + ban).max(0)          # the best previous tag for each tag
+        back.append(arg)
+        score = best + logp[t]
+    path = [int(score.argmax())]
+    for arg in reversed(back):
+        path.append(int(arg[path[-1]]))
+    return path[::-1]

@@ -114,6 +114,7 @@ class Router:
         has_heads = self.model.tagger is not None and (self.catalogue is not None or self.model.point is not None)
         self.heads = Heads(self) if has_heads else None
         self.answer_from_heads = has_heads
+        self.cover_found = True            # a call answer uses every value the heads found (_Answer.allowed)
         self.choose = greedy               # the step's choice; a benchmark may follow a fixed answer
         self.grammars = OrderedDict()      # catalogue -> Grammar, most recent last
         self.prefixes = OrderedDict()      # prefix token ids -> (KVCache, its last_k, n_src)
@@ -539,6 +540,7 @@ class _Answer:
     def __init__(self, router, g, request, request_ids):
         self.r, self.g, self.request, self.request_ids = router, g, request, request_ids
         self.state, self.out, self.ends = g.start(request), [], []
+        self.found = []        # the values the heads tagged in the request (heads.py)
 
     def done(self):
         return self.state.phase == "done"
@@ -579,8 +581,18 @@ class _Answer:
         return ids
 
     def allowed(self):
-        """Token ids the step may take: the grammar's (span values included)."""
-        return self.r.vocab.allowed(self.g, self.state)
+        """Token ids the step may take: the grammar's (span values included). A
+        call answer may not end while a value the heads tagged in the request is
+        in none of its calls (every call found: a second or third call is not
+        dropped while its values wait in the request)."""
+        allowed = self.r.vocab.allowed(self.g, self.state)
+        if self.found and self.state.calls and self.r.cover_found:
+            end = allowed == self.r.end_id
+            if end.any() and len(allowed) > 1:
+                text = self.r.sp.decode(self.out)
+                if any(v not in text for v in self.found):
+                    allowed = allowed[~end]
+        return allowed
 
 
 def main(argv=None):
