@@ -11,7 +11,7 @@ import torch
 import datadir
 import wire
 from conftest import ROOT
-from sample import Router
+from sample import Router, _Answer
 
 TOOLS = wire.load_tools(os.path.join(ROOT, "examples", "tools.json"))
 
@@ -64,20 +64,20 @@ def test_a_draft_from_pointers_names_the_pointed_tool_and_argument(router):
     tags = router.meta["tags"]
     tag_logits = torch.full((len(req), len(tags)), -9.0)
     tag_logits[:, tags.index("O")] = 0.0
-    oslo = router.sp.encode(" Oslo")
-    at = next(j for j in range(len(req)) if req[j:j + len(oslo)] == oslo)
+    _, words, text = datadir.request_words(router.sp, "weather in Oslo please", router.heads.nbytes)
+    at = next(tok for tok, a, z in words if text[a:z] == b"Oslo")     # the word's tag: on its first letter's token
     tag_logits[at, tags.index("B")] = 9.0
-    for j in range(at + 1, at + len(oslo)):
-        tag_logits[j, tags.index("I")] = 9.0
     intent = torch.zeros(n_cat)
     intent[names["get_current_weather"]] = 9.0
     arg = torch.zeros(len(req), n_cat)
     arg[:, args[("get_current_weather", "city")]] = 9.0
-    draft, whole = router.heads.draft((tag_logits, intent, arg), req, g, TOOLS)
+    ans = _Answer(router, g, "weather in Oslo please", req)
+    draft, whole, found = router.heads.draft((tag_logits, intent, arg), ans, TOOLS)
     assert whole and router.sp.decode(draft) == wire.render_answer(
         [{"name": "get_current_weather", "arguments": {"city": "Oslo"}}])
+    assert found == ["Oslo"]                           # read a word at a time: the whole word
     intent[0] = 99.0                                   # pointing at <|tools|>: no call, no draft
-    assert router.heads.draft((tag_logits, intent, arg), req, g, TOOLS) == ([], False)
+    assert router.heads.draft((tag_logits, intent, arg), ans, TOOLS) == ([], False, ["Oslo"])
 
 
 def test_decoders_agree_with_pointer_heads_drafting(router, toy_data):
