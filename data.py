@@ -91,6 +91,8 @@ def parse_args(argv=None):
                    help="label train/val requests with a cloud model (default: the generator's answers)")
     p.add_argument("--teacher_model", default=None)
     p.add_argument("--teacher_base_url", default=None, help="endpoint (OpenAI-compatible servers, proxies)")
+    p.add_argument("--teacher_api_version", default=None,
+                   help="Gemini API version (default: v1beta, the one its requests are written for)")
     p.add_argument("--teacher_concurrency", type=int, default=4)
     p.add_argument("--teacher_rps", type=float, default=5.0, help="most requests started per second")
     p.add_argument("--teacher_cache", default=None, help="default: <out_dir>/teacher_cache.jsonl")
@@ -324,7 +326,8 @@ def label_with_teacher(args, examples):
     or could not answer. Prints how often the teacher agreed with the generator."""
     import teacher as T
     try:
-        t = T.make_teacher(args.teacher, model=args.teacher_model, base_url=args.teacher_base_url)
+        t = T.make_teacher(args.teacher, model=args.teacher_model, base_url=args.teacher_base_url,
+                           api_version=args.teacher_api_version)
     except T.TeacherError as e:
         die(str(e))
     cache = args.teacher_cache or os.path.join(args.out_dir, "teacher_cache.jsonl")
