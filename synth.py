@@ -340,7 +340,6 @@ def join_requests(parts, rng, value_ends=None):
             part = part[0].lower() + part[1:]
         if value_ends[i]:
             conn = rng.choice([". Also ", "; ", ". Then "])
-            part = part[0].upper() + part[1:] if conn[0] == "." else part
         else:
             conn = rng.choice([" and ", ", and ", ", then ", ". Also ", " and also ", "; "]) if last \
                 else rng.choice([", ", "; "])
