@@ -69,6 +69,8 @@ class ValueMaker:
         self.p = pools
 
     def make(self, rng, kind, prop):
+        """-> (text shown in the request, value in the call) for one parameter of
+        slot kind `kind` and schema `prop` (rng first, as in Generator.make)."""
         p, c = self.p, rng.choice
         if kind == "enum":
             v = c(prop["enum"])
@@ -273,6 +275,8 @@ def value_classes(ex, tools):
             items, iprop = (v, prop.get("items", {})) if isinstance(v, list) else ([v], prop)
             for item in items:
                 cls, cause = classify_value(request, item, iprop)
+                if isinstance(v, list) and isinstance(item, str) and re.search(r",| and ", item):
+                    cls, cause = "bad", "list item with a list joint in it"   # "Uber and Lyft": one item or two?
                 out.append((c["name"], k, item, cls, cause))
     return out
 

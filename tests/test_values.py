@@ -44,7 +44,7 @@ def test_classes():
     tools = [{"name": "add", "parameters": {"properties": {"items": {"type": "array", "items": {"type": "string"}}}}}]
     assert [c[3] for c in value_classes(ex, tools)] == ["span", "span"]
     ex["calls"][0]["arguments"]["items"] = ["milk and eggs"]
-    assert [c[3] for c in value_classes(ex, tools)] == ["span"]      # a run of words, though a wrong label
+    assert [c[3] for c in value_classes(ex, tools)] == ["bad"]       # a run of words, but two items
     ex["calls"][0]["arguments"]["items"] = ["c milk"]
     assert [c[3] for c in value_classes(ex, tools)] == ["bad"]
 
