@@ -469,12 +469,12 @@ class Generator:
         raise ValueError(f"unknown example kind {kind!r}")
 
     def _out_of_scope(self, rng, entries):
-        """A no-call example over `entries`: an out-of-scope request that no tool
-        of them could serve, not even
-        by asking for a missing value: assets/values.json lists which hand-written
-        tools could serve each one ("block this phone number": block_number), and
-        an invented or user tool could when the request names its object
-        ("cancel my gym membership": cancel_membership)."""
+        """A no-call example over `entries`: an out-of-scope request that none of
+        them could serve, not even by asking for a missing value. values.json
+        lists the hand-written tools that could serve each request ("block this
+        phone number": block_number, so with it offered that is a missing value,
+        not "no tool fits"); an invented or user tool could when the request names
+        its object ("cancel my gym membership": cancel_membership)."""
         fits = self.pools.get("out_of_scope_fits", {})
         names = {e["tool"]["name"] for e in entries}
         ok = [r for r in self.pools["out_of_scope"]
@@ -541,4 +541,3 @@ class Generator:
                 targets = [first] + [e for e in others if e is not first]
             return self.make(rng, kind, targets, allowed)
         return self.make(rng, kind, [first], allowed)
-
