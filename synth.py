@@ -310,14 +310,9 @@ def names_object(entry, request):
     return bool(words) and all(w.rstrip("s") in said for w in words)
 
 
-def ends_with_value(request, args):
-    """Does the request end (before its end punctuation) with one of the values?
-    Joining another request after it with "and" would read as more of the value
-    ("add chips and turn off the lamp")."""
-    tail = request.rstrip(".!? ")
-    texts = [x if isinstance(x, str) else json.dumps(x) for v in args.values()
-             for x in (v if isinstance(v, list) else [v]) if not isinstance(x, bool)]
-    return any(t and tail.endswith(t) for t in texts)
+def _value_texts(args):
+    return [x if isinstance(x, str) else json.dumps(x) for v in args.values()
+            for x in (v if isinstance(v, list) else [v]) if not isinstance(x, bool)]
 
 
 # -----------------------------------------------------------------------------
@@ -332,30 +327,26 @@ def vary(text, rng):
     return text
 
 
-def join_requests(parts, rng, value_ends=None):
-    """Two or three requests -> one sentence with connectors. value_ends[i]: part
-    i ends with a copied value; then the next part does not follow with "and"
-    (ends_with_value) but after a clear break."""
-    value_ends = value_ends or [False] * len(parts)
+def join_requests(parts, rng, args=None):
+    """Two or three requests -> one sentence with connectors. args[i]: the
+    arguments of part i's call. A part that ends with a value is not followed by
+    "and" ("add chips and turn off the lamp" reads as a third item) but by a clear
+    break; a part that begins with a value keeps its capital."""
+    texts = [_value_texts(a) for a in args] if args else [[] for _ in parts]
     out = parts[0].rstrip(".!? ")
     for i, part in enumerate(parts[1:]):
         last = i == len(parts) - 2
-        if part[:1].isupper() and not part.startswith("I ") and part.split(" ")[0].lower() in COMMON_STARTS:
-            part = part[0].lower() + part[1:]
-        if value_ends[i]:
+        first = part.split(" ")[0]
+        if first[:1].isupper() and first[1:].islower() and not (first == "I" or first.startswith("I'")) \
+                and not any(t and part.startswith(t) for t in texts[i + 1]):
+            part = part[0].lower() + part[1:]          # "Play ..." -> "..., then play ..."
+        if any(t and parts[i].rstrip(".!? ").endswith(t) for t in texts[i]):
             conn = rng.choice([". Also ", "; ", ". Then "])
         else:
             conn = rng.choice([" and ", ", and ", ", then ", ". Also ", " and also ", "; "]) if last \
                 else rng.choice([", ", "; "])
         out += conn + (part if last else part.rstrip(".!? "))
     return out
-
-
-COMMON_STARTS = {"set", "send", "text", "play", "what's", "what", "add", "turn", "remind",
-                 "create", "check", "find", "can", "could", "please", "book", "get", "show",
-                 "tell", "make", "start", "email", "schedule", "search", "look", "how",
-                 "where", "is", "put", "cancel", "order", "pay", "transfer", "call", "open",
-                 "wake", "let", "i'd", "i", "give", "delete", "dim", "lock", "unlock"}
 
 
 class Generator:
@@ -439,7 +430,7 @@ class Generator:
         if kind == "multi":
             reqs, calls = zip(*(self._call(e, rng) for e in targets))
             uniq = list({e["tool"]["name"]: e for e in targets}.values())
-            text = join_requests(list(reqs), rng, [ends_with_value(r, c["arguments"]) for r, c in zip(reqs, calls)])
+            text = join_requests(list(reqs), rng, [c["arguments"] for c in calls])
             if not spans_ok(text, list(calls), schemas):   # a value ended in "!" or "?"
                 text = " ".join(reqs)
             return self._ex(kind, self._tools(fixed, rng, uniq, allowed), text, list(calls))

@@ -126,6 +126,10 @@ def test_own_tools_and_imports_and_data_card(tmp_path, capsys):
     card = json.load(open(os.path.join(out, "data_card.json")))
     assert card["examples"] == len(train) and card["sources"]["import"] == 1
     assert 0 < card["call_targets_invented_share"] < 1 and card["tokens_p95"] >= card["tokens_p50"] > 0
+    # your tools' values are whole words of the requests too, and the card and meta count them
+    assert card["values"]["bad"] == 0 and card["values"]["span"] > card["values"]["converted"] > 0
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    assert meta["splits"]["train"]["values"] == card["values"] and "argument values:" in printed
 
 
 def test_teacher_labels_train_and_val_and_resumes_from_cache(tmp_path, monkeypatch, capsys):

@@ -89,8 +89,9 @@ def test_generated_values_are_whole_word_spans():
 def test_multi_call_requests_do_not_run_a_value_into_the_next_request():
     rng = random.Random(0)
     for _ in range(50):
-        text = join_requests(["Add chips to my cart", "turn off the lamp"], rng, [True, False])
-        assert not re.search(r"chips,? and", text), text
+        text = join_requests(["Add to my cart: chips", "Turn off the lamp", "Lamp 2 off"], rng,
+                             [{"items": ["chips"]}, {"device": "lamp"}, {"device": "Lamp 2"}])
+        assert not re.search(r"chips,? and", text) and "turn off" in text and "Lamp 2 off" in text, text
     entries, gen = _demo()
     rng = random.Random(1)
     sizes = {}
