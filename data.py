@@ -47,10 +47,9 @@ import formats
 import wire
 from datadir import tag_names, word_boundaries, write_jsonl, write_tokens
 from model import file_sha256
-from formats import import_jsonl
 from runtime import die
 from invent import entry_from_tool, invent_tools
-from synth import Generator, load_catalogue, load_json
+from synth import Generator, count_value_classes, load_catalogue, load_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -384,6 +383,9 @@ def data_card(examples, lens, invented_names, catalogue):
         "no_call_by_reason": {k: round(v / n, 3) for k, v in sorted(nocall.items())},
         "multi_call_share": round(len(multi) / n, 3),
         "multi_call_same_tool": sum(len({c["name"] for c in ex["calls"]}) == 1 for ex in multi),
+        # gold argument values: copied as a run of whole request words (span), derived
+        # from the schema (converted: bools, enums, numbers in words), or neither (bad)
+        "values": count_value_classes(examples, catalogue),
         "unique_tools_shown": len(shown),
         "unique_tools_invented": len(shown & invented_names),
         "unique_tools_other": len(shown - invented_names),
@@ -413,6 +415,9 @@ def print_card(card):
           f"{card['call_targets_invented_share']:.1%}; calls into "
           f"{len(set(card['domains']) - {'invented', 'no call', 'imported', '?'})} hand-written domains; "
           f"sources {card['sources']}")
+    v = card["values"]
+    print(f"  argument values: {v['span']} spans of request words, {v['converted']} converted, {v['bad']} bad"
+          + (" (neither: the decoder's span rule cannot produce them)" if v["bad"] else ""))
 
 
 # -----------------------------------------------------------------------------
@@ -449,7 +454,7 @@ def main(argv=None):
         splits["val"] = label_with_teacher(args, splits["val"])
     gid = 1 + max((ex.get("group", 0) for ex in splits["train"]), default=0)
     for path in args.imports:
-        imported, counts = import_jsonl(path)
+        imported, counts = formats.import_jsonl(path)
         if compiled:        # the catalogue is fixed: keep what it can answer, as it defines the tools
             imported, off = fit_catalogue(imported, tools)
             counts["tools not in the compiled catalogue"] = off
@@ -521,7 +526,8 @@ def write_data_dir(args, tools, splits, compiled, invented, held_names):
         write_jsonl(os.path.join(args.out_dir, f"{split}.jsonl"), kept)
         meta["splits"][split] = {"examples": len(kept), "dropped_too_long": len(examples) - len(kept),
                                  "tokens": n_tok, "tokens_p50": pct(lens, 50),
-                                 "tokens_p95": pct(lens, 95), "kinds": _count(ex["kind"] for ex in kept)}
+                                 "tokens_p95": pct(lens, 95), "kinds": _count(ex["kind"] for ex in kept),
+                                 "values": count_value_classes(kept, tools)}
         if split == "train":
             card = data_card(kept, lens, {e["tool"]["name"] for e in invented}, tools)
     for name, obj in (("tools.json", tools), ("invented_tools.json", [e["tool"] for e in invented]),
