@@ -48,10 +48,9 @@ import grammar
 import wire
 from datadir import span_keys, tag_moves, tag_names, write_jsonl, write_tokens
 from model import file_sha256
-from formats import import_jsonl
 from runtime import die
 from invent import entry_from_tool, invent_tools
-from synth import Generator, load_catalogue, load_json
+from synth import Generator, count_value_classes, load_catalogue, load_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -92,6 +91,8 @@ def parse_args(argv=None):
                    help="label train/val requests with a cloud model (default: the generator's answers)")
     p.add_argument("--teacher_model", default=None)
     p.add_argument("--teacher_base_url", default=None, help="endpoint (OpenAI-compatible servers, proxies)")
+    p.add_argument("--teacher_api_version", default=None,
+                   help="Gemini API version (default: v1beta, the one its requests are written for)")
     p.add_argument("--teacher_concurrency", type=int, default=4)
     p.add_argument("--teacher_rps", type=float, default=5.0, help="most requests started per second")
     p.add_argument("--teacher_cache", default=None, help="default: <out_dir>/teacher_cache.jsonl")
@@ -325,7 +326,8 @@ def label_with_teacher(args, examples):
     or could not answer. Prints how often the teacher agreed with the generator."""
     import teacher as T
     try:
-        t = T.make_teacher(args.teacher, model=args.teacher_model, base_url=args.teacher_base_url)
+        t = T.make_teacher(args.teacher, model=args.teacher_model, base_url=args.teacher_base_url,
+                           api_version=args.teacher_api_version)
     except T.TeacherError as e:
         die(str(e))
     cache = args.teacher_cache or os.path.join(args.out_dir, "teacher_cache.jsonl")
@@ -382,6 +384,9 @@ def data_card(examples, lens, invented_names, catalogue):
         "no_call_by_reason": {k: round(v / n, 3) for k, v in sorted(nocall.items())},
         "multi_call_share": round(len(multi) / n, 3),
         "multi_call_same_tool": sum(len({c["name"] for c in ex["calls"]}) == 1 for ex in multi),
+        # gold argument values: copied as a run of whole request words (span), derived
+        # from the schema (converted: bools, enums, numbers in words), or neither (bad)
+        "values": count_value_classes(examples, catalogue),
         "unique_tools_shown": len(shown),
         "unique_tools_invented": len(shown & invented_names),
         "unique_tools_other": len(shown - invented_names),
@@ -411,6 +416,9 @@ def print_card(card):
           f"{card['call_targets_invented_share']:.1%}; calls into "
           f"{len(set(card['domains']) - {'invented', 'no call', 'imported', '?'})} hand-written domains; "
           f"sources {card['sources']}")
+    v = card["values"]
+    print(f"  argument values: {v['span']} spans of request words, {v['converted']} converted, {v['bad']} bad"
+          + (" (neither: the decoder's span rule cannot produce them)" if v["bad"] else ""))
 
 
 # -----------------------------------------------------------------------------
@@ -447,7 +455,7 @@ def main(argv=None):
         splits["val"] = label_with_teacher(args, splits["val"])
     gid = 1 + max((ex.get("group", 0) for ex in splits["train"]), default=0)
     for path in args.imports:
-        imported, counts = import_jsonl(path)
+        imported, counts = formats.import_jsonl(path)
         if compiled:        # the catalogue is fixed: keep what it can answer, as it defines the tools
             imported, off = fit_catalogue(imported, tools)
             counts["tools not in the compiled catalogue"] = off
@@ -514,7 +522,8 @@ def write_data_dir(args, tools, splits, compiled, invented, held_names):
         write_jsonl(os.path.join(args.out_dir, f"{split}.jsonl"), kept)
         meta["splits"][split] = {"examples": len(kept), "dropped_too_long": len(examples) - len(kept),
                                  "tokens": n_tok, "tokens_p50": pct(lens, 50),
-                                 "tokens_p95": pct(lens, 95), "kinds": _count(ex["kind"] for ex in kept)}
+                                 "tokens_p95": pct(lens, 95), "kinds": _count(ex["kind"] for ex in kept),
+                                 "values": count_value_classes(kept, tools)}
         if split == "train":
             card = data_card(kept, lens, {e["tool"]["name"] for e in invented}, tools)
             meta["tag_moves"] = tag_moves(args.out_dir, split, tags)

@@ -431,6 +431,8 @@ def main(argv=None):
     p.add_argument("--fallback_model", default=None, help="teacher model (default: teacher.py's)")
     p.add_argument("--fallback_base_url", default=None, help="teacher API base URL (default: the vendor's)")
     p.add_argument("--fallback_timeout", type=float, default=30.0, help="seconds per teacher request")
+    p.add_argument("--fallback_api_version", default=None,
+                   help="Gemini API version (default: v1beta, the one the teacher's requests are written for)")
     p.add_argument("--log_requests", default=None, metavar="PATH",
                    help="append usable answers (with the users' requests) as JSONL for data.py --import")
     p.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -445,7 +447,7 @@ def main(argv=None):
         from teacher import TeacherError, make_teacher
         try:
             teacher = make_teacher(args.fallback, args.fallback_model, args.fallback_base_url,
-                                   timeout=args.fallback_timeout)
+                                   timeout=args.fallback_timeout, api_version=args.fallback_api_version)
         except TeacherError as e:
             die(str(e))
     from model import CheckpointError

@@ -9,17 +9,23 @@ assets/values.json holds the word pools the kinds draw from. Thousands of
 distinct values (names, cities, ids, free text) make copying from the request the
 only way to fit the data; a small model memorises a handful of values instead.
 
-Example kinds (shares are the defaults of make_example):
-    single     one call of the target tool                         ~70%
-    multi      2-3 calls in one request, same or different tools   ~15%
-    chitchat / info / missing / notool    no call, with a reason   ~15%
+Example kinds (KIND_SHARES, the defaults of Generator.sample and .sibling):
+    single     one call of the target tool                         60%
+    multi      2-3 calls in one request, same or different tools   24%
+    chitchat / info / missing / notool    no call, with a reason   16%
+
+Copied values are runs of whole request words (word_span): every string value,
+every list item and every number the request writes in digits appears in the
+request as whole words, never glued to a quote, "$" or "#", never differing in
+case; the decoder can then keep values to such runs. value_classes() checks it
+per value (span / converted / bad) and the data card counts it.
 """
 
 import json
 import re
 
-from invent import noisy, number_words, rephrase_tool
-from wire import (REASON_CHITCHAT, REASON_INFO, REASON_MISSING, REASON_NO_TOOL,
+from invent import VERBS, noisy, number_words, rephrase_tool, words_of
+from wire import (REASON_CHITCHAT, REASON_INFO, REASON_MISSING, REASON_NO_TOOL, clean,
                   normalize_tool)
 
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -62,7 +68,9 @@ class ValueMaker:
     def __init__(self, pools):
         self.p = pools
 
-    def make(self, kind, rng, prop):
+    def make(self, rng, kind, prop):
+        """-> (text shown in the request, value in the call) for one parameter of
+        slot kind `kind` and schema `prop` (rng first, as in Generator.make)."""
         p, c = self.p, rng.choice
         if kind == "enum":
             v = c(prop["enum"])
@@ -79,9 +87,13 @@ class ValueMaker:
             v = int(v) if v == int(v) else v
             return str(v), v
         if kind == "amount":
-            v = rng.choice([rng.randint(1, 500), round(rng.uniform(1, 2000), 2)])
-            v = int(v) if v == int(v) else v
-            return (f"{v:.2f}" if isinstance(v, float) else str(v)), v
+            # whole, or with cents not ending in 0: the request shows the value as the
+            # answer writes it ("12.35"; "12.50" would be copied as 12.5, not a span)
+            if rng.random() < 0.5:
+                v = rng.randint(1, 500)
+            else:
+                v = round(rng.randint(1, 1999) + rng.choice([c for c in range(1, 100) if c % 10]) / 100, 2)
+            return json.dumps(v), v
         if kind.startswith("list:"):
             items = list(dict.fromkeys(rng.sample(p[kind[5:]], rng.randint(1, 3))))
             text = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
@@ -170,7 +182,7 @@ def fill(template, entry, maker, rng):
 
     def sub(m):
         name = m.group(1)
-        shown, value = maker.make(entry["slots"][name], rng, props[name])
+        shown, value = maker.make(rng, entry["slots"][name], props[name])
         args[name] = value
         return shown
     return PLACEHOLDER.sub(sub, text), args
@@ -187,6 +199,123 @@ def grounded(request, args):
 
 
 # -----------------------------------------------------------------------------
+# copied values: runs of whole request words?
+
+def word_span(text, value):
+    """Is `value` a run of whole words of `text`? It must begin where a word
+    begins (the start, or after whitespace) and end where a word ends or before
+    punctuation: "Oslo" in "in Oslo?" and "20" in "a 20-minute timer" are, "Journey"
+    in '"Our Starlit Journey"' is ("Journey" then a quote), "Our" there is not (a
+    quote is glued before it), nor "10" in "107". This is the text form of the
+    token rule the decoder keeps copied values to (datadir.word_boundaries: a
+    value's first token begins a word, the token after it begins a word or is
+    punctuation); data.span_share checks the token rule itself."""
+    if not value or value != value.strip():
+        return False
+    # A value ending in punctuation ("5 p.m.") must end the word: the tokenizer may
+    # merge it with punctuation after it ("p.m.:" -> "p", ".", "m", ".:").
+    end_ok = (lambda ch: ch.isspace()) if not value[-1].isalnum() else (lambda ch: not ch.isalnum())
+    i = text.find(value)
+    while i >= 0:
+        j = i + len(value)
+        if (i == 0 or text[i - 1].isspace()) and (j == len(text) or end_ok(text[j])):
+            return True
+        i = text.find(value, i + 1)
+    return False
+
+
+def classify_value(request, value, prop):
+    """One gold argument value (or list item) -> (class, cause). Classes:
+        span       a string, or a number in digits, that is a run of whole request words
+        converted  typed by the schema and derived, not copied: a bool, an enum value,
+                   a number the request gives in words (or does not give at all)
+        bad        a value the span rule needs copied that is not a span; cause says why
+    """
+    if isinstance(value, bool) or "enum" in prop or isinstance(value, (dict, type(None))):
+        return "converted", "bool" if isinstance(value, bool) else "enum" if "enum" in prop else "other"
+    if isinstance(value, (int, float)):
+        text = json.dumps(value)        # as the answer writes it (wire.render_value)
+        if word_span(request, text):
+            return "span", "number"
+        words = isinstance(value, int) and number_words(value)
+        if words and re.search(r"(?<![\w-])" + re.escape(words) + r"(?![\w-])", request.lower()):
+            return "converted", "number in words"
+        if text in request:
+            return "bad", "number glued to other characters"
+        if any(float(d) == value for d in re.findall(r"\d+(?:\.\d+)?", request)):
+            return "bad", "number written differently"    # "12.50" for 12.5
+        return "converted", "number not in the request"
+    if not isinstance(value, str):
+        return "converted", "other"
+    if word_span(request, value):
+        return "span", "string"
+    low = request.lower()
+    if word_span(low, value.lower()):
+        return "bad", "case differs"
+    if value in request:
+        return "bad", "glued to punctuation or letters"
+    if re.search(r",| and ", value):
+        return "bad", "list joined into one item"
+    if value.lower() in low:
+        return "bad", "case differs, glued"
+    return "bad", "not in the request"
+
+
+def value_classes(ex, tools):
+    """Every gold argument value of an example (each list item on its own) ->
+    [(tool, key, value, class, cause)]. tools: the schemas by name (an example's
+    own list, or a compiled catalogue)."""
+    by_name = tools if isinstance(tools, dict) else {t["name"]: t for t in tools}
+    request = clean(ex["request"].strip())
+    out = []
+    for c in ex["calls"]:
+        props = by_name.get(c["name"], {}).get("parameters", {}).get("properties", {})
+        for k, v in c["arguments"].items():
+            prop = props.get(k, {})
+            items, iprop = (v, prop.get("items", {})) if isinstance(v, list) else ([v], prop)
+            for item in items:
+                cls, cause = classify_value(request, item, iprop)
+                if isinstance(v, list) and isinstance(item, str) and re.search(r",| and ", item):
+                    cls, cause = "bad", "list item with a list joint in it"   # "Uber and Lyft": one item or two?
+                out.append((c["name"], k, item, cls, cause))
+    return out
+
+
+def count_value_classes(examples, catalogue=None):
+    """-> {"span": n, "converted": n, "bad": n} over the gold values of examples
+    (an example without "tools" is about `catalogue`, the compiled tools)."""
+    counts = {"span": 0, "converted": 0, "bad": 0}
+    for ex in examples:
+        for *_, cls, _ in value_classes(ex, ex.get("tools", catalogue or [])):
+            counts[cls] += 1
+    return counts
+
+
+def spans_ok(request, calls, tools):
+    """No bad value: every value the span rule needs copied is a run of whole
+    words of the request (tools: the schemas of the calls' tools)."""
+    return all(cls != "bad" for *_, cls, _ in value_classes({"request": request, "calls": calls}, tools))
+
+
+def names_object(entry, request):
+    """Does the request name what an invented or user tool acts on, every word of
+    its object ("gym membership" for cancel_membership)? Then that tool might
+    serve it. Hand-written tools are listed by hand instead (out_of_scope_fits)."""
+    if entry["domain"] not in ("invented", "user"):
+        return False
+    words = entry["object"].split() if entry.get("object") else words_of(entry["tool"]["name"])
+    if len(words) > 1 and words[0] in VERBS and not entry.get("object"):
+        words = words[1:]
+    said = {w.rstrip("s") for w in re.findall(r"[a-z]+", request.lower())}
+    return bool(words) and all(w.rstrip("s") in said for w in words)
+
+
+def _value_texts(args):
+    return [x if isinstance(x, str) else json.dumps(x) for v in args.values()
+            for x in (v if isinstance(v, list) else [v]) if not isinstance(x, bool)]
+
+
+# -----------------------------------------------------------------------------
 # examples
 
 def vary(text, rng):
@@ -198,24 +327,26 @@ def vary(text, rng):
     return text
 
 
-def join_requests(parts, rng):
-    """Two or three requests -> one sentence with connectors."""
+def join_requests(parts, rng, args=None):
+    """Two or three requests -> one sentence with connectors. args[i]: the
+    arguments of part i's call. A part that ends with a value is not followed by
+    "and" ("add chips and turn off the lamp" reads as a third item) but by a clear
+    break; a part that begins with a value keeps its capital."""
+    texts = [_value_texts(a) for a in args] if args else [[] for _ in parts]
     out = parts[0].rstrip(".!? ")
     for i, part in enumerate(parts[1:]):
         last = i == len(parts) - 2
-        if part[:1].isupper() and not part.startswith("I ") and part.split(" ")[0].lower() in COMMON_STARTS:
-            part = part[0].lower() + part[1:]
-        conn = rng.choice([" and ", ", and ", ", then ", ". Also ", " and also ", "; "]) if last \
-            else rng.choice([", ", "; "])
+        first = part.split(" ")[0]
+        if first[:1].isupper() and first[1:].islower() and not (first == "I" or first.startswith("I'")) \
+                and not any(t and part.startswith(t) for t in texts[i + 1]):
+            part = part[0].lower() + part[1:]          # "Play ..." -> "..., then play ..."
+        if any(t and parts[i].rstrip(".!? ").endswith(t) for t in texts[i]):
+            conn = rng.choice([". Also ", "; ", ". Then "])
+        else:
+            conn = rng.choice([" and ", ", and ", ", then ", ". Also ", " and also ", "; "]) if last \
+                else rng.choice([", ", "; "])
         out += conn + (part if last else part.rstrip(".!? "))
     return out
-
-
-COMMON_STARTS = {"set", "send", "text", "play", "what's", "what", "add", "turn", "remind",
-                 "create", "check", "find", "can", "could", "please", "book", "get", "show",
-                 "tell", "make", "start", "email", "schedule", "search", "look", "how",
-                 "where", "is", "put", "cancel", "order", "pay", "transfer", "call", "open",
-                 "wake", "let", "i'd", "i", "give", "delete", "dim", "lock", "unlock"}
 
 
 class Generator:
@@ -269,11 +400,16 @@ class Generator:
         return noisy(t, rng) if self.noise else t
 
     def _call(self, entry, rng):
+        """-> (request, call) whose copied values are runs of whole request words;
+        values are drawn again when one is not ("p.m." before a colon)."""
+        tools = {entry["tool"]["name"]: entry["tool"]}
         for _ in range(20):
             request, args = fill(self._template(entry["requests"], rng), entry, self.maker, rng)
-            if grounded(request, args):
-                return request, {"name": entry["tool"]["name"], "arguments": args}
-        raise CatalogueError(f"tool '{entry['tool']['name']}': could not make a grounded request")
+            call = {"name": entry["tool"]["name"], "arguments": args}
+            if spans_ok(request, [call], tools):
+                return request, call
+        raise CatalogueError(f"tool '{entry['tool']['name']}': could not make a request whose values are "
+                             "whole words of it (a template glues a {placeholder} to other characters?)")
 
     def _target(self, rng, pool):
         if self.invented and rng.random() < self.p_invented:
@@ -284,16 +420,18 @@ class Generator:
         """One example of the given kind. targets: entries the request is about
         (ignored for chitchat/info); allowed: entries usable as distractors;
         fixed: use exactly these entries as the tool list (see sibling())."""
+        schemas = {e["tool"]["name"]: e["tool"] for e in targets}
         if kind == "single":
             request, call = self._call(targets[0], rng)
             text = vary(request, rng)
-            text = text if grounded(text, call["arguments"]) else request   # "p.m." lost its dot
+            # "p.m." lost its dot, or a value that begins the request lost its capital
+            text = text if spans_ok(text, [call], schemas) else request
             return self._ex(kind, self._tools(fixed, rng, targets[:1], allowed), text, [call])
         if kind == "multi":
             reqs, calls = zip(*(self._call(e, rng) for e in targets))
             uniq = list({e["tool"]["name"]: e for e in targets}.values())
-            text = join_requests(list(reqs), rng)
-            if not all(grounded(text, c["arguments"]) for c in calls):   # a value ended in "!" or "?"
+            text = join_requests(list(reqs), rng, [c["arguments"] for c in calls])
+            if not spans_ok(text, list(calls), schemas):   # a value ended in "!" or "?"
                 text = " ".join(reqs)
             return self._ex(kind, self._tools(fixed, rng, uniq, allowed), text, list(calls))
         if kind == "chitchat":
@@ -313,13 +451,28 @@ class Generator:
             # either an action no catalogue tool does, or a catalogue request whose
             # tool (and every tool of its domain) is absent from the list
             if rng.random() < 0.5:
-                tools = self._tools(fixed, rng, [], allowed)
-                return self._ex(kind, tools, rng.choice(self.pools["out_of_scope"]), [], REASON_NO_TOOL)
+                return self._out_of_scope(rng, self._tools(fixed, rng, [], allowed))
+            # a web search could look up what most requests ask, so none is offered
             e = targets[0]
             request, _ = self._call(e, rng)
-            tools = self._tools(fixed, rng, [], allowed, exclude_domains={e["domain"]})
+            tools = self._tools(fixed, rng, [], allowed, exclude_domains={e["domain"], "search"})
             return self._ex(kind, tools, vary(request, rng), [], REASON_NO_TOOL)
         raise ValueError(f"unknown example kind {kind!r}")
+
+    def _out_of_scope(self, rng, entries):
+        """A no-call example over `entries`: an out-of-scope request that none of
+        them could serve, not even by asking for a missing value. values.json
+        lists the hand-written tools that could serve each request ("block this
+        phone number": block_number, so with it offered that is a missing value,
+        not "no tool fits"); an invented or user tool could when the request names
+        its object ("cancel my gym membership": cancel_membership)."""
+        fits = self.pools.get("out_of_scope_fits", {})
+        names = {e["tool"]["name"] for e in entries}
+        ok = [r for r in self.pools["out_of_scope"]
+              if not names & set(fits.get(r, ())) and not any(names_object(e, r) for e in entries)]
+        if not ok:     # every one could be served: chit-chat instead
+            return self._ex("chitchat", entries, vary(rng.choice(self.pools["chitchat"]), rng), [], REASON_CHITCHAT)
+        return self._ex("notool", entries, rng.choice(ok), [], REASON_NO_TOOL)
 
     def _tools(self, fixed, rng, *args, **kw):
         return list(fixed) if fixed is not None else self._toolset(rng, *args, **kw)
@@ -354,12 +507,12 @@ class Generator:
         if kind == "missing":
             return self.make(rng, kind, [rng.choice(cands)], allowed, entries)
         if kind == "notool":
-            others = [e for e in allowed if e["domain"] not in domains]
+            others = [e for e in allowed if e["domain"] not in domains] if "search" not in domains else []
             if others and rng.random() < 0.5:
                 e = rng.choice(others)
                 request, _ = self._call(e, rng)
                 return self._ex(kind, entries, vary(request, rng), [], REASON_NO_TOOL)
-            return self._ex(kind, entries, rng.choice(self.pools["out_of_scope"]), [], REASON_NO_TOOL)
+            return self._out_of_scope(rng, entries)
         return self.make(rng, kind, [], allowed, entries)
 
     def sample(self, rng, targets_pool, allowed, shares=KIND_SHARES):

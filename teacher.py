@@ -9,8 +9,16 @@ arrives: an interrupted run loses nothing already paid for, a re-run sends only
 what is missing, and the cleaning rules can change without asking again.
 
 What the real services do, and what this file does about it (read against the
-google-genai 3.6 and openai 3.57 SDKs and the providers' pages, 2026-12-01;
+google-genai 3.6 and openai 3.57 SDKs and the providers' pages, 2026-12-01; tested
+with google-genai 3.6.1 and openai 3.60.0, requirements.txt keeps both below 4;
 tests/fake_servers.py plays each part):
+- The Gemini requests (function declarations with parametersJsonSchema, toolConfig,
+  systemInstruction) are written for the Gemini API's v1beta. google-genai 3 sends
+  to v1 unless told otherwise, and v1's GenerateContentRequest has none of those
+  fields, so the client is pinned to v1beta (api_version changes it).
+- OpenAI's reasoning models take function tools on Chat Completions only with
+  reasoning_effort "none", and some (GPT-6 Astra, GPT-6.1 Sol, the -pro models) not
+  at all: the effort is chosen per model, and those models are refused up front.
 - Every answer reports the model that gave it, which can differ from the name asked
   for (an alias, a dated snapshot, a retired model routed to its replacement). It is
   stored with the answer, in the cache and in the labels.
@@ -59,6 +67,10 @@ SYSTEM_PROMPT = (
     "tool needs a required argument the user did not give, and "
     f"'{wire.REASON_NO_TOOL}' when the user wants an action no tool performs."
 )
+# The Gemini API version the requests below are written for. google-genai 3 defaults
+# to v1, whose published GenerateContentRequest (googleapis, generativelanguage/v1)
+# has no tools, toolConfig or systemInstruction: every request would be a 400.
+GEMINI_API_VERSION = "v1beta"
 PROBLEMS = ["malformed", "unknown_tool", "schema_invalid", "ungrounded", "no_reason", "failed"]
 # OpenAI 400s about these request settings are the same for every item: stop the run
 RUN_SETTINGS = {"model", "temperature", "reasoning_effort", "top_p"}
@@ -129,10 +141,17 @@ def _status_error(who, code, message, delay=None, quota=None, stop=False):
     return PermanentError(f"{who} {code}: {message}")
 
 
-def _gemini_error(e):
+def _gemini_error(e, api_version=GEMINI_API_VERSION):
     """google.genai APIError -> RetryableError / PermanentError / StopRun, from the
     google.rpc details Google sends: RetryInfo (how long to wait), QuotaFailure (a
-    per-day quota will not come back this run), ErrorInfo (a bad key)."""
+    per-day quota will not come back this run), ErrorInfo (a bad key). A top-level
+    field the API version does not know ('Unknown name "tools": Cannot find field.',
+    with no path after the name) is in every request alike: the run stops."""
+    message = " ".join(f"{e.status or 'error'}: {e.message}".split())   # one line
+    if e.code == 400 and re.search(r'Unknown name "\w+": Cannot find field', str(e.message)):
+        why = (f"they are written for {GEMINI_API_VERSION}" if api_version != GEMINI_API_VERSION
+               else "the service has changed what it takes")
+        return StopRun(f"gemini 400: api_version {api_version} does not take these requests ({why}): {message}"[:500])
     body = e.details if isinstance(e.details, dict) else {}
     delay, per_day, bad_key = None, None, False
     for d in (body.get("error", body) or {}).get("details") or []:
@@ -147,7 +166,7 @@ def _gemini_error(e):
             bad_key |= d.get("reason") == "API_KEY_INVALID"
     header = _retry_after(getattr(getattr(e, "response", None), "headers", None))
     delay = header if header is not None else delay
-    return _status_error("gemini", e.code or 0, f"{e.status or 'error'}: {e.message}", delay, per_day, bad_key)
+    return _status_error("gemini", e.code or 0, message, delay, per_day, bad_key)
 
 
 def _value(x):
@@ -161,14 +180,18 @@ class GeminiTeacher:
         """Nothing to refuse: every name wire.NAME_RE lets in (a letter or _, then letters,
         digits, _ . -; at most 64) is one Gemini's FunctionDeclaration.name takes."""
 
-    def __init__(self, model, api_key, base_url=None, timeout=30.0, temperature=None):
+    def __init__(self, model, api_key, base_url=None, timeout=30.0, temperature=None,
+                 api_version=GEMINI_API_VERSION):
         from google import genai
         from google.genai import types
+        # id (the cache key) leaves out the API version: the same model answers on both
         self.types, self.model, self.id, self.temperature = types, model, f"gemini:{model}", temperature
+        self.api_version = api_version
         # The SDK's own retries stay off: label() retries, counts the attempts, honours
-        # RetryInfo and stops the whole run on an exhausted quota.
+        # RetryInfo and stops the whole run on an exhausted quota. An explicit
+        # api_version wins over the SDK's default and GOOGLE_GENAI_API_VERSION.
         self.client = genai.Client(api_key=api_key, vertexai=False, http_options=types.HttpOptions(
-            base_url=base_url, timeout=int(timeout * 1000),
+            base_url=base_url, api_version=api_version, timeout=int(timeout * 1000),
             retry_options=types.HttpRetryOptions(attempts=1)))
 
     def ask(self, tools, request, tool_choice="auto"):
@@ -191,7 +214,7 @@ class GeminiTeacher:
         try:
             r = self.client.models.generate_content(model=self.model, contents=request, config=config)
         except errors.APIError as e:
-            raise _gemini_error(e) from e
+            raise _gemini_error(e, self.api_version) from e
         except _transport_errors() as e:
             raise RetryableError(f"gemini: {type(e).__name__}: {e}") from e
         stop = None
@@ -294,21 +317,47 @@ TEACHERS = {"gemini": (GeminiTeacher, "gemini-3.5-flash-lite", ["GEMINI_API_KEY"
 
 
 def openai_reasoning_default(model):
-    """'none' for OpenAI's GPT-5.1-and-later names, else None (not sent). Those models
-    reason by default, and Chat Completions refuses function tools unless the effort is
-    'none' (OpenAI's advice for moving GPT-4.x work, too); older models, and the models
-    of other OpenAI-compatible servers, do not know the parameter."""
+    """The reasoning_effort to send with function tools on Chat Completions: 'none'
+    for OpenAI's GPT-5.1-and-later names, else None (not sent). From OpenAI's pages
+    (2026): GPT-5.1 takes tools at every effort; from GPT-5.2/5.4 on, and for GPT-6
+    Sol and Luna, Chat Completions takes function tools only with 'none' (their default
+    is medium). Models before GPT-5.1 (gpt-5, gpt-5-mini, the o-series) have no 'none'
+    and take tools at their default; older models, fine-tunes of them and the models of
+    other OpenAI-compatible servers do not know the parameter."""
     m = re.search(r"(?:^|/)gpt-(\d+)(?:\.(\d+))?", model)
     return "none" if m and (int(m.group(1)), int(m.group(2) or 0)) >= (5, 1) else None
 
 
+def openai_chat_tools_refused(model):
+    """Why Chat Completions takes function tools from this OpenAI model at no
+    reasoning effort, else None. OpenAI (2026): "GPT-6 Astra and GPT-6.1 Sol require
+    Responses for tool calling" (6.1 Sol has no 'none'); the -pro models are served
+    by the Responses API only. This teacher speaks Chat Completions."""
+    m = re.search(r"(?:^|/)gpt-(\d+)(?:\.(\d+))?-([a-z]+)", model)
+    if not m:
+        return None
+    version, family = (int(m.group(1)), int(m.group(2) or 0)), m.group(3)
+    if family == "pro":
+        return "the -pro models are served by the Responses API only"
+    if family == "astra" or (family == "sol" and version >= (6, 1)):
+        return "GPT-6 Astra and GPT-6.1 Sol take tools through the Responses API only"
+    return None
+
+
 def make_teacher(kind, model=None, base_url=None, api_key=None, timeout=30.0, temperature=None,
-                 reasoning_effort="auto"):
+                 reasoning_effort="auto", api_version=None):
     """kind 'gemini' or 'openai'; the API key comes from the argument or the environment.
     temperature: sent only if given. reasoning_effort (OpenAI): 'auto' picks it from the
-    model name (openai_reasoning_default), None never sends it."""
+    model name (openai_reasoning_default) and refuses a model whose tools Chat
+    Completions never takes; None never sends it; a value is sent as given.
+    api_version (Gemini): default GEMINI_API_VERSION, what the requests are written for."""
     if kind not in TEACHERS:
         raise TeacherError(f"unknown teacher {kind!r}: expected one of {', '.join(TEACHERS)}")
+    if api_version is not None and kind != "gemini":
+        raise TeacherError("api_version is a Gemini setting; the openai teacher does not take it")
+    if api_version is not None and not re.fullmatch(r"v\d+(?:alpha|beta)?\d*", api_version):
+        raise TeacherError(f"api_version {api_version!r}: expected a Gemini API version such as "
+                           f"{GEMINI_API_VERSION} or v1")
     cls, default_model, env = TEACHERS[kind]
     api_key = api_key or next((os.environ[v] for v in env if os.environ.get(v)), None)
     if not api_key:
@@ -317,10 +366,16 @@ def make_teacher(kind, model=None, base_url=None, api_key=None, timeout=30.0, te
     if kind == "gemini":
         if reasoning_effort not in ("auto", None):
             raise TeacherError("reasoning_effort is an OpenAI setting; the gemini teacher does not take it")
-        return cls(model, api_key, base_url=base_url, timeout=timeout, temperature=temperature)
+        return cls(model, api_key, base_url=base_url, timeout=timeout, temperature=temperature,
+                   api_version=api_version or GEMINI_API_VERSION)
     if base_url is None:
         base_url = os.environ.get("OPENAI_BASE_URL") or None
     if reasoning_effort == "auto":
+        why = openai_chat_tools_refused(model)
+        if why:   # before any request: every one would be refused alike
+            raise TeacherError(f"the openai teacher uses Chat Completions, which takes no function tools from "
+                               f"{model} ({why}): use the Responses API, or a model such as gpt-6-luna or "
+                               "gpt-6-sol (tools with reasoning_effort 'none')")
         reasoning_effort = openai_reasoning_default(model)
     return cls(model, api_key, base_url=base_url, timeout=timeout, temperature=temperature,
                reasoning_effort=reasoning_effort)

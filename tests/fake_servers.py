@@ -12,7 +12,17 @@ They are as strict as the real services where teacher.py could go wrong
     reasoning_effort is "none", and refuse a temperature other than 1 unless it is
     "none"; older models refuse reasoning_effort itself; tool_choice must name a tool
     that is there;
-  - Gemini: allowedFunctionNames only with mode ANY, and only declared names.
+  - Gemini: allowedFunctionNames only with mode ANY, and only declared names;
+  - Gemini API versions: each path answers as its version does. /v1beta takes the
+    whole request teacher.py sends. /v1 takes only what the published v1
+    GenerateContentRequest has (googleapis google/ai/generativelanguage/v1/
+    generative_service.proto, read at its 2026-08-22 snapshot: model, contents,
+    safetySettings, generationConfig), so tools, toolConfig and systemInstruction
+    are a 400 "Invalid JSON payload received. Unknown name ...", as other projects
+    met it; and the -latest aliases are a 404 there (google-genai 3.0 release notes:
+    they "exist only on v1beta"). Google's API-versions page (2026) lists function
+    calling under v1 too without saying which fields carry it: where the two
+    disagree this fake follows the proto, and tests pin the version the code sends.
 
 Each server answers by a small rule ("weather in X" -> get_weather(city=X),
 anything else -> a text reason), unless a test scripted the next behaviours for a
@@ -55,10 +65,19 @@ GEMINI_MODELS = {
     # shut down 2026-12-01; requests are routed to the replacement
     "gemini-2.5-flash": "gemini-3.5-flash-lite", "gemini-2.5-pro": "gemini-3.8-flash",
 }
+# Gemini API version -> the top-level generateContent fields it takes (None: all the
+# SDK sends), and the model aliases that exist only on v1beta
+GEMINI_VERSION_FIELDS = {"v1beta": None, "v1": {"contents", "safetySettings", "generationConfig"}}
+GEMINI_BETA_ONLY = {"gemini-flash-latest", "gemini-flash-lite-latest", "gemini-pro-latest"}
 # name -> (snapshot reported, default reasoning effort or None for a non-reasoning
-# model, whether "none" is accepted)
+# model, whether "none" is accepted). OpenAI's deployment checklist (2026): GPT-6 Sol
+# and Luna take function tools on Chat Completions only with reasoning_effort "none";
+# GPT-6 Astra and GPT-6.1 Sol need the Responses API for tool calling (6.1 Sol has no
+# "none"; for Astra the docs say only that, modelled the same way).
 OPENAI_MODELS = {
     "gpt-6-luna": ("gpt-6-luna-2026-09-22", "medium", True),
+    "gpt-6-sol": ("gpt-6-sol-2026-09-22", "medium", True),
+    "gpt-6-astra": ("gpt-6-astra-2026-09-22", "medium", False),
     "gpt-6.1-sol": ("gpt-6.1-sol-2026-10-20", "medium", False),
     "gpt-5.6-luna": ("gpt-5.6-luna-2026-07-09", "medium", True),
     "gpt-5.4-mini": ("gpt-5.4-mini-2026-03-17", "none", True),
@@ -148,8 +167,8 @@ class Fake:
 
     def handle(self, h, body):
         if self.kind == "gemini":
-            m = re.fullmatch(r"/v1(?:beta)?/models/([\w.\-]+):generateContent", h.path)
-            model = m and m.group(1)
+            m = re.fullmatch(r"/(v1|v1beta)/models/([\w.\-]+):generateContent", h.path)
+            version, model = (m.group(1), m.group(2)) if m else (None, None)
             text = body["contents"][0]["parts"][0]["text"]
         else:
             m = h.path == "/v1/chat/completions"
@@ -165,7 +184,7 @@ class Fake:
             return self.send(h, 404, {"error": {"code": 404, "message": f"no route {h.path}"}})
         try:
             if self.kind == "gemini":
-                forced = self.check_gemini(model, body)
+                forced = self.check_gemini(model, body, version)
             else:
                 forced = self.check_openai(model, body)
             if step[0] == "sleep":
@@ -196,11 +215,18 @@ class Fake:
     # tool choice allows first, or None
 
     @staticmethod
-    def check_gemini(model, body):
-        if model not in GEMINI_MODELS:
-            raise gemini_error(404, f"models/{model} is not found for API version v1beta, or is not "
+    def check_gemini(model, body, version="v1beta"):
+        if model not in GEMINI_MODELS or (version != "v1beta" and model in GEMINI_BETA_ONLY):
+            raise gemini_error(404, f"models/{model} is not found for API version {version}, or is not "
                                "supported for generateContent. Call ListModels to see the list of "
                                "available models and their supported methods.", "NOT_FOUND")
+        fields = GEMINI_VERSION_FIELDS[version]
+        unknown = [k for k in body if fields is not None and k not in fields]
+        if unknown:   # Google's JSON-to-proto parser: one line and one violation per field
+            lines = [f'Invalid JSON payload received. Unknown name "{k}": Cannot find field.' for k in unknown]
+            raise gemini_error(400, "\n".join(lines), "INVALID_ARGUMENT", [
+                {"@type": "type.googleapis.com/google.rpc.BadRequest",
+                 "fieldViolations": [{"description": line} for line in lines]}])
         decls = [d for t in body.get("tools", []) for d in t.get("functionDeclarations", [])]
         for i, d in enumerate(decls):
             if not GEMINI_NAME.match(d.get("name", "")):

@@ -8,7 +8,7 @@ import sentencepiece as spm
 import data
 import wire
 from invent import invent_tools
-from synth import Generator, grounded, load_catalogue, load_json
+from synth import Generator, grounded, load_catalogue, load_json, value_classes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CATALOGUE = os.path.join(ROOT, "assets", "catalogue.json")
@@ -41,7 +41,9 @@ def test_examples_are_valid_grounded_and_mixed():
         assert len({t["name"] for t in ex["tools"]}) == len(ex["tools"])
         answer = {"calls": ex["calls"], "reason": ex["reason"]}
         assert wire.validate_answer(answer, ex["tools"]) is None, ex
-        assert all(grounded(ex["request"], c["arguments"]) for c in ex["calls"]), ex
+        # copied values are whole words of the request; enum constants ("the AC" -> mode
+        # "cool") need not be in it
+        assert not [v for v in value_classes(ex, ex["tools"]) if v[3] == "bad"], ex
     nocall = sum(not e["calls"] for e in exs) / len(exs)
     multi = sum(len(e["calls"]) > 1 for e in exs) / len(exs)
     assert 0.10 <= nocall <= 0.20 and multi >= 0.20
@@ -124,6 +126,10 @@ def test_own_tools_and_imports_and_data_card(tmp_path, capsys):
     card = json.load(open(os.path.join(out, "data_card.json")))
     assert card["examples"] == len(train) and card["sources"]["import"] == 1
     assert 0 < card["call_targets_invented_share"] < 1 and card["tokens_p95"] >= card["tokens_p50"] > 0
+    # your tools' values are whole words of the requests too, and the card and meta count them
+    assert card["values"]["bad"] == 0 and card["values"]["span"] > card["values"]["converted"] > 0
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    assert meta["splits"]["train"]["values"] == card["values"] and "argument values:" in printed
 
 
 def test_teacher_labels_train_and_val_and_resumes_from_cache(tmp_path, monkeypatch, capsys):

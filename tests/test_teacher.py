@@ -3,6 +3,7 @@ through the real SDKs: no network, tiny backoff (or a recorded one: nothing slee
 for the seconds a server asks for), whole file in a few seconds."""
 
 import json
+import re
 import signal
 import threading
 import time
@@ -51,7 +52,7 @@ def test_ask_speaks_the_real_protocol(fake):
     assert answer["calls"] == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
     path, headers, body = fake.requests[0]
     if fake.kind == "gemini":
-        assert path.endswith("/models/gemini-3.5-flash-lite:generateContent")
+        assert path == "/v1beta/models/gemini-3.5-flash-lite:generateContent"   # the version it was written for
         assert headers["x-goog-api-key"] == "test-key"
         assert body["toolConfig"]["functionCallingConfig"] == {"mode": "AUTO"}
         assert "temperature" not in body.get("generationConfig", {})   # only when asked for
@@ -488,3 +489,141 @@ def test_serve_fallback_asks_with_the_clients_tool_choice(fake):
     fake.script["hello"].append(("blocked", "SAFETY"))  # a blocked or refused answer is not used
     answer, why = serve.ask_teacher(fake.teacher, tools, "hello", "auto")
     assert answer is None and ("blocked:SAFETY" in why if fake.kind == "gemini" else "invalid_prompt" in why)
+
+
+# -----------------------------------------------------------------------------
+# the SDK versions a fresh install gets (issue 24): google-genai 3 sends to the
+# Gemini API's v1 unless told otherwise; requirements.txt bounds the SDKs
+
+def post_json(url, body):
+    """(HTTP status, parsed body) of a raw POST: the fake checked without any SDK."""
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_fake_gemini_answers_each_api_version_as_the_service_does():
+    """v1beta takes tools, toolConfig and systemInstruction; v1 (as its published
+    proto has it) refuses them by name and does not know the -latest aliases."""
+    f = Fake("gemini")
+    try:
+        plain = {"contents": [{"role": "user", "parts": [{"text": "weather in Oslo?"}]}]}
+        full = dict(plain, systemInstruction={"parts": [{"text": "be brief"}]},
+                    tools=[{"functionDeclarations": [{"name": "get_weather", "description": "d",
+                                                      "parametersJsonSchema": {"type": "object"}}]}],
+                    toolConfig={"functionCallingConfig": {"mode": "AUTO"}})
+        model = "gemini-3.5-flash-lite"
+        assert post_json(f"{f.url}/v1beta/models/{model}:generateContent", full)[0] == 200
+        assert post_json(f"{f.url}/v1/models/{model}:generateContent", plain)[0] == 200
+        code, body = post_json(f"{f.url}/v1/models/{model}:generateContent", full)
+        assert code == 400 and body["error"]["status"] == "INVALID_ARGUMENT"
+        for name in ("systemInstruction", "tools", "toolConfig"):
+            assert f'Unknown name "{name}": Cannot find field.' in body["error"]["message"]
+        assert post_json(f"{f.url}/v1beta/models/gemini-flash-latest:generateContent", plain)[0] == 200
+        code, body = post_json(f"{f.url}/v1/models/gemini-flash-latest:generateContent", plain)
+        assert code == 404 and "API version v1," in body["error"]["message"]
+    finally:
+        f.close()
+
+
+def test_gemini_requests_go_to_the_api_version_they_were_written_for(monkeypatch):
+    """google-genai 3 defaults the Gemini Developer API to v1, where function
+    declarations and toolConfig are not taken: the teacher pins v1beta, whatever the
+    SDK's default or GOOGLE_GENAI_API_VERSION say."""
+    monkeypatch.delenv("GOOGLE_GENAI_API_VERSION", raising=False)
+    f = Fake("gemini")
+    try:
+        t = teacher.make_teacher("gemini", base_url=f.url, api_key="k")
+        assert t.ask(TOOLS, "weather in Oslo?")["calls"] == [{"name": "get_weather", "arguments": {"city": "Oslo"}}]
+        monkeypatch.setenv("GOOGLE_GENAI_API_VERSION", "v1")
+        teacher.make_teacher("gemini", base_url=f.url, api_key="k").ask(TOOLS, "weather in Rome?")
+        assert [p for p, _, _ in f.requests] == ["/v1beta/models/gemini-3.5-flash-lite:generateContent"] * 2
+    finally:
+        f.close()
+
+
+def test_gemini_api_version_flag_and_a_version_that_refuses_the_request_stops_the_run(tmp_path):
+    f = Fake("gemini")
+    try:
+        t = teacher.make_teacher("gemini", base_url=f.url, api_key="k", api_version="v1")
+        assert t.id == "gemini:gemini-3.5-flash-lite"      # same model, same cache keys
+        with pytest.raises(teacher.StopRun) as e:
+            teacher.label([{"tools": TOOLS, "request": f"weather in {c}?"} for c in CITIES[:4]], t,
+                          str(tmp_path / "c.jsonl"), **{**FAST, "concurrency": 1})
+        msg = str(e.value)
+        assert 'Unknown name "tools"' in msg and "api_version v1" in msg and "v1beta" in msg
+        assert [p for p, _, _ in f.requests] == ["/v1/models/gemini-3.5-flash-lite:generateContent"]
+        with pytest.raises(teacher.TeacherError, match="api_version"):
+            teacher.make_teacher("openai", api_key="k", api_version="v1")
+        with pytest.raises(teacher.TeacherError, match="api_version"):
+            teacher.make_teacher("gemini", api_key="k", api_version="v1/../x")
+    finally:
+        f.close()
+
+
+SDKS = {"google-genai": "google.genai", "openai": "openai"}
+
+
+def test_installed_sdks_are_inside_the_requirement_bounds():
+    """Each SDK is bounded to the major the code is tested with, the installed one
+    is inside the bounds, and the teacher's code paths import and build a client."""
+    import importlib.metadata
+    import os
+    from packaging.requirements import Requirement
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "requirements.txt")
+    with open(path, encoding="utf-8") as fh:
+        reqs = {r.name: r for r in (Requirement(line.split("#")[0].strip()) for line in fh
+                                    if line.split("#")[0].strip())}
+    for dist in SDKS:
+        spec = reqs[dist].specifier
+        assert any(s.operator == "<" for s in spec), f"{dist}: no upper bound in requirements.txt ({spec or 'none'})"
+        installed = importlib.metadata.version(dist)
+        assert spec.contains(installed), f"{dist} {installed} is installed, requirements.txt asks for {spec}"
+    for kind in ("gemini", "openai"):
+        t = teacher.make_teacher(kind, api_key="k", base_url="http://127.0.0.1:9")
+        assert t.client is not None
+    assert teacher._transport_errors()              # httpx2 (google-genai 3, openai 3) is found
+
+
+@pytest.mark.parametrize("model", sorted(fake_servers.OPENAI_MODELS))
+def test_openai_teacher_sends_an_effort_the_model_takes_with_function_tools(model):
+    """Each model either gets a reasoning_effort it takes with function tools on
+    Chat Completions (or none at all), or is refused before any request, with the
+    reason, when Chat Completions takes no effort with tools for it."""
+    f = Fake("openai")
+    try:
+        _, default, takes_none = fake_servers.OPENAI_MODELS[model]
+        if default is not None and not takes_none:     # Chat Completions never takes its tools
+            with pytest.raises(teacher.TeacherError, match=rf"{re.escape(model)}.*Responses API"):
+                teacher.make_teacher("openai", model=model, base_url=f.url, api_key="k")
+            assert f.requests == []
+            return
+        t = teacher.make_teacher("openai", model=model, base_url=f.url, api_key="k")
+        assert t.ask(TOOLS, "weather in Oslo?")["calls"]
+        assert f.requests[-1][2].get("reasoning_effort") == (None if default is None else "none")
+    finally:
+        f.close()
+
+
+@pytest.mark.parametrize("model, effort", [
+    ("gpt-4o-mini", None), ("gpt-4.1", None), ("o3", None), ("o4-mini", None),
+    ("gpt-5", None), ("gpt-5-mini", None),             # before 5.1: no "none"; tools take any effort
+    ("gpt-5.1", "none"), ("gpt-5.4-mini", "none"), ("gpt-5.6-luna", "none"), ("gpt-6-luna", "none"),
+    ("gpt-6-sol", "none"), ("openai/gpt-6-luna", "none"), ("ft:gpt-4o-mini:org::abc", None),
+    ("llama-3.3-70b", None),
+])
+def test_openai_reasoning_default_per_model(model, effort):
+    assert teacher.openai_reasoning_default(model) == effort
+
+
+@pytest.mark.parametrize("model", ["gpt-6.1-sol", "gpt-6.2-sol", "gpt-6-astra", "gpt-5-pro", "gpt-5.4-pro"])
+def test_models_whose_tools_need_the_responses_api_are_refused_up_front(model):
+    with pytest.raises(teacher.TeacherError, match="Responses API"):
+        teacher.make_teacher("openai", model=model, api_key="k")
+    # an explicit effort is the user's call (an OpenAI-compatible proxy may bridge it)
+    assert teacher.make_teacher("openai", model=model, api_key="k", reasoning_effort="low").reasoning_effort == "low"
