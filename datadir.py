@@ -197,7 +197,8 @@ def span_keys(examples, tools, share=0.99):
     key] pairs. The decoder holds these to runs of the request's words (grammar
     span frames); the rest (converted: number words, flags, enums, dates written
     anew) stay free. A (tool, key) the data never shows goes by its key over all
-    tools (an intent/slot set pairs slots with new intents at test time)."""
+    tools (an intent/slot set pairs slots with new intents at test time). Only
+    plain strings, lists of strings and numbers can be held so (grammar.spanned)."""
     pair, key = {}, {}
     for ex in examples:
         spans = grammar.Spans(ex["request"])
@@ -209,7 +210,9 @@ def span_keys(examples, tools, share=0.99):
                     tally[at] = (n + 1, m + ok)
     out = []
     for t in tools:
-        for k in t["parameters"].get("properties", {}):
+        for k, p in t["parameters"].get("properties", {}).items():
+            if grammar.spanned(grammar.value_node(p))[0] != "span":
+                continue                                  # an enum, a flag, an object: never copied as such
             n, m = pair.get((t["name"], k)) or key.get(k) or (0, 0)
             if n and m >= share * n:
                 out.append([t["name"], k])

@@ -303,3 +303,25 @@ def test_a_teacher_labels_a_compiled_catalogue(tmp_path, monkeypatch):
     assert {t["function"]["name"] for t in asked["tools"]} == names       # the whole catalogue
     train = datadir.read_jsonl(os.path.join(out, "train.jsonl"))
     assert train and all(ex["label"].startswith("openai:") and "tools" not in ex for ex in train)
+
+
+@pytest.mark.parametrize("from_heads", [True, False])
+def test_every_copied_value_is_a_run_of_whole_request_words(router, compiled_data, from_heads):
+    """Over the test split: each value of a span key (data.py: the data always copies
+    it) comes out as a run of whole request words, whoever writes it (the heads or
+    the decoder): no "cggs" for "eggs", no "La Paz?", no "10" of "107"."""
+    assert router.span_keys                                  # the data dir lists them
+    router.answer_from_heads = from_heads
+    checked = 0
+    try:
+        for ex in datadir.read_jsonl(os.path.join(compiled_data, "test.jsonl")):
+            res = router.answer(None, ex["request"], 64, tool_choice="required")
+            spans = grammar.Spans(ex["request"])
+            for c in res["calls"]:
+                for k, v in c["arguments"].items():
+                    if (c["name"], k) in router.span_keys:
+                        assert grammar.is_span(v, spans), (ex["request"], c["name"], k, v)
+                        checked += 1
+    finally:
+        router.answer_from_heads = True
+    assert checked > 5
