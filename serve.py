@@ -72,7 +72,7 @@ import sys
 import threading
 import time
 import uuid
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
 
@@ -376,10 +376,16 @@ async def on_crash(request, e):               # a bug: say so in one line (the l
     return JSONResponse(error_body(f"internal error ({type(e).__name__}: {e})", 500, code="internal_error"), 500)
 
 
-async def off_the_loop(fn, *args):
-    """fn(*args) on a worker thread: for work that waits (the teacher's network call)
-    or may take long (tokenizing a tool result of up to a megabyte)."""
-    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+async def run_on(pool, fn, *args):
+    """fn(*args) off the event loop: on the model's thread, or (pool None) on any
+    worker thread, for work that waits (the teacher's network call) or may take long
+    (tokenizing a tool result of up to a megabyte)."""
+    return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+
+def refused(e):
+    """The Router's ValueError (a prompt that does not fit the context, ...) as a 400."""
+    return BadRequest(str(e), "messages", code="context_length_exceeded" if "context" in str(e) else "invalid_value")
 
 
 def create_app(router, model_id="nanotool", teacher=None, fallback_below=0.0,
@@ -387,16 +393,23 @@ def create_app(router, model_id="nanotool", teacher=None, fallback_below=0.0,
     """The FastAPI app around one loaded Router. teacher: None, or an object with .id and
     .ask(tools, request, tool_choice) -> {"calls", "text"} (teacher.make_teacher gives one).
     log_requests: a JSONL path for the answers (see RequestLog), or None."""
-    # The model runs on the event loop's own thread, one request at a time (the Router
-    # is not thread-safe: its KV prefix cache is rewound by every request). A model
-    # thread cost more than it saved: two thread switches per request, and the GIL
-    # passed back and forth between the two threads (see docs/serving.md).
+    # The Router is not thread-safe (its KV prefix cache is rewound by every request), so
+    # all model calls run on this one thread, in arrival order, and the event loop stays
+    # free to answer /health meanwhile (on the loop's own thread, /health waited for every
+    # queued answer: p50 ~370 ms under 8 clients, for no throughput gained; docs/serving.md).
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
     checked, log = Checker(max_request_bytes), RequestLog(log_requests) if log_requests else None
-    created, context, compiled = int(time.time()), router.model.config.block_size, router.catalogue is not None
+    context, compiled = router.model.config.block_size, router.catalogue is not None
+    health_info = {"status": "ok", "model": model_id, "context": context,
+                   "compiled_tools": len(router.catalogue) if compiled else None,
+                   "fallback": getattr(teacher, "id", None), "fallback_below": fallback_below if teacher else None}
+    model_list = {"object": "list", "data": [{"id": model_id, "object": "model", "created": int(time.time()),
+                                              "owned_by": "nanotool"}]}
 
     @asynccontextmanager
     async def lifespan(app):
         yield
+        worker.shutdown(wait=False, cancel_futures=True)
         checked.close()
 
     app = FastAPI(title="nanotool", lifespan=lifespan, exception_handlers={
@@ -420,16 +433,15 @@ def create_app(router, model_id="nanotool", teacher=None, fallback_below=0.0,
         tools, request, choice = job["tools"] or (router.catalogue if compiled else []), job["text"], job["choice"]
         reply = None
         if not tools:
-            ans = no_tool_answer(await off_the_loop(count_prompt, tools, request))
+            ans = no_tool_answer(await run_on(None, count_prompt, tools, request))
         else:
             try:
-                res = run_local(tools, request, choice, job["max_tokens"], job.get("top_logprobs"))
+                res = await run_on(worker, run_local, tools, request, choice, job["max_tokens"], job.get("top_logprobs"))
             except ValueError as e:    # the prompt does not fit the context, ...
-                raise BadRequest(str(e), "messages",
-                                 code="context_length_exceeded" if "context" in str(e) else "invalid_value") from None
+                raise refused(e) from None
             ans = local_answer(res, res["prompt_tokens"])
             if teacher is not None and wants_teacher(ans, choice, fallback_below):
-                reply = (teacher.id, *await off_the_loop(ask_teacher, teacher, tools, request, choice))
+                reply = (teacher.id, *await run_on(None, ask_teacher, teacher, tools, request, choice))
         ans, label = settle(ans, model_id, choice, job.get("parallel", True), reply)
         if label is not None and log is not None:
             log.write(tools, request, label, model_id, endpoint)
@@ -438,14 +450,11 @@ def create_app(router, model_id="nanotool", teacher=None, fallback_below=0.0,
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_id, "context": context,
-                "compiled_tools": len(router.catalogue) if compiled else None,
-                "fallback": getattr(teacher, "id", None), "fallback_below": fallback_below if teacher else None}
+        return health_info
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
-                                            "owned_by": "nanotool"}]}
+        return model_list
 
     # The POST endpoints return a finished JSONResponse: handed a dict, FastAPI would
     # first walk it with jsonable_encoder, a quarter of the app's time per request.
@@ -461,7 +470,7 @@ def create_app(router, model_id="nanotool", teacher=None, fallback_below=0.0,
                                                        only_model=model_id if strict_model else None,
                                                        compiled=compiled))
         if job["tool_result"] is not None:
-            n = await off_the_loop(count_prompt, job["tools"], job["tool_result"])
+            n = await run_on(None, count_prompt, job["tools"], job["tool_result"])
             ans = tool_result_answer(job["tool_result"], n, model_id)
         else:
             ans = await route(job)
