@@ -5,7 +5,8 @@ Two checks, each over the files a user reads or runs:
 - no path leads outside the repository: a `../` path in a command, docstring or default
   is resolved from the repo root (where every command runs), a Markdown link from the
   page's own folder; either must land inside the root. `/work/...` machine paths fail too.
-- every file the README's or the Makefile's commands name is in the repository
+- every file the README's or the Makefile's commands name, and every file a page of the
+  README or docs links to, is in the repository
   (tracked by git when there is a .git, so an untracked local file does not pass);
   gitignored outputs (data/, out/, .venv/) are made by the commands and are skipped.
 
@@ -141,6 +142,25 @@ def missing_files(root, commands):
     return missing
 
 
+def broken_links(root):
+    """[(page, target)] for every relative Markdown link whose file a clone lacks."""
+    have = tracked(root)
+    bad = []
+    for rel in scanned_files(root):
+        if not rel.endswith(".md"):
+            continue
+        with open(os.path.join(root, rel), encoding="utf-8") as f:
+            targets = MD_LINK.findall(f.read())
+        for target in targets:
+            path = target.split("#")[0]
+            if not path or "://" in target or target.startswith("mailto:"):
+                continue
+            name = os.path.normpath(os.path.join(os.path.dirname(rel), path))
+            if not (name in have if have is not None else os.path.exists(os.path.join(root, name))):
+                bad.append((rel, target))
+    return bad
+
+
 # -----------------------------------------------------------------------------
 
 
@@ -179,6 +199,11 @@ def test_every_file_the_makefile_names_is_in_the_repository():
     assert not missing, "Makefile commands name files a clone lacks:\n" + "\n".join(f"{n}  ({c})" for n, c in missing)
 
 
+def test_every_link_of_the_readme_and_docs_leads_to_a_file_of_the_repository():
+    bad = broken_links(ROOT)
+    assert not bad, "links to files a clone lacks:\n" + "\n".join(f"{p}: {t}" for p, t in bad)
+
+
 def test_the_evaluation_sets_are_complete():
     """What make atis and the README's external-set commands read, with each license."""
     for split in ("train", "valid", "test"):
@@ -197,8 +222,9 @@ def test_the_evaluation_sets_are_complete():
 
 def test_a_file_the_commands_need_that_a_clone_lacks_is_found(tmp_path):
     (tmp_path / "README.md").write_text("```bash\npython eval.py --apibank evaldata/apibank/gone.json\n"
-                                        "python train.py --out_dir out/x\n```\n")
+                                        "python train.py --out_dir out/x\n```\n[gone](docs/gone.md) [here](eval.py)\n")
     (tmp_path / "eval.py").write_text("")
     (tmp_path / "train.py").write_text("")
     assert missing_files(str(tmp_path), readme_commands(str(tmp_path))) == \
         [("evaldata/apibank/gone.json", "python eval.py --apibank evaldata/apibank/gone.json")]
+    assert broken_links(str(tmp_path)) == [("README.md", "docs/gone.md")]
