@@ -228,3 +228,12 @@ def test_a_file_the_commands_need_that_a_clone_lacks_is_found(tmp_path):
     assert missing_files(str(tmp_path), readme_commands(str(tmp_path))) == \
         [("evaldata/apibank/gone.json", "python eval.py --apibank evaldata/apibank/gone.json")]
     assert broken_links(str(tmp_path)) == [("README.md", "docs/gone.md")]
+
+
+def test_make_atis_reads_the_shipped_split_as_its_readme_counts_it():
+    """The loader make atis uses, on the files in the repository (the When2Call and
+    API-Bank loaders are tested on small files in test_eval.py: on the full files they
+    take ~20 s)."""
+    import formats
+    tools, splits = formats.load_intent_slot_dir(os.path.join(ROOT, "evaldata", "atis"))
+    assert len(tools) == 21 and {k: len(v) for k, v in splits.items()} == {"train": 4478, "val": 500, "test": 893}
