@@ -142,21 +142,31 @@ def missing_files(root, commands):
     return missing
 
 
+def heading_anchors(text):
+    """The #anchors GitHub gives a page's headings (code blocks are not headings)."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", text, re.M)}
+
+
 def broken_links(root):
-    """[(page, target)] for every relative Markdown link whose file a clone lacks."""
+    """[(page, target)] for every relative Markdown link whose file a clone lacks, or
+    whose #anchor names no heading of the page it leads to."""
     have = tracked(root)
-    bad = []
+    pages = {}
     for rel in scanned_files(root):
-        if not rel.endswith(".md"):
-            continue
-        with open(os.path.join(root, rel), encoding="utf-8") as f:
-            targets = MD_LINK.findall(f.read())
-        for target in targets:
-            path = target.split("#")[0]
-            if not path or "://" in target or target.startswith("mailto:"):
+        if rel.endswith(".md"):
+            with open(os.path.join(root, rel), encoding="utf-8") as f:
+                pages[rel] = f.read()
+    bad = []
+    for rel, text in pages.items():
+        for target in MD_LINK.findall(text):
+            if "://" in target or target.startswith("mailto:"):
                 continue
-            name = os.path.normpath(os.path.join(os.path.dirname(rel), path))
+            path, _, anchor = target.partition("#")
+            name = os.path.normpath(os.path.join(os.path.dirname(rel), path)) if path else rel
             if not (name in have if have is not None else os.path.exists(os.path.join(root, name))):
+                bad.append((rel, target))
+            elif anchor and name in pages and anchor not in heading_anchors(pages[name]):
                 bad.append((rel, target))
     return bad
 
@@ -222,12 +232,13 @@ def test_the_evaluation_sets_are_complete():
 
 def test_a_file_the_commands_need_that_a_clone_lacks_is_found(tmp_path):
     (tmp_path / "README.md").write_text("```bash\npython eval.py --apibank evaldata/apibank/gone.json\n"
-                                        "python train.py --out_dir out/x\n```\n[gone](docs/gone.md) [here](eval.py)\n")
+                                        "python train.py --out_dir out/x\n```\n[gone](docs/gone.md) [here](eval.py) "
+                                        "[up](#two-commands) [down](#moved)\n\n## Two commands\n")
     (tmp_path / "eval.py").write_text("")
     (tmp_path / "train.py").write_text("")
     assert missing_files(str(tmp_path), readme_commands(str(tmp_path))) == \
         [("evaldata/apibank/gone.json", "python eval.py --apibank evaldata/apibank/gone.json")]
-    assert broken_links(str(tmp_path)) == [("README.md", "docs/gone.md")]
+    assert broken_links(str(tmp_path)) == [("README.md", "docs/gone.md"), ("README.md", "#moved")]
 
 
 def test_make_atis_reads_the_shipped_split_as_its_readme_counts_it():
