@@ -3,8 +3,10 @@
 #               assistant app's 38 tools (CPU, ~10 min)
 #   make test   virtual env + install + the test suite (CPU, a few minutes)
 # and one more for the benchmark:
-#   make atis   the compiled router on ATIS: import, train (15 min), report against the
-#               published results (ATIS_DIR=... for another folder in the same format)
+#   make atis   the compiled router on ATIS (evaldata/atis, in the repository): import,
+#               train (15 min), report against the published results
+#               (ATIS_DIR=... for another folder in the same format; ATIS_STEPS=30
+#               ATIS_MINUTES=1 for a quick check of the whole chain)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -17,8 +19,9 @@ DOMAINS := timers_alarms,messaging,calendar,weather,smart_home,music,notes_remin
 ROUTER := --preset tiny --prefix_lm --copy_head --tagger --dropout 0.1 --batch_size 32 --length_window 64 \
           --warmup_steps 100 --eval_interval 500 --log_interval 100
 DEMO_STEPS := 2000
-ATIS_DIR ?= ../shared/eval/atis
-ATIS_STEPS := 4000
+ATIS_DIR ?= evaldata/atis
+ATIS_STEPS ?= 4000
+ATIS_MINUTES ?= 15
 
 .PHONY: demo test venv data train eval sample atis clean
 
@@ -46,8 +49,9 @@ demo: venv
 	$(MAKE) data train eval sample
 
 atis: venv
+	@test -f $(ATIS_DIR)/train.seq.in || { echo "error: $(ATIS_DIR)/train.seq.in not found: ATIS ships in evaldata/atis (see evaldata/atis/README.md); for another copy put {train,valid,test}.{seq.in,seq.out,label} in one folder and pass ATIS_DIR=that/folder" >&2; exit 2; }
 	$(PY) data.py --intent_slot $(ATIS_DIR) --out_dir data/atis --vocab_size 1000
-	$(PY) train.py --data_dir data/atis --out_dir out/atis $(ROUTER) --max_steps $(ATIS_STEPS) --max_minutes 15
+	$(PY) train.py --data_dir data/atis --out_dir out/atis $(ROUTER) --max_steps $(ATIS_STEPS) --max_minutes $(ATIS_MINUTES)
 	$(PY) eval.py --ckpt out/atis/best.pt --out out/atis/eval_atis.json
 
 test: venv

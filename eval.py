@@ -31,8 +31,8 @@ printed too. Writes all of it as JSON, and one line per item with the
 prediction and its error class, for error analysis (utils/plots.py draws from both).
 
 External sets (evaluation only, never trained on; loaders in evalsets.py):
-    python eval.py --ckpt out/demo/best.pt --when2call ../shared/eval/when2call/when2call_test_llm_judge.jsonl
-    python eval.py --ckpt out/demo/best.pt --apibank ../shared/eval/apibank/level-1-api.json
+    python eval.py --ckpt out/demo/best.pt --when2call evaldata/when2call/when2call_test_llm_judge.jsonl
+    python eval.py --ckpt out/demo/best.pt --apibank evaldata/apibank/level-1-api.json
 
 When2Call asks for a decision: call a tool, ask for missing information, or
 decline. A call is "tool_call", a no-call whose reason is "missing argument" is

@@ -1,9 +1,9 @@
 """
 External test sets written by others, turned into our test items (eval.py scores them).
 
-    python eval.py --ckpt out/demo/best.pt --when2call ../shared/eval/when2call/when2call_test_llm_judge.jsonl
-    python eval.py --ckpt out/demo/best.pt --apibank ../shared/eval/apibank/level-1-api.json
-    python eval.py --ckpt out/demo/best.pt --apibank ../shared/eval/apibank/level-1-api.json --apibank_request last
+    python eval.py --ckpt out/demo/best.pt --when2call evaldata/when2call/when2call_test_llm_judge.jsonl
+    python eval.py --ckpt out/demo/best.pt --apibank evaldata/apibank/level-1-api.json
+    python eval.py --ckpt out/demo/best.pt --apibank evaldata/apibank/level-1-api.json --apibank_request last
 
 They are for evaluation only: never train on them or on anything derived from them.
 
@@ -230,7 +230,7 @@ def load_apibank(path, request="dialogue"):
 # -----------------------------------------------------------------------------
 # intent / slot sets (ATIS): the literature's three numbers
 
-# From the papers' own tables, on the same ATIS test split (../shared/eval/atis/README.md).
+# From the papers' own tables, on the same ATIS test split (evaldata/atis/README.md).
 PUBLISHED_ATIS = [
     ("Slot-Gated BiLSTM (Goo et al. 2018)", "no", 93.6, 94.8, 82.2),
     ("Stack-Propagation (Qin et al. 2019)", "no", 96.9, 95.9, 86.5),

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 name=$1; shift
-[ -f data/atis/meta.json ] || $PY data.py --intent_slot ../shared/eval/atis --out_dir data/atis --vocab_size 1000
+[ -f data/atis/meta.json ] || $PY data.py --intent_slot evaldata/atis --out_dir data/atis --vocab_size 1000
 mkdir -p out/atis
 $PY train.py --data_dir data/atis --out_dir out/atis/$name --preset tiny --batch_size 32 --length_window 64 \
     --eval_interval 500 --log_interval 100 --warmup_steps 100 "$@" > out/atis/$name.log 2>&1

@@ -61,3 +61,10 @@ def test_a_missing_input_skips_its_plot_with_a_message(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:                                # nothing left to draw
         main(["--eval", str(bad), "--out_dir", str(out)])
     assert e.value.code == 1 and "not an eval.py result" in capsys.readouterr().err
+
+
+def test_the_pipeline_picture_is_drawn_without_a_run(tmp_path):
+    out = tmp_path / "docs" / "pipeline.png"
+    main(["--pipeline", str(out)])
+    data = out.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 20_000   # six boxes of text, not an empty canvas

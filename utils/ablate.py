@@ -6,8 +6,8 @@ same budget, one after another, evaluate each, and write one table and one plot.
         --train_args "--preset tiny --data_dir data/demo"                  # 2 runs: ~2 x 11 min + eval
     python utils/ablate.py --minutes 30 --seeds 1337,1338 --curve 4 --eval_limit 200 \\
         --train_args "--preset small --data_dir data/demo" \\
-        --apibank ../shared/eval/apibank/level-1-api.json \\
-        --when2call ../shared/eval/when2call/when2call_test_llm_judge.jsonl    # every variant of the file, 2 seeds
+        --apibank evaldata/apibank/level-1-api.json \\
+        --when2call evaldata/when2call/when2call_test_llm_judge.jsonl    # every variant of the file, 2 seeds
     python utils/ablate.py --steps 3000 --variants base,copy --train_args "--preset tiny"   # equal steps, not time
     python utils/ablate.py --minutes 10 --variants base,copy --dry_run     # print the plan and the commands only
 

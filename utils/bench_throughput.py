@@ -35,7 +35,7 @@ per step, not per token). So this is the matmul work the hardware did, not
 
 The reference is the best of --matmul_reps fp32 (n x n) @ (n x n) products
 (2 n^3 FLOPs), measured just before each preset, so a machine that gets busier
-during the run moves both numbers. DESIGN.md measured ~120-150 GFLOP/s for
+during the run moves both numbers. docs/design.md records ~120-150 GFLOP/s for
 this matmul on the 2-core box, and ~110 GFLOP/s training a 23.6M GPT.
 """
 

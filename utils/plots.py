@@ -3,6 +3,7 @@ Pictures of a run: training curves, accuracy by catalogue size, calibration.
 
     python utils/plots.py --log out/demo/log.txt --eval out/demo/eval_test.json --out_dir out/demo/plots
     python utils/plots.py --log out/a/log.txt out/b/log.txt --out_dir out/plots     # two runs on one chart
+    python utils/plots.py --pipeline docs/pipeline.png                              # the README's picture
 
 Writes PNGs into --out_dir (matplotlib, no display needed):
     loss.png         train loss (every logged step) and val loss (each evaluation)
@@ -12,6 +13,8 @@ Writes PNGs into --out_dir (matplotlib, no display needed):
     calibration.png  reliability diagram from the same JSON's "calibration" bins:
                      accuracy against mean confidence per bin, the diagonal a
                      perfectly calibrated model would sit on, and the items per bin
+    pipeline.png     (--pipeline PATH) the project's pipeline, script by script, with
+                     one request and its answer in the wire format; needs no run
 An input that is missing or lacks what a plot needs is reported in one line and
 that plot is skipped; the others are still drawn.
 """
@@ -112,14 +115,63 @@ def plot_calibration(calib, path, title):
     plt.close(fig)
 
 
+# The README's picture: one box per stage, the script that runs it, what comes out.
+PIPELINE = [
+    ("tools", "examples/tools.json\nassets/catalogue.json", "OpenAI function\ndefinitions, or one\napp's fixed catalogue"),
+    ("data", "data.py\n(synth.py, teacher.py)", "requests + right calls\nin the wire format;\nheld-out test splits"),
+    ("tokenizer", "data.py\n(sentencepiece)", "BPE pieces; each\nspecial token and\ncompiled tool one piece"),
+    ("model", "model.py\ntrain.py", "1-26M transformer,\ncopy head, tagger and\nintent heads"),
+    ("decoder", "sample.py\ngrammar.py", "greedy, constrained:\nevery answer a valid\ncall or a no-call"),
+    ("report, server", "eval.py\nserve.py", "exact match, F1,\nlatency; an OpenAI-\ncompatible endpoint"),
+]
+
+
+def plot_pipeline(path):
+    """The pipeline as six boxes left to right, with one request in the wire format below."""
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+    fig, ax = plt.subplots(figsize=(13.6, 4.4))
+    ax.set_xlim(0, 13.6)
+    ax.set_ylim(0, 4.4)
+    ax.axis("off")
+    w, gap, y0, h = 1.95, 0.3, 1.45, 2.55
+    colours = ["#dbe9f6", "#dbe9f6", "#dbe9f6", "#fde4c8", "#e2f0d9", "#e2f0d9"]
+    for i, (name, script, what) in enumerate(PIPELINE):
+        x = 0.2 + i * (w + gap)
+        ax.add_patch(FancyBboxPatch((x, y0), w, h, boxstyle="round,pad=0.03,rounding_size=0.12",
+                                    facecolor=colours[i], edgecolor="#333333", linewidth=1.2))
+        ax.text(x + w / 2, y0 + h - 0.3, name, ha="center", va="center", fontsize=13, weight="bold")
+        ax.text(x + w / 2, y0 + h - 0.85, script, ha="center", va="center", fontsize=9.5, linespacing=1.3,
+                family="monospace", color="#1f4e79")
+        ax.text(x + w / 2, y0 + 0.68, what, ha="center", va="center", fontsize=10, linespacing=1.3)
+        if i:
+            ax.add_patch(FancyArrowPatch((x - gap + 0.02, y0 + h / 2), (x - 0.02, y0 + h / 2),
+                                         arrowstyle="-|>", mutation_scale=16, linewidth=1.5, color="#333333"))
+    ax.text(0.25, 0.95, "what the model reads and writes (one compiled-catalogue request):", fontsize=10.5,
+            color="#444444")
+    ax.text(0.25, 0.5, "<|user|> Where's my order ORD-1234?<|call|>track_order<|arg|> order_id: ORD-1234<|end|>",
+            fontsize=11, family="monospace")
+    ax.text(0.25, 0.1, "-> {\"name\": \"track_order\", \"arguments\": {\"order_id\": \"ORD-1234\"}}",
+            fontsize=11, family="monospace", color="#1f4e79")
+    fig.tight_layout(pad=0.2)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--log", nargs="*", default=[], help="train.py / distill.py log.txt (several: one chart)")
     p.add_argument("--eval", default=None, help="eval.py result JSON")
     p.add_argument("--out_dir", default="out/plots")
+    p.add_argument("--pipeline", default=None, metavar="PATH", help="draw the pipeline picture to PATH (PNG)")
     args = p.parse_args(argv)
+    if args.pipeline:
+        os.makedirs(os.path.dirname(os.path.abspath(args.pipeline)), exist_ok=True)
+        plot_pipeline(args.pipeline)
+        print(f"wrote {args.pipeline}")
+        if not args.log and not args.eval:
+            return
     if not args.log and not args.eval:
-        p.error("nothing to draw: give --log and/or --eval")
+        p.error("nothing to draw: give --log and/or --eval (or --pipeline PATH)")
 
     def skip(what, why):
         print(f"skip {what}: {why}", file=sys.stderr)
