@@ -106,9 +106,11 @@ def arg_parser(doc=__doc__):
                    help="draw from the shortest rows first (small tool lists), all of them after STEPS steps")
     p.add_argument("--max_examples", type=int, default=0,
                    help="train on the first N training examples only (0: all), for fixed-data comparisons")
-    p.add_argument("--max_steps", type=int, default=2900)
+    p.add_argument("--max_steps", type=int, default=None,
+                   help="the schedule's length in steps (default 2900; with --max_minutes alone: fitted to the minutes)")
     p.add_argument("--max_minutes", type=float, default=0,
-                   help="also stop (final eval, best.pt, last.pt) once training has run this long (0: no limit)")
+                   help="stop (final eval, best.pt, last.pt) once training has run this long (0: no limit); "
+                   "without --max_steps the schedule is fitted to it: the same budget on any machine")
     p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
                    help="muon: Muon for the blocks' weight matrices, AdamW for the rest (see muon.py)")
     p.add_argument("--muon_lr", type=float, default=0.02, help="Muon's peak learning rate (--optimizer muon)")
@@ -152,6 +154,8 @@ def run(args, loss=None, name="model", ckpt_extra=None):
     the answer-token cross-entropy (distill.py's soft KD); logits are the model's
     at the answer positions sel. ckpt_extra is stored in every checkpoint."""
     loss = loss or gold_loss
+    if args.max_steps is None:     # 0: the schedule is fitted to --max_minutes (fit_schedule)
+        args.max_steps = 0 if args.max_minutes else 2900
     try:
         meta = load_meta(args.data_dir)
     except DataDirError as e:
@@ -212,10 +216,11 @@ def run(args, loss=None, name="model", ckpt_extra=None):
     model.train()
     stop, restore_signals = catch_stop_signals()
     t0 = start_time = time.time()
+    fit_at = step + FIT_STEPS if not args.max_steps else None     # see fit_schedule
     since = dict(tokens=0, steps=0, examples=0)
     clean = False   # the loop ended the same way on every rank (see runtime.leave_distributed)
     try:
-        while step < args.max_steps:
+        while step < args.max_steps or not args.max_steps:
             # stop decisions are taken by all ranks together, at the same step
             interrupted, over_time = (v > 0 for v in sum_over_ranks(
                 [stop.is_set(), args.max_minutes and time.time() - start_time > 60 * args.max_minutes], device))
@@ -241,6 +246,10 @@ def run(args, loss=None, name="model", ckpt_extra=None):
             batches = micro_batches(train, args, step, rank, rows_per_batch, pad_id, device)
             parts, tokens, examples = train_step(net, model, optimizer, scaler, batches, loss, args, ctx, world, aux)
             step += 1
+            if step == fit_at:
+                args.max_steps = fit_schedule(args, step, time.time() - start_time, trained_s, device)
+                log(f"schedule: {args.max_steps} steps fill {args.max_minutes:g} min "
+                    f"({(time.time() - start_time) / FIT_STEPS * 1000:.0f} ms a step over the first {FIT_STEPS})")
             since["steps"] += 1
             since["tokens"], since["examples"] = since["tokens"] + tokens, since["examples"] + examples
             if step % args.log_interval == 0 or step == args.max_steps:
@@ -388,10 +397,27 @@ def evaluate_loss(model, split, args, pad_id, device, ctx):
     return total / max(count, 1)
 
 
+FIT_STEPS = 50     # steps timed before a schedule is fitted to --max_minutes
+
+
+def fit_schedule(args, step, seconds, trained_s, device):
+    """The number of steps that fills --max_minutes at the speed of the last
+    FIT_STEPS steps (all ranks agree: the slowest sets it), with 3% left for
+    evaluations. Fitted once, inside the warmup (whose learning rate does not
+    depend on it) and stored with the run's args, so the learning rate stays a
+    pure function of the step, and a resumed run keeps the same schedule."""
+    per_step = sum_over_ranks([seconds / FIT_STEPS], device)[0] / world_size()
+    left = 60 * args.max_minutes - trained_s - seconds
+    return max(step + 1, step + int(0.97 * left / per_step))
+
+
 def get_lr(step, args):
-    """Linear warmup, then cosine decay to min_lr at max_steps."""
+    """Linear warmup, then cosine decay to min_lr at max_steps (the peak until a
+    schedule fitted to minutes is known: see fit_schedule)."""
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
+    if not args.max_steps:
+        return args.lr
     progress = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
     return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
 
@@ -456,6 +482,8 @@ def build(args, meta, device, dtype, name="model"):
             die(f"{last_path}: model config differs from the one asked for now; "
                 "resume with the same --preset and overrides")
         step, best_val, trained_s = ckpt["step"], ckpt["best_val"], ckpt.get("train_seconds", 0.0)
+        if not args.max_steps:              # a schedule fitted to minutes stays as it was fitted
+            args.max_steps = ckpt["args"].get("max_steps") or 0
         if ckpt.get("world_size", 1) != world_size():
             print(f"note: {last_path} was trained by {ckpt.get('world_size', 1)} process(es), now {world_size()}: "
                   "the global batch (batch_size x grad_accum x processes) changes from here on")

@@ -126,6 +126,24 @@ def test_time_budget_stops_with_a_final_eval(toy_data, tmp_path):
     assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["step"] < 1000
 
 
+def test_minutes_alone_fit_the_schedule_to_them(toy_data, tmp_path):
+    """--max_minutes without --max_steps: the steps that fill the minutes are
+    measured after the first steps, logged, stored with the run (a resume keeps
+    them), and the learning rate then decays over them."""
+    out = str(tmp_path / "fit")
+    train.main(["--data_dir", toy_data, "--out_dir", out, "--preset", "tiny", *MICRO, "--max_minutes", "0.25",
+                "--batch_size", "4", "--eval_interval", "100000", "--log_interval", "1000", "--warmup_steps", "10"])
+    log = open(os.path.join(out, "log.txt")).read()
+    assert "schedule: " in log and "time budget of 0.25 min reached" in log
+    ck = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    fitted = ck["args"]["max_steps"]
+    assert fitted > train.FIT_STEPS and ck["step"] <= fitted
+    args = train.parse_args(["--max_minutes", "1", "--warmup_steps", "10"])
+    assert args.max_steps is None
+    args.max_steps = 0                                   # before the fit: the peak, after the warmup
+    assert train.get_lr(20, args) == args.lr
+
+
 def test_sigterm_saves_last_checkpoint(toy_data, tmp_path):
     import signal
     import subprocess
