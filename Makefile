@@ -5,8 +5,8 @@
 # and one more for the benchmark:
 #   make atis   the compiled router on ATIS (evaldata/atis, in the repository): import,
 #               train (15 min), report against the published results
-#               (ATIS_DIR=... for another folder in the same format; ATIS_STEPS=30
-#               ATIS_MINUTES=1 for a quick check of the whole chain)
+#               (ATIS_DIR=... for another folder in the same format; ATIS_MINUTES=1
+#               for a quick check of the whole chain)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -18,9 +18,10 @@ DOMAINS := timers_alarms,messaging,calendar,weather,smart_home,music,notes_remin
 # the compiled router's recipe (README, "Your tools, compiled in")
 ROUTER := --preset tiny --prefix_lm --copy_head --tagger --dropout 0.1 --batch_size 32 --length_window 64 \
           --warmup_steps 100 --eval_interval 500 --log_interval 100
-DEMO_STEPS := 2000
+# training budgets in minutes: the schedule is fitted to them (train.py --max_minutes),
+# so a run uses its budget the same way on any machine
+DEMO_MINUTES ?= 6
 ATIS_DIR ?= evaldata/atis
-ATIS_STEPS ?= 4000
 ATIS_MINUTES ?= 15
 
 .PHONY: demo test venv data train eval sample atis clean
@@ -37,7 +38,7 @@ data: venv
 	$(PY) data.py --compiled --domains $(DOMAINS) --out_dir $(DATA) --vocab_size 2048
 
 train: venv
-	$(PY) train.py --data_dir $(DATA) --out_dir $(OUT) $(ROUTER) --max_steps $(DEMO_STEPS)
+	$(PY) train.py --data_dir $(DATA) --out_dir $(OUT) $(ROUTER) --max_minutes $(DEMO_MINUTES)
 
 eval: venv
 	$(PY) eval.py --ckpt $(OUT)/best.pt
@@ -51,7 +52,7 @@ demo: venv
 atis: venv
 	@test -f $(ATIS_DIR)/train.seq.in || { echo "error: $(ATIS_DIR)/train.seq.in not found: ATIS ships in evaldata/atis (see evaldata/atis/README.md); for another copy put {train,valid,test}.{seq.in,seq.out,label} in one folder and pass ATIS_DIR=that/folder" >&2; exit 2; }
 	$(PY) data.py --intent_slot $(ATIS_DIR) --out_dir data/atis --vocab_size 1000
-	$(PY) train.py --data_dir data/atis --out_dir out/atis $(ROUTER) --max_steps $(ATIS_STEPS) --max_minutes $(ATIS_MINUTES)
+	$(PY) train.py --data_dir data/atis --out_dir out/atis $(ROUTER) --max_minutes $(ATIS_MINUTES)
 	$(PY) eval.py --ckpt out/atis/best.pt --out out/atis/eval_atis.json
 
 test: venv
