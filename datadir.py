@@ -129,7 +129,7 @@ def word_boundaries(sp):
 
 
 def tag_names(tools, compiled):
-    """The request-token tags of a data dir (the aux tagging loss, model.Tagger):
+    """The request-token tags of a data dir (the aux tagging loss, GPT.tagger in model.py):
     0 "-" (not a request token), 1 "O" (in no argument value), then B-/I- per
     argument key of a compiled catalogue (the key is known from the tag), or just
     B/I for catalogues in the prompt (keys differ from prompt to prompt)."""
@@ -259,30 +259,28 @@ class Split:
     example and batches are plain causal sequences."""
 
     def __init__(self, data_dir, split, block_size, share_prefix=False, user_id=None, class_weights=None,
-                 max_examples=0, pack=False, seed=0):
+                 max_examples=0, pack=False, seed=0, aux=True):
         if pack and share_prefix:
             raise DataDirError("pack and share_prefix are two ways of filling a row; choose one")
         self.user_id = user_id if user_id is not None else load_meta(data_dir)["special_tokens"][wire.USER]
-        base = os.path.join(data_dir, split)
-        for suffix in (".bin", "_mask.bin", "_idx.npy"):
-            if not os.path.isfile(base + suffix):
-                raise DataDirError(f"{base + suffix}: missing; run data.py --out_dir {data_dir}")
-        self.tokens = np.memmap(base + ".bin", dtype=np.uint16, mode="r")
-        self.mask = np.memmap(base + "_mask.bin", dtype=np.uint8, mode="r")
-        # the aux targets, where data.py wrote them
-        self.tags = np.memmap(base + "_tag.bin", dtype=np.uint16, mode="r") if os.path.isfile(base + "_tag.bin") \
-            else None
-        self.intents = np.load(base + "_intent.npy") if os.path.isfile(base + "_intent.npy") else None
-        self.ptr = np.memmap(base + "_ptr.bin", dtype=np.int16, mode="r") if os.path.isfile(base + "_ptr.bin") \
-            else None
+        self.base = base = os.path.join(data_dir, split)
+        self.tokens = np.memmap(self._file(".bin", f"run data.py --out_dir {data_dir}"), dtype=np.uint16, mode="r")
+        self.mask = np.memmap(self._file("_mask.bin", f"run data.py --out_dir {data_dir}"), dtype=np.uint8, mode="r")
+        offsets = np.load(self._file("_idx.npy", f"run data.py --out_dir {data_dir}"))
+        # aux: the aux heads' targets (train.py --tagger), where data.py wrote them
+        self.tags = self.intents = self.ptr = None
+        if aux:
+            self.tags = np.memmap(base + "_tag.bin", dtype=np.uint16, mode="r") if os.path.isfile(base + "_tag.bin") \
+                else None
+            self.intents = np.load(base + "_intent.npy") if os.path.isfile(base + "_intent.npy") else None
+            self.ptr = np.memmap(base + "_ptr.bin", dtype=np.int16, mode="r") if os.path.isfile(base + "_ptr.bin") \
+                else None
         # per-token loss weight by class (prompt 0, struct, name, key, value, reason)
         self.weights = None
         if class_weights is not None:
-            if not os.path.isfile(base + "_cls.bin"):
-                raise DataDirError(f"{base}_cls.bin: missing; --class_weights needs data from a newer data.py")
-            self.mask = np.memmap(base + "_cls.bin", dtype=np.uint8, mode="r")
+            self.mask = np.memmap(self._file("_cls.bin", "--class_weights needs data from a newer data.py"),
+                                  dtype=np.uint8, mode="r")
             self.weights = np.asarray(class_weights, dtype=np.float32)
-        offsets = np.load(base + "_idx.npy")
         lens = np.diff(offsets)
         keep = lens <= block_size
         if max_examples:
@@ -290,22 +288,30 @@ class Split:
         self.starts, self.lens = offsets[:-1], lens
         self.n_dropped = int((lens > block_size).sum())
         self.n_examples = int(keep.sum())
-        kept = np.flatnonzero(keep)
-        if pack:
-            # which examples share a row is fixed for the run (by seed); as they
-            # do not see each other, that only ties them into the same batches
-            self.rows = [[int(kept[j]) for j in row] for row in pack_rows(lens[kept], block_size, seed)]
-            self.prefix = [0] * len(self.rows)
-        elif share_prefix:
-            if not os.path.isfile(base + "_group.npy"):
-                raise DataDirError(f"{base}_group.npy: missing; --share_prefix needs data from data.py --group N")
-            self.rows, self.prefix = self._group_rows(kept, np.load(base + "_group.npy"), block_size, self.user_id)
-        else:
-            self.rows, self.prefix = [[int(k)] for k in kept], [0] * len(kept)
+        self.rows, self.prefix = self._make_rows(np.flatnonzero(keep), block_size, share_prefix, pack, seed)
         if not self.rows:
             raise DataDirError(f"{base}: no example fits block_size {block_size}")
         self.row_lens = np.array([self._row_len(r, p) for r, p in zip(self.rows, self.prefix)])
         self.by_length = np.argsort(self.row_lens, kind="stable")   # for length-grouped batches
+
+    def _file(self, suffix, fix):
+        """The path of one of the split's files; a DataDirError saying how to get it if missing."""
+        if not os.path.isfile(self.base + suffix):
+            raise DataDirError(f"{self.base + suffix}: missing; {fix}")
+        return self.base + suffix
+
+    def _make_rows(self, kept, block_size, share_prefix, pack, seed):
+        """-> (rows, prefix): one example per row; or packed (pack_rows); or grouped
+        by shared tool list (share_prefix)."""
+        if pack:
+            # which examples share a row is fixed for the run (by seed); as they
+            # do not see each other, that only ties them into the same batches
+            rows = [[int(kept[j]) for j in row] for row in pack_rows(self.lens[kept], block_size, seed)]
+            return rows, [0] * len(rows)
+        if share_prefix:
+            groups = np.load(self._file("_group.npy", "--share_prefix needs data from data.py --group N"))
+            return self._group_rows(kept, groups, block_size, self.user_id)
+        return [[int(k)] for k in kept], [0] * len(kept)
 
     def __len__(self):
         return len(self.rows)
@@ -362,9 +368,7 @@ class Split:
         y = np.full((len(idx), L), pad_id, dtype=np.int64)
         m = np.zeros((len(idx), L), dtype=np.float32)
         seg = np.zeros((len(idx), L), dtype=np.int64)
-        tags = np.zeros((len(idx), L), dtype=np.int64)
-        intent, intent_at = np.full(len(idx), -1, dtype=np.int64), np.zeros(len(idx), dtype=np.int64)
-        ptr = np.full((len(idx), L), -1, dtype=np.int64)
+        aux = self._aux_arrays(len(idx), L) if self.tags is not None else None
         for b, r in enumerate(idx):
             k = self.rows[r][0]
             s, n = self.starts[k], int(self.lens[k])
@@ -374,15 +378,25 @@ class Split:
             # up to the first answer token
             user, answer = int(np.argmax(t == self.user_id)), int(np.argmax(mk > 0))
             seg[b, :user + 1], seg[b, user + 1:answer] = 1, 2
-            if self.tags is not None:
-                tags[b, :n - 1] = self.tags[s:s + n - 1]
-            if self.intents is not None:
-                intent[b], intent_at[b] = self.intents[k], answer - 1
-            if self.ptr is not None:
-                ptr[b, :n - 1] = self.ptr[s:s + n - 1]
-        aux = (torch.from_numpy(tags), torch.from_numpy(intent), torch.from_numpy(intent_at),
-               torch.from_numpy(ptr) if self.ptr is not None else None) if self.tags is not None else ()
+            if aux is not None:
+                self._fill_aux(aux, b, k, s, n, answer)
+        aux = () if aux is None else \
+            (*(torch.from_numpy(a) for a in aux[:3]), torch.from_numpy(aux[3]) if self.ptr is not None else None)
         return Batch(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(m), None, torch.from_numpy(seg), *aux)
+
+    def _aux_arrays(self, B, L):
+        """Empty aux targets for a batch: tags (B, L) 0, intent (B,) -1, intent_at (B,), ptr (B, L) -1."""
+        return (np.zeros((B, L), dtype=np.int64), np.full(B, -1, dtype=np.int64), np.zeros(B, dtype=np.int64),
+                np.full((B, L), -1, dtype=np.int64))
+
+    def _fill_aux(self, aux, b, k, s, n, answer):
+        """Row b's aux targets: example k, tokens s..s+n, its first answer token at `answer`."""
+        tags, intent, intent_at, ptr = aux
+        tags[b, :n - 1] = self.tags[s:s + n - 1]
+        if self.intents is not None:
+            intent[b], intent_at[b] = self.intents[k], answer - 1
+        if self.ptr is not None:
+            ptr[b, :n - 1] = self.ptr[s:s + n - 1]
 
     def _layout_batch(self, idx, pad_id):
         """Rows holding a shared prefix and/or several examples: the tokens as in

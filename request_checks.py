@@ -139,8 +139,26 @@ def load_json(body, tools_key=None):
     if isinstance(tools, list) and len(tools) > MAX_TOOLS:     # the cheapest refusal of the largest bodies
         raise too_many_tools(tools_key, len(tools))
     strings = SURROGATE_ESCAPE.search(text) is not None
+    if strings or too_deep(data):  # the slow walk, which names where, only when it will find something
+        check_values(data, strings)
+    return data
+
+
+def too_deep(data):
+    """Whether data nests more than MAX_DEPTH levels: one level at a time, containers
+    only, no paths kept (the body may be as deep as the parser allows)."""
+    level = [data]
+    for _ in range(MAX_DEPTH):
+        level = [x for v in level for x in (v.values() if isinstance(v, dict) else v) if isinstance(x, (dict, list))]
+        if not level:
+            return False
+    return True
+
+
+def check_values(data, strings):
+    """BadRequest naming where data nests too deeply or (strings) holds a lone surrogate."""
     stack = [(data, 1, ())]
-    while stack:                   # iterative: the body may be as deep as the parser allows
+    while stack:
         v, depth, path = stack.pop()
         if isinstance(v, (dict, list)):
             if depth > MAX_DEPTH:
@@ -152,7 +170,6 @@ def load_json(body, tools_key=None):
                 stack.append((x, depth + 1, path + (k,)))
         elif strings and isinstance(v, str):
             _check_text(v, path, "text")
-    return data
 
 
 def _check_text(s, path, what):
@@ -239,16 +256,21 @@ def schema_problem(tool):
 
 
 @functools.lru_cache(maxsize=64)
-def _normalize(blob):
+def _normalize(blob, param):
     # Clients resend the same catalogue with every request, and checking the schemas
     # costs ~1 ms a tool: do each catalogue once. (No sort_keys: the order of the
-    # properties is the order the model sees the arguments in.)
-    tools = wire.normalize_tools(json.loads(blob))
+    # properties is the order the model sees the arguments in.) -> (the tools, the
+    # length of their prompt text, for check_fits)
+    raw = json.loads(blob)
+    if count_values(raw, MAX_TOOL_VALUES) > MAX_TOOL_VALUES:
+        raise BadRequest(f"'{param}' holds more than {MAX_TOOL_VALUES} JSON values, the limit", param,
+                         code="limit_exceeded")
+    tools = wire.normalize_tools(raw)
     for t in tools:
         problem = wire.carry_problem(t) or schema_problem(t)
         if problem:
             raise wire.ToolError(problem)
-    return tools
+    return tools, len(wire.render_tools(tools))
 
 
 def count_values(v, limit):
@@ -265,17 +287,15 @@ def count_values(v, limit):
 
 
 def parse_tools(raw, param):
+    """A request's tool definitions -> (normalized tools, the length of their prompt text)."""
     if raw is None:
-        return []
+        return [], 0
     if not isinstance(raw, list):
         raise BadRequest(f"'{param}' must be a list of tool definitions, got {kind_of(raw)}", param, code="invalid_type")
     if len(raw) > MAX_TOOLS:
         raise too_many_tools(param, len(raw))
-    if count_values(raw, MAX_TOOL_VALUES) > MAX_TOOL_VALUES:
-        raise BadRequest(f"'{param}' holds more than {MAX_TOOL_VALUES} JSON values, the limit", param,
-                         code="limit_exceeded")
     try:
-        return _normalize(json.dumps(raw))
+        return _normalize(json.dumps(raw), param)
     except wire.ToolError as e:
         raise BadRequest(f"{param}: {e}", param, code="invalid_tool") from None
     except (TypeError, AttributeError) as e:   # wire.py misses a few shapes, e.g. "type": {...}
@@ -413,11 +433,12 @@ def parse_options(body):
             "ignored": sorted(k for k in body if k not in USED_FIELDS and body[k] is not None)}
 
 
-def check_fits(tools, text, context, compiled=False):
+def check_fits(tools_chars, text, context, compiled=False):
     """Refuse a prompt that cannot fit the context by its length in characters alone,
-    before the model thread spends ~0.7 s tokenizing a 1 MB request to find that out.
-    compiled: the tools are in the model, not in the prompt."""
-    chars = (0 if compiled else len(wire.render_tools(tools))) + len(text)
+    before the model spends ~0.7 s tokenizing a 1 MB request to find that out.
+    tools_chars: the length of the tools' prompt text (parse_tools); compiled: the
+    tools are in the model, not in the prompt."""
+    chars = (0 if compiled else tools_chars) + len(text)
     if chars > CHARS_PER_TOKEN * context:
         raise BadRequest(f"prompt is {chars} characters, at least {chars // CHARS_PER_TOKEN} tokens; the model's "
                          f"context is {context}", "messages", code="context_length_exceeded")
@@ -432,11 +453,11 @@ def parse_chat(body, cap, context, only_model=None, compiled=False):
         raise BadRequest(f"model {data['model']!r} does not exist here; this server has {only_model!r} "
                          "(GET /v1/models)", "model", status=404, code="model_not_found")
     job["text"], job["tool_result"] = parse_messages(data.get("messages"))
-    job["tools"] = parse_tools(data.get("tools"), "tools")
+    job["tools"], chars = parse_tools(data.get("tools"), "tools")
     job["choice"] = parse_tool_choice(data.get("tool_choice"), job["tools"])
     job["max_tokens"] = parse_max_tokens(data, ["max_completion_tokens", "max_tokens"], cap)
     if job["tool_result"] is None:
-        check_fits(job["tools"], job["text"], context, compiled)
+        check_fits(chars, job["text"], context, compiled)
     return job
 
 
@@ -453,7 +474,7 @@ def parse_flat(body, cap, context, compiled=False):
         raise BadRequest("'available_functions' is missing: give a list of tool definitions "
                          "(an empty list means no tool can be called)", "available_functions",
                          code="missing_required_parameter")
-    tools = parse_tools(data["available_functions"], "available_functions")
-    check_fits(tools, prompt, context, compiled)
+    tools, chars = parse_tools(data["available_functions"], "available_functions")
+    check_fits(chars, prompt, context, compiled)
     return {"text": prompt, "tools": tools, "choice": parse_tool_choice(data.get("tool_choice"), tools),
             "max_tokens": parse_max_tokens(data, ["max_tokens"], cap)}

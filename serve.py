@@ -72,7 +72,7 @@ import sys
 import threading
 import time
 import uuid
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
 
@@ -208,6 +208,10 @@ def tool_call_response(ans):
             "model": ans["answered_by"], "x_nanotool": extension(ans)}
 
 
+# -----------------------------------------------------------------------------
+# the answer's policy: pure functions from what the model (and the teacher) said
+# to what is sent, so each rule is tested without a server
+
 def dedupe(calls):
     """Identical calls (same name, same arguments) once each, in order."""
     seen, out = set(), []
@@ -217,6 +221,63 @@ def dedupe(calls):
             seen.add(key)
             out.append(c)
     return out
+
+
+def local_answer(res, n_prompt):
+    """A Router.answer result -> an answer dict. An invalid answer (the grammar should
+    make it unreachable) is never sent on: it becomes a no-call with its local_error."""
+    ans = {"calls": res["calls"], "reason": res["reason"], "confidence": res["confidence"],
+           "truncated": res["truncated"], "prompt_tokens": n_prompt, "completion_tokens": res["tokens"],
+           "logprobs": res.get("logprobs")}
+    if not res["valid"]:
+        ans.update(calls=[], reason=wire.REASON_NO_TOOL, local_error=res["error"])
+    return ans
+
+
+def no_tool_answer(n_prompt):
+    """Nothing could be called: the no-call, without asking the model."""
+    return {"calls": [], "reason": wire.REASON_NO_TOOL, "confidence": 1.0, "truncated": False,
+            "prompt_tokens": n_prompt, "completion_tokens": 0, "note": "no tools given: answered without the model"}
+
+
+def tool_result_answer(result, n_prompt, model_id):
+    """The last message is a tool result: the call was made, routing that turn is done.
+    (A chat model would now write prose from the result; this one passes it on.)"""
+    return {"calls": [], "reason": result, "confidence": None, "answered_by": model_id, "prompt_tokens": n_prompt,
+            "completion_tokens": 0, "finish_reason": "stop", "note": "last message is a tool result: nothing to route"}
+
+
+def wants_teacher(ans, choice, below):
+    """Whether a local answer is asked of the fallback teacher: unsure (confidence
+    under `below`), cut by the token budget, or invalid; never for tool_choice none."""
+    return choice != "none" and (ans["confidence"] < below or ans["truncated"] or "local_error" in ans)
+
+
+def settle(ans, model_id, choice="auto", parallel=True, teacher=None):
+    """The answer as sent. ans: local_answer's or no_tool_answer's dict; teacher: None
+    (not asked) or (its id, its answer or None, why not used). The teacher's answer,
+    when it has one, replaces the local calls (the local tokens' logprobs do not
+    describe it); identical calls go once; finish_reason is "length" when the local
+    answer was cut by the budget, else "tool_calls" or "stop"; parallel False keeps
+    the first call. -> (answer to send, answer to log as a training label or None):
+    a label is a tool_choice auto decision that was not cut and not invalid, with
+    all its calls."""
+    ans = dict(ans, answered_by=model_id)
+    if teacher is not None:
+        teacher_id, better, why = teacher
+        if better is not None:
+            ans.update(calls=better["calls"], reason=better["reason"], answered_by=teacher_id, logprobs=None)
+        else:
+            ans["fallback_error"] = why
+    calls = dedupe(ans["calls"])
+    if len(calls) < len(ans["calls"]):
+        ans["duplicates_dropped"] = len(ans["calls"]) - len(calls)
+    local = ans["answered_by"] == model_id
+    cut = local and ans["truncated"]
+    ans.update(calls=calls, finish_reason="length" if cut else "tool_calls" if calls else "stop")
+    used_model = "note" not in ans                     # no_tool_answer decided nothing
+    label = used_model and choice == "auto" and not cut and not (local and "local_error" in ans)
+    return dict(ans, calls=calls if parallel else calls[:1]), ans if label else None
 
 
 # -----------------------------------------------------------------------------
@@ -270,50 +331,89 @@ def ask_teacher(teacher, tools, request, choice):
     return ans, None
 
 
+class Checker:
+    """Parses and checks request bodies: a small one inline (well under a millisecond),
+    a large one in a process of its own. A body at the limits takes up to ~1 s of
+    schema checks; on the event loop that would hold up every request, and on a
+    thread nearly so: the check holds the GIL, and the model, which gives the GIL up
+    around every torch op, waits up to 5 ms to get it back each time (measured: 2
+    clients sending 0.8 MB bodies cut the others' throughput 18-fold)."""
+
+    def __init__(self, max_request_bytes):
+        self.limit, self.pool = max_request_bytes, None
+
+    async def __call__(self, request, parse):
+        body = await read_body(request, self.limit)
+        if len(body) <= INLINE_BYTES:
+            return parse(body)
+        if self.pool is None:      # started on first use (~1 s); "spawn": forking a process
+            # that runs torch threads can deadlock the child
+            self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        pool = self.pool
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, parse, body)
+        except BrokenProcessPool:  # the process died (killed?): a new one for the next request
+            if self.pool is pool:
+                self.pool = None
+            raise
+
+    def close(self):               # waited for: a process left behind would outlive the server
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+async def on_bad_request(request, e):
+    return JSONResponse(error_body(e.message, e.status, e.param, e.code), e.status)
+
+
+async def on_http_error(request, e):          # unknown path, wrong method: same error shape
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+    return JSONResponse(error_body(f"{request.method} {request.url.path}: {e.detail}", e.status_code, code=code),
+                        e.status_code, headers=getattr(e, "headers", None))
+
+
+async def on_crash(request, e):               # a bug: say so in one line (the log has the traceback)
+    return JSONResponse(error_body(f"internal error ({type(e).__name__}: {e})", 500, code="internal_error"), 500)
+
+
+async def in_thread(fn, *args):
+    """fn(*args) on a worker thread, off the event loop: for work that waits (the
+    teacher's network call) or may take long (tokenizing a tool result of up to a
+    megabyte)."""
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+def refused(e):
+    """The Router's ValueError (a prompt that does not fit the context, ...) as a 400."""
+    return BadRequest(str(e), "messages", code="context_length_exceeded" if "context" in str(e) else "invalid_value")
+
+
 def create_app(router, model_id="nanotool", teacher=None, fallback_below=0.0,
                max_new_tokens=128, max_request_bytes=1_000_000, log_requests=None, strict_model=False):
     """The FastAPI app around one loaded Router. teacher: None, or an object with .id and
     .ask(tools, request, tool_choice) -> {"calls", "text"} (teacher.make_teacher gives one).
     log_requests: a JSONL path for the answers (see RequestLog), or None."""
-    # The Router is not thread-safe (its KV prefix cache is rewound and overwritten by
-    # every request), so all model calls run on this one thread, in arrival order. The
-    # event loop stays free to parse requests and answer /health meanwhile.
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-    # Large bodies are parsed and checked in a process of their own: up to ~1 s of schema
-    # checks for a body at the limits. On the event loop that would hold up every request;
-    # on a thread too, nearly: the check holds the GIL, and the model's thread, which
-    # gives the GIL up around every torch op, waits up to 5 ms to get it back each time
-    # (measured: 2 clients sending 0.8 MB bodies cut the others' throughput 18-fold).
-    checker = {"pool": None}
-    log = RequestLog(log_requests) if log_requests else None
-    created = int(time.time())
-    context = router.model.config.block_size
-    compiled = router.catalogue is not None    # the tools live in the model (data.py --compiled)
+    # The Router is not thread-safe (its KV prefix cache is rewound by every request):
+    # model calls take turns, in arrival order, on the event loop's own thread. A model
+    # thread cost two thread switches and a GIL hand-over per request (~2 ms measured
+    # on a busy 2-core machine, docs/serving.md); between two turns the loop serves what
+    # has arrived meanwhile (/health, parsing): /health waits for a few answers at most.
+    turn = asyncio.Lock()
+    checked, log = Checker(max_request_bytes), RequestLog(log_requests) if log_requests else None
+    context, compiled = router.model.config.block_size, router.catalogue is not None
+    health_info = {"status": "ok", "model": model_id, "context": context,
+                   "compiled_tools": len(router.catalogue) if compiled else None,
+                   "fallback": getattr(teacher, "id", None), "fallback_below": fallback_below if teacher else None}
+    model_list = {"object": "list", "data": [{"id": model_id, "object": "model", "created": int(time.time()),
+                                              "owned_by": "nanotool"}]}
 
     @asynccontextmanager
     async def lifespan(app):
         yield
-        worker.shutdown(wait=False, cancel_futures=True)
-        if checker["pool"] is not None:   # waited for: a process left behind would outlive the server
-            checker["pool"].shutdown(wait=True, cancel_futures=True)
+        checked.close()
 
-    app = FastAPI(title="nanotool", lifespan=lifespan)
-
-    async def checked(request, parse):
-        """Read the body and parse + check it: inline when small, in the checker process when large."""
-        body = await read_body(request, max_request_bytes)
-        if len(body) <= INLINE_BYTES:
-            return parse(body)
-        if checker["pool"] is None:    # started on first use (~1 s); "spawn": forking a process
-            # that runs torch threads can deadlock the child
-            checker["pool"] = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        pool = checker["pool"]
-        try:
-            return await asyncio.get_running_loop().run_in_executor(pool, parse, body)
-        except BrokenProcessPool:      # the process died (killed?): a new one for the next request
-            if checker["pool"] is pool:
-                checker["pool"] = None
-            raise
+    app = FastAPI(title="nanotool", lifespan=lifespan, exception_handlers={
+        BadRequest: on_bad_request, StarletteHTTPException: on_http_error, Exception: on_crash})
 
     def run_local(tools, request, choice, max_tokens, top):
         if top is None:
@@ -326,83 +426,45 @@ def create_app(router, model_id="nanotool", teacher=None, fallback_below=0.0,
     def count_prompt(tools, text):
         return len(router.encode_prompt(tools, text))
 
-    async def route(tools, request, choice, max_tokens, parallel=True, top=None, endpoint="chat"):
-        """One routing decision -> answer dict (see chat_response)."""
+    async def route(job, endpoint="chat"):
+        """One routing decision -> answer dict (see settle and chat_response)."""
         t0 = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        if not tools and compiled:    # a compiled model with no tools named: its whole catalogue
-            tools = router.catalogue
-        if not tools:      # nothing could be called: no need to ask the model (counting is
-            # sentencepiece only, thread-safe and off the GIL: not on the model's thread)
-            n = await loop.run_in_executor(None, count_prompt, tools, request)
-            ans = {"calls": [], "reason": wire.REASON_NO_TOOL, "confidence": 1.0, "truncated": False,
-                   "prompt_tokens": n, "completion_tokens": 0,
-                   "note": "no tools given: answered without the model"}
+        # a compiled model with no tools named answers from its whole catalogue
+        tools, request, choice = job["tools"] or (router.catalogue if compiled else []), job["text"], job["choice"]
+        reply = None
+        if not tools:
+            ans = no_tool_answer(await in_thread(count_prompt, tools, request))
         else:
-            try:
-                res = await loop.run_in_executor(worker, run_local, tools, request, choice, max_tokens, top)
-            except ValueError as e:    # the prompt does not fit the context, ...
-                raise BadRequest(str(e), "messages",
-                                 code="context_length_exceeded" if "context" in str(e) else "invalid_value") from None
-            ans = {"calls": res["calls"], "reason": res["reason"], "confidence": res["confidence"],
-                   "truncated": res["truncated"], "prompt_tokens": res["prompt_tokens"],
-                   "completion_tokens": res["tokens"], "logprobs": res.get("logprobs")}
-            if not res["valid"]:       # the grammar should make this unreachable; never send it on
-                ans.update(calls=[], reason=wire.REASON_NO_TOOL, local_error=res["error"])
-        ans["answered_by"] = model_id
-        if teacher is not None and tools and choice != "none" and (ans["confidence"] < fallback_below
-                                                                   or ans["truncated"] or "local_error" in ans):
-            # a network call: off the model thread, so other requests keep being served
-            better, why = await loop.run_in_executor(None, ask_teacher, teacher, tools, request, choice)
-            if better is not None:     # the local tokens' logprobs do not describe this answer
-                ans.update(calls=better["calls"], reason=better["reason"], answered_by=teacher.id, logprobs=None)
-            else:
-                ans["fallback_error"] = why
-        calls = dedupe(ans["calls"])
-        if len(calls) < len(ans["calls"]):
-            ans["duplicates_dropped"] = len(ans["calls"]) - len(calls)
-        ans["calls"] = calls
-        local = ans["answered_by"] == model_id
-        cut = local and ans["truncated"]
-        ans["finish_reason"] = "length" if cut else "tool_calls" if calls else "stop"
-        if log is not None and tools and choice == "auto" and not cut and not (local and "local_error" in ans):
-            log.write(tools, request, ans, model_id, endpoint)
-        if not parallel:
-            ans["calls"] = ans["calls"][:1]
+            async with turn:
+                await asyncio.sleep(0)     # one pass of the loop before this model call
+                try:
+                    res = run_local(tools, request, choice, job["max_tokens"], job.get("top_logprobs"))
+                except ValueError as e:    # the prompt does not fit the context, ...
+                    raise refused(e) from None
+            ans = local_answer(res, res["prompt_tokens"])
+            if teacher is not None and wants_teacher(ans, choice, fallback_below):
+                reply = (teacher.id, *await in_thread(ask_teacher, teacher, tools, request, choice))
+        ans, label = settle(ans, model_id, choice, job.get("parallel", True), reply)
+        if label is not None and log is not None:
+            log.write(tools, request, label, model_id, endpoint)
         ans["latency_ms"] = round(1000 * (time.perf_counter() - t0), 2)
         return ans
 
-    @app.exception_handler(BadRequest)
-    async def on_bad_request(request, e):
-        return JSONResponse(error_body(e.message, e.status, e.param, e.code), e.status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(request, e):      # unknown path, wrong method: same error shape
-        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
-        return JSONResponse(error_body(f"{request.method} {request.url.path}: {e.detail}", e.status_code,
-                                       code=code), e.status_code, headers=getattr(e, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def on_crash(request, e):           # a bug: say so in one line (the log has the traceback)
-        return JSONResponse(error_body(f"internal error ({type(e).__name__}: {e})", 500, code="internal_error"), 500)
-
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_id, "context": context,
-                "compiled_tools": len(router.catalogue) if compiled else None,
-                "fallback": getattr(teacher, "id", None), "fallback_below": fallback_below if teacher else None}
+        return health_info
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
-                                            "owned_by": "nanotool"}]}
+        return model_list
 
+    # The POST endpoints return a finished JSONResponse: handed a dict, FastAPI would
+    # first walk it with jsonable_encoder, a quarter of the app's time per request.
     @app.post("/tool-call")
     async def tool_call(request: Request):
         job = await checked(request, functools.partial(parse_flat, cap=max_new_tokens, context=context,
                                                        compiled=compiled))
-        ans = await route(job["tools"], job["text"], job["choice"], job["max_tokens"], endpoint="tool-call")
-        return tool_call_response(ans)
+        return JSONResponse(tool_call_response(await route(job, endpoint="tool-call")))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -410,23 +472,17 @@ def create_app(router, model_id="nanotool", teacher=None, fallback_below=0.0,
                                                        only_model=model_id if strict_model else None,
                                                        compiled=compiled))
         if job["tool_result"] is not None:
-            # The call was made and its result is in: routing that turn is done. (A chat
-            # model would now write prose from the result; this one passes it on.)
-            n = await asyncio.get_running_loop().run_in_executor(None, count_prompt, job["tools"],
-                                                                 job["tool_result"])
-            ans = {"calls": [], "reason": job["tool_result"], "confidence": None, "answered_by": model_id,
-                   "prompt_tokens": n, "completion_tokens": 0, "finish_reason": "stop",
-                   "note": "last message is a tool result: nothing to route"}
+            n = await in_thread(count_prompt, job["tools"], job["tool_result"])
+            ans = tool_result_answer(job["tool_result"], n, model_id)
         else:
-            ans = await route(job["tools"], job["text"], job["choice"], job["max_tokens"], job["parallel"],
-                              job["top_logprobs"])
+            ans = await route(job)
         if job["ignored"]:
             ans["ignored"] = job["ignored"]
         resp = chat_response(ans, job["stop"])
         if job["stream"]:
             return StreamingResponse(iter(stream_events(resp, job["include_usage"])), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return resp
+        return JSONResponse(resp)
 
     return app
 

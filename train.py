@@ -172,14 +172,14 @@ def run(args, loss=None, name="model", ckpt_extra=None):
     model, optimizer, scaler, step, best_val, trained_s = build(args, meta, device, dtype, name)
     # a compiled catalogue is stored with the model: it is what the model can call
     catalogue = wire.read_json(os.path.join(args.data_dir, "tools.json")) if meta.get("compiled") else None
-    train, val, rows_per_batch = load_splits(args, meta, model.config.block_size)
+    aux = model.tagger is not None or model.intent is not None or model.point is not None
+    train, val, rows_per_batch = load_splits(args, meta, model.config.block_size, aux)
     ctx = autocast_ctx(device, dtype)
     last_path = os.path.join(args.out_dir, "last.pt")
     if step:
         log(f"resumed from {last_path} at step {step}")
     else:
         log.restart()
-    aux = model.tagger is not None or model.intent is not None or model.point is not None
     if aux and (train.tags is None or (model.point is not None and train.ptr is None)):
         die(f"--tagger: {args.data_dir} has no tag (or pointer) files; build it again with this data.py")
     # what the step calls: under torchrun, DDP averages the gradients over the
@@ -238,52 +238,13 @@ def run(args, loss=None, name="model", ckpt_extra=None):
             lr = get_lr(step, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-            # accumulate gradients over micro-batches; each loss is divided so the
-            # sum is the mean over the whole batch (DDP averages over the ranks)
-            parts = {"loss": 0.0}
-            for micro in range(args.grad_accum):
-                idx = batch_indices(train, args.seed, step, rank * args.grad_accum + micro, rows_per_batch,
-                                    args.length_window, curriculum_share(step, args.curriculum))
-                batch = train.batch(idx, pad_id).to(device)
-                x, y, m, layout, seg = batch[:5]
-                sel = m > 0
-                # DDP: all-reduce the gradients once, after the last micro-batch
-                last = micro == args.grad_accum - 1
-                with (net.no_sync() if world > 1 and not last else nullcontext()):
-                    with ctx:
-                        out = net(x, layout=layout, sel=sel, seg=seg, aux=aux)
-                        value, logged = loss(out[0] if aux else out, y, m, x, sel, layout, seg)
-                        if aux:
-                            extra, extra_logged = aux_loss(*out[1:], batch)
-                            value, logged = value + args.aux_weight * extra, {**logged, **extra_logged}
-                        value = value / args.grad_accum
-                    scaler.scale(value).backward()
-                parts["loss"] += value.item()
-                for k, v in logged.items():
-                    parts[k] = parts.get(k, 0.0) + float(v) / args.grad_accum
-                since["tokens"] += x.numel()
-                since["examples"] += sum(len(train.rows[r]) for r in idx)
-            if args.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            batches = micro_batches(train, args, step, rank, rows_per_batch, pad_id, device)
+            parts, tokens, examples = train_step(net, model, optimizer, scaler, batches, loss, args, ctx, world, aux)
             step += 1
             since["steps"] += 1
-
+            since["tokens"], since["examples"] = since["tokens"] + tokens, since["examples"] + examples
             if step % args.log_interval == 0 or step == args.max_steps:
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                dt = time.time() - t0
-                # the losses of the global batch, the tokens of all ranks
-                *values, tokens, examples = sum_over_ranks([*parts.values(), since["tokens"], since["examples"]],
-                                                           device)
-                tps = tokens / dt
-                gflops = 6 * model.num_params() * tps / 1e9   # ~6 FLOPs per parameter per token, fwd + bwd
-                log(f"step {step} | " + " | ".join(f"{k} {v / world:.4f}" for k, v in zip(parts, values))
-                    + f" | lr {lr:.2e} | dt {1000 * dt / since['steps']:.0f}ms | tok/s {tps:,.0f} | "
-                    f"ex/s {examples / dt:.1f} | {gflops:.1f} GFLOP/s")
+                log(step_line(step, parts, since, lr, t0, model, device, world))
                 t0, since = time.time(), dict(tokens=0, steps=0, examples=0)
 
         validate()
@@ -293,6 +254,71 @@ def run(args, loss=None, name="model", ckpt_extra=None):
         restore_signals()
         net = None   # the last reference to the DDP wrapper (see runtime.leave_distributed)
         leave_distributed(clean)
+
+
+# -----------------------------------------------------------------------------
+# one optimizer step
+
+def micro_batches(train, args, step, rank, rows_per_batch, pad_id, device):
+    """The step's micro-batches, drawn one at a time -> (examples in it, Batch on device).
+    Which rows is a pure function of (seed, step, micro-batch) (see datadir.batch_indices)."""
+    for micro in range(args.grad_accum):
+        idx = batch_indices(train, args.seed, step, rank * args.grad_accum + micro, rows_per_batch,
+                            args.length_window, curriculum_share(step, args.curriculum))
+        yield sum(len(train.rows[r]) for r in idx), train.batch(idx, pad_id).to(device)
+
+
+def train_step(net, model, optimizer, scaler, batches, loss, args, ctx, world, aux):
+    """Forward and backward over the micro-batches, accumulating gradients (each loss
+    is divided by their number, so the sum is the mean over the whole batch; DDP
+    averages over the ranks), clip, optimizer step -> ({name: this rank's value} of
+    the loss and of what `loss` and the aux heads log, tokens, examples)."""
+    parts, tokens, examples = {"loss": 0.0}, 0, 0
+    for micro, (n_examples, batch) in enumerate(batches):
+        # DDP: all-reduce the gradients once, after the last micro-batch
+        with net.no_sync() if world > 1 and micro < args.grad_accum - 1 else nullcontext():
+            with ctx:
+                value, logged = batch_loss(net, batch, loss, aux, args.aux_weight)
+                value = value / args.grad_accum
+            scaler.scale(value).backward()
+        parts["loss"] += value.item()
+        for k, v in logged.items():
+            parts[k] = parts.get(k, 0.0) + float(v) / args.grad_accum
+        tokens, examples = tokens + batch.x.numel(), examples + n_examples
+    if args.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return parts, tokens, examples
+
+
+def batch_loss(net, batch, loss, aux, aux_weight):
+    """One micro-batch's forward pass -> (loss, {name: value to log}): `loss` on the
+    answer tokens, plus aux_weight times the aux heads' losses when the model has them."""
+    x, y, m, layout, seg = batch[:5]
+    sel = m > 0
+    out = net(x, layout=layout, sel=sel, seg=seg, aux=aux)
+    value, logged = loss(out[0] if aux else out, y, m, x, sel, layout, seg)
+    if aux:
+        extra, extra_logged = aux_loss(*out[1:], batch)
+        value, logged = value + aux_weight * extra, {**logged, **extra_logged}
+    return value, logged
+
+
+def step_line(step, parts, since, lr, t0, model, device, world):
+    """The log line of the steps since t0: the losses of the global batch (summed
+    over the ranks), the learning rate, time per step and throughput."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    dt = time.time() - t0
+    *values, tokens, examples = sum_over_ranks([*parts.values(), since["tokens"], since["examples"]], device)
+    tps = tokens / dt
+    gflops = 6 * model.num_params() * tps / 1e9   # ~6 FLOPs per parameter per token, fwd + bwd
+    return (f"step {step} | " + " | ".join(f"{k} {v / world:.4f}" for k, v in zip(parts, values))
+            + f" | lr {lr:.2e} | dt {1000 * dt / since['steps']:.0f}ms | tok/s {tps:,.0f} | "
+            f"ex/s {examples / dt:.1f} | {gflops:.1f} GFLOP/s")
 
 
 # -----------------------------------------------------------------------------
@@ -450,13 +476,14 @@ def build(args, meta, device, dtype, name="model"):
     return model, optimizer, scaler, step, best_val, trained_s
 
 
-def load_splits(args, meta, block_size):
+def load_splits(args, meta, block_size, aux=False):
     """The train and val splits -> (train, val, rows per micro-batch); prints what a
-    row holds and how much of a batch is padding."""
+    row holds and how much of a batch is padding. aux: the model has aux heads (the
+    training split then brings their targets)."""
     try:
         train = Split(args.data_dir, "train", block_size, args.share_prefix, meta["special_tokens"]["<|user|>"],
-                      args.class_weights, args.max_examples, args.pack, args.seed)
-        val = Split(args.data_dir, "val", block_size)
+                      args.class_weights, args.max_examples, args.pack, args.seed, aux=aux)
+        val = Split(args.data_dir, "val", block_size, aux=False)
     except DataDirError as e:
         die(str(e))
     # --batch_size counts examples; a shared-prefix or packed row holds several

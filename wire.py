@@ -357,10 +357,6 @@ def answer_spans(calls, reason=None):
     return spans + [(END, "struct")]
 
 
-def render_call(call):
-    return "".join(text for text, _ in answer_spans([call])[:-1])
-
-
 def render_answer(calls, reason=None):
     """calls: list of {name, arguments}. An empty list needs a no-call reason."""
     return "".join(text for text, _ in answer_spans(calls, reason))

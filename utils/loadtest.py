@@ -7,6 +7,7 @@ fixed time; prints the request count, errors, throughput and latency percentiles
     python utils/loadtest.py --seconds 5 --endpoint tool-call      # a quick check
     python utils/loadtest.py --stream                              # chat completions, streamed (SSE)
     python utils/loadtest.py --big_clients 2                       # + 2 clients sending ~1 MB bodies
+    python utils/loadtest.py --clients 1 --model_ckpt out/demo/best.pt   # + the model alone, same requests
 
 The server runs one model call at a time (the Router is not thread-safe), so with
 8 closed-loop clients a request waits for the ~7 ahead of it: throughput is
@@ -18,6 +19,12 @@ what a load balancer's health check sees. --big_clients adds clients that send, 
 to back, a body of --big_tools small tools (4,000: ~0.9 MB, the body that stalled the
 server for seconds in issue 17); their answers (4xx expected: over the tool limit) are
 counted apart, and the prober and the normal clients show whether they hold anyone up.
+
+--model_ckpt loads the server's checkpoint here and first times Router.answer on the
+same requests in this process (--model_rounds rounds, the server idle meanwhile):
+the model alone. The server's overhead is then the HTTP p50 minus the model's p50,
+and the model-only rate (requests / seconds of Router.answer) is what the clients'
+throughput is held against.
 """
 
 import argparse
@@ -126,6 +133,24 @@ def latency_summary(prefix, seconds):
             f"{prefix}max_ms": round(lat[-1], 1) if lat else float("nan")}
 
 
+def time_model(ckpt, data_dir, tools, max_tokens, rounds):
+    """Router.answer on REQUESTS in this process, after one warm-up round ->
+    {"model_p50_ms", "model_rps"}: the model alone, without HTTP."""
+    import wire
+    from sample import Router
+    router = Router(ckpt, data_dir)
+    tools = wire.normalize_tools(tools)      # as the server's request checks hand them on
+    for r in REQUESTS:
+        router.answer(tools, r, max_tokens)
+    lat = []
+    for _ in range(rounds):
+        for r in REQUESTS:
+            t = time.perf_counter()
+            router.answer(tools, r, max_tokens)
+            lat.append(time.perf_counter() - t)
+    return {"model_p50_ms": round(1000 * percentile(sorted(lat), 50), 2), "model_rps": round(len(lat) / sum(lat), 1)}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base_url", default="http://127.0.0.1:8000", help="the server, without /v1")
@@ -139,6 +164,9 @@ def main(argv=None):
     p.add_argument("--health_every", type=float, default=0.05, help="seconds between /health probes (0: none)")
     p.add_argument("--big_clients", type=int, default=0, help="extra clients sending large bodies")
     p.add_argument("--big_tools", type=int, default=4000, help="tools in each large body")
+    p.add_argument("--model_ckpt", default=None, help="also time the model alone on the same requests (see above)")
+    p.add_argument("--data_dir", default=None, help="with --model_ckpt: default, the checkpoint's")
+    p.add_argument("--model_rounds", type=int, default=20, help="with --model_ckpt: rounds of the 8 requests")
     args = p.parse_args(argv)
 
     if args.clients < 1 or args.seconds <= 0 or args.big_clients < 0 or args.health_every < 0:
@@ -168,6 +196,12 @@ def main(argv=None):
           f"{' (streamed)' if args.stream else ''} (model {health.get('model')}, {len(tools)} tools)"
           + (f"; + {args.big_clients} clients sending {len(big[0]):,}-byte bodies ({args.big_tools} tools)"
              if big else ""))
+
+    model = time_model(args.model_ckpt, args.data_dir, tools, args.max_tokens, args.model_rounds) \
+        if args.model_ckpt else {}
+    if model:
+        print(f"model alone: p50 {model['model_p50_ms']} ms, {model['model_rps']} req/s "
+              f"({len(REQUESTS) * args.model_rounds} Router.answer calls in this process)")
 
     results, big_results, probes, lock = [], [], [], threading.Lock()
     t0 = time.monotonic()
@@ -211,6 +245,11 @@ def main(argv=None):
                        **latency_summary("big_", [s for s, err, _ in big_results if err is None]))
         print(f"large bodies: {summary['big_requests']} sent, statuses {statuses}, p50 {summary['big_p50_ms']} ms, "
               f"max {summary['big_max_ms']} ms")
+    if model and ok:
+        summary.update(model, overhead_p50_ms=round(summary["p50_ms"] - model["model_p50_ms"], 2),
+                       rate_vs_model=round(summary["throughput_rps"] / model["model_rps"], 3))
+        print(f"server overhead: p50 {summary['overhead_p50_ms']} ms (HTTP p50 - model p50); throughput "
+              f"{summary['rate_vs_model']:.0%} of the model-only rate")
     if errors:
         print(f"first error: {errors[0]}")
     return summary
