@@ -72,7 +72,7 @@ import sys
 import threading
 import time
 import uuid
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
 
@@ -357,11 +357,11 @@ async def on_crash(request, e):               # a bug: say so in one line (the l
     return JSONResponse(error_body(f"internal error ({type(e).__name__}: {e})", 500, code="internal_error"), 500)
 
 
-async def run_on(pool, fn, *args):
-    """fn(*args) off the event loop: on the model's thread, or (pool None) on any
-    worker thread, for work that waits (the teacher's network call) or may take long
-    (tokenizing a tool result of up to a megabyte)."""
-    return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+async def in_thread(fn, *args):
+    """fn(*args) on a worker thread, off the event loop: for work that waits (the
+    teacher's network call) or may take long (tokenizing a tool result of up to a
+    megabyte)."""
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
 def refused(e):
@@ -374,11 +374,12 @@ def create_app(router, model_id="nanotool", teacher=None, fallback_below=0.0,
     """The FastAPI app around one loaded Router. teacher: None, or an object with .id and
     .ask(tools, request, tool_choice) -> {"calls", "text"} (teacher.make_teacher gives one).
     log_requests: a JSONL path for the answers (see RequestLog), or None."""
-    # The Router is not thread-safe (its KV prefix cache is rewound by every request), so
-    # all model calls run on this one thread, in arrival order, and the event loop stays
-    # free to answer /health meanwhile (on the loop's own thread, /health waited for every
-    # queued answer: p50 ~370 ms under 8 clients, for no throughput gained; docs/serving.md).
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+    # The Router is not thread-safe (its KV prefix cache is rewound by every request):
+    # model calls take turns, in arrival order, on the event loop's own thread. A model
+    # thread cost two thread switches and a GIL hand-over per request (~2 ms measured
+    # on a busy 2-core machine, docs/serving.md); between two turns the loop serves what
+    # has arrived meanwhile (/health, parsing): /health waits for a few answers at most.
+    turn = asyncio.Lock()
     checked, log = Checker(max_request_bytes), RequestLog(log_requests) if log_requests else None
     context, compiled = router.model.config.block_size, router.catalogue is not None
     health_info = {"status": "ok", "model": model_id, "context": context,
@@ -390,7 +391,6 @@ def create_app(router, model_id="nanotool", teacher=None, fallback_below=0.0,
     @asynccontextmanager
     async def lifespan(app):
         yield
-        worker.shutdown(wait=False, cancel_futures=True)
         checked.close()
 
     app = FastAPI(title="nanotool", lifespan=lifespan, exception_handlers={
@@ -414,15 +414,17 @@ def create_app(router, model_id="nanotool", teacher=None, fallback_below=0.0,
         tools, request, choice = job["tools"] or (router.catalogue if compiled else []), job["text"], job["choice"]
         reply = None
         if not tools:
-            ans = no_tool_answer(await run_on(None, count_prompt, tools, request))
+            ans = no_tool_answer(await in_thread(count_prompt, tools, request))
         else:
-            try:
-                res = await run_on(worker, run_local, tools, request, choice, job["max_tokens"], job.get("top_logprobs"))
-            except ValueError as e:    # the prompt does not fit the context, ...
-                raise refused(e) from None
+            async with turn:
+                await asyncio.sleep(0)     # one pass of the loop before this model call
+                try:
+                    res = run_local(tools, request, choice, job["max_tokens"], job.get("top_logprobs"))
+                except ValueError as e:    # the prompt does not fit the context, ...
+                    raise refused(e) from None
             ans = local_answer(res, res["prompt_tokens"])
             if teacher is not None and wants_teacher(ans, choice, fallback_below):
-                reply = (teacher.id, *await run_on(None, ask_teacher, teacher, tools, request, choice))
+                reply = (teacher.id, *await in_thread(ask_teacher, teacher, tools, request, choice))
         ans, label = settle(ans, model_id, choice, job.get("parallel", True), reply)
         if label is not None and log is not None:
             log.write(tools, request, label, model_id, endpoint)
@@ -451,7 +453,7 @@ def create_app(router, model_id="nanotool", teacher=None, fallback_below=0.0,
                                                        only_model=model_id if strict_model else None,
                                                        compiled=compiled))
         if job["tool_result"] is not None:
-            n = await run_on(None, count_prompt, job["tools"], job["tool_result"])
+            n = await in_thread(count_prompt, job["tools"], job["tool_result"])
             ans = tool_result_answer(job["tool_result"], n, model_id)
         else:
             ans = await route(job)

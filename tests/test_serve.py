@@ -567,6 +567,15 @@ def test_loadtest_runs_against_the_server(live):
     assert s["big_requests"] >= 1 and s["big_errors"] == 0 and set(s["big_statuses"]) == {413}
 
 
+def test_loadtest_times_the_model_alone_on_the_same_requests(live, toy_ckpt):
+    from utils import loadtest
+    s = loadtest.main(["--base_url", live.url, "--clients", "1", "--seconds", "1", "--max_tokens", "8",
+                       "--health_every", "0", "--model_ckpt", toy_ckpt, "--model_rounds", "1"])
+    assert s["errors"] == 0 and s["model_p50_ms"] > 0 and s["model_rps"] > 0
+    assert s["overhead_p50_ms"] == round(s["p50_ms"] - s["model_p50_ms"], 2)
+    assert s["rate_vs_model"] == round(s["throughput_rps"] / s["model_rps"], 3) > 0
+
+
 def test_cli_starts_the_app_and_bad_flags_are_one_line(toy_ckpt, monkeypatch, capsys):
     started = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.update(app=app, **kw))

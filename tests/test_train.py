@@ -293,3 +293,13 @@ def test_curriculum_draws_short_rows_first_then_all(toy_data):
     assert split.row_lens[early].max() <= cutoff                 # the shortest 30% only
     late = np.concatenate([datadir.batch_indices(split, 1, s, 0, 64, 0, 1.0) for s in range(5)])
     assert split.row_lens[late].max() > cutoff
+
+
+def test_aux_targets_are_read_only_when_asked_for(toy_data):
+    # a run without aux heads neither loads the tag/intent/pointer files nor builds their arrays
+    plain, aux = datadir.Split(toy_data, "train", 512, aux=False), datadir.Split(toy_data, "train", 512)
+    assert plain.tags is None and plain.intents is None and plain.ptr is None
+    assert aux.tags is not None and aux.intents is not None and aux.ptr is not None   # data.py wrote them
+    b, a = plain.batch([0, 1], 0), aux.batch([0, 1], 0)
+    assert b.tags is None and b.intent is None and b.ptr is None and a.tags.shape == a.x.shape
+    assert all(torch.equal(u, v) for u, v in zip(b[:3], a[:3])) and torch.equal(b.seg, a.seg)
