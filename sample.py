@@ -13,12 +13,12 @@ timing. --tools takes OpenAI function definitions or bare {name, description,
 parameters} objects, as a JSON list. The tokenizer is the one in the checkpoint's
 data dir (or --data_dir), and must be the one the checkpoint was trained with.
 
-Reading order: Router (loading, the tools a request may call, prompts, answer);
-step, the one decoding step every decoder takes; decode_reference, the plain
-decoder; the fast decoder's pieces, each readable alone (_Pass: the model side
-with the KV and prefix caches and forced spans; propose + verify: speculation);
-_Answer, the answer being written and the value rule. The aux heads' answer is
-in heads.py.
+Top to bottom: Router (loading, the tools a request may call, prompts, answer);
+the two decoders, decode_reference (plain) and decode_fast (same tokens); step,
+the one decoding step both take; the fast decoder's pieces, each readable alone
+(propose + verify: speculation; _Pass: the model side, with the KV and prefix
+caches and the pending forced spans); _Answer, the answer being written and the
+rule on values. The aux heads' answer is in heads.py.
 
 What makes it fast (each is measured in utils/bench_latency.py):
     KV cache        the prompt runs once; each step feeds only the new tokens
