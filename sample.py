@@ -14,11 +14,11 @@ parameters} objects, as a JSON list. The tokenizer is the one in the checkpoint'
 data dir (or --data_dir), and must be the one the checkpoint was trained with.
 
 Top to bottom: Router (loading, the tools a request may call, prompts, answer);
-the two decoders, decode_reference (plain) and decode_fast (same tokens); step,
-the one decoding step both take; the fast decoder's pieces, each readable alone
-(propose + verify: speculation; _Pass: the model side, with the KV and prefix
-caches and the pending forced spans); _Answer, the answer being written and the
-rule on values. The aux heads' answer is in heads.py.
+step, the one decoding step every decoder takes; the two decoders,
+decode_reference (plain) and decode_fast (the same tokens, faster); the fast
+decoder's pieces, each readable alone (propose + verify: speculation; _Pass: the
+model side, with the KV and prefix caches and the pending forced spans); _Answer,
+the answer being written and the rule on values. The heads' answer: heads.py.
 
 What makes it fast (each is measured in utils/bench_latency.py):
     KV cache        the prompt runs once; each step feeds only the new tokens
