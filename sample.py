@@ -422,7 +422,8 @@ class _Pass:
             self.cache = self._prefix_cache(prefix) if prefix_cache else None
             if self.cache is None:
                 self.cache = KVCache(cfg, 1, cfg.block_size, router.device)
-                router.decode(prefix, self.cache, prompt=1)
+                if prefix:                    # (generate's raw prompt may lack <|user|>)
+                    router.decode(prefix, self.cache, prompt=1)
             out = router.decode(request_ids, self.cache, prompt=2, aux=aux)
             self._last, *aux_out = out if aux else (out,)
             self.aux = aux_out or None
