@@ -91,33 +91,14 @@ from teacher import clean_answer
 # the model's own probabilities of its answer (logprobs)
 
 def answer_with_logprobs(router, tools, request, max_tokens, choice, top):
-    """Router.answer's result, plus "logprobs": one OpenAI logprob entry per answer token
+    """Router.answer's result, with "logprobs": one OpenAI logprob entry per answer token
     (the wire-format tokens: <|call|>, the name's pieces, ...). The log-probability is
-    the model's own over the whole vocabulary (no grammar mask), read from one forward
-    pass over prompt + answer, with the `top` likeliest tokens at each position."""
-    import torch
-    ids, info = router.generate_constrained(tools, request, max_tokens, tool_choice=choice)
-    text = router.sp.decode(ids)
-    res = {"text": text, "tokens": len(ids), "confidence": info["confidence"], "truncated": info["truncated"],
-           "calls": [], "reason": None, "valid": False, "error": None}
-    try:                          # as Router.answer reads and checks it
-        parsed = wire.parse_answer(text, tools)
-        res.update(parsed, error=wire.validate_answer(parsed, tools))
-        res["valid"] = res["error"] is None
-    except wire.AnswerError as e:
-        res["error"] = f"unparseable: {e}"
-    prompt = router.encode_prompt(tools, request)
-    seq = torch.tensor([prompt + ids[:-1]], dtype=torch.long, device=router.device)
-    with torch.inference_mode():   # position t's logits predict token t+1
-        logp = torch.log_softmax(router.model(seq)[0, len(prompt) - 1:].float(), dim=-1)   # (len(ids), V)
-    chosen = logp.gather(1, torch.tensor(ids, device=logp.device)[:, None])[:, 0].tolist()
-    best = logp.topk(top, dim=-1) if top else None
-    res["logprobs"] = []
-    for j, i in enumerate(ids):
-        entry = token_entry(router.sp, i, chosen[j])
-        entry["top_logprobs"] = [token_entry(router.sp, int(k), float(v)) for v, k in
-                                 zip(best.values[j].tolist(), best.indices[j].tolist())] if top else []
-        res["logprobs"].append(entry)
+    the model's own over the whole vocabulary (no grammar mask), from the decoder's
+    logits with the prompt's blocks as decoding ran them (Router.answer), with the
+    `top` likeliest tokens at each position."""
+    res = router.answer(tools, request, max_tokens, constrain=True, tool_choice=choice, top_logprobs=top)
+    res["logprobs"] = [dict(token_entry(router.sp, i, lp), top_logprobs=[token_entry(router.sp, k, v) for k, v in best])
+                       for i, lp, best in res["logprobs"]]
     return res
 
 

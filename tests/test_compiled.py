@@ -22,8 +22,7 @@ from sample import Router
 @pytest.fixture(scope="module")
 def router(compiled_ckpt):
     r = Router(compiled_ckpt)
-    assert r.answer_from_heads          # a compiled model with aux heads answers from them by default,
-    r.answer_from_heads = False         # but these tests are about the decoders (see the heads' own test)
+    assert r.heads is not None and r.answer_from_heads     # a compiled model with aux heads answers from them
     return r
 
 
@@ -215,8 +214,7 @@ def test_a_right_draft_is_verified_in_one_pass_and_a_wrong_one_changes_nothing(r
     try:
         def run(draft_tokens=None, **kw):
             router.model = StubModel(router, target, n_prompt)
-            router.model.tagger = "stub"                   # lets the router draft
-            monkeypatch.setattr(router, "_draft", lambda aux, req, g, tools: (list(draft_tokens or []), False))
+            monkeypatch.setattr(router.heads, "draft", lambda aux, req, g, tools: (list(draft_tokens or []), False))
             return router.generate_constrained(None, request_text, 64, prefix_cache=False, **kw)
         plain, slow = run(draft=False, speculate=False)
         assert router.sp.decode(plain) == target
@@ -228,7 +226,7 @@ def test_a_right_draft_is_verified_in_one_pass_and_a_wrong_one_changes_nothing(r
 
 
 def test_the_draft_is_built_from_the_tags_and_the_intent(router):
-    """_draft reads the aux heads' logits: a forced intent and tags give the call."""
+    """Heads.draft reads the aux heads' logits: a forced intent and tags give the call."""
     g = router.grammar(router.catalogue)
     req = router.encode_request("where is my order 12345")
     tags = router.meta["tags"]
@@ -241,14 +239,14 @@ def test_the_draft_is_built_from_the_tags_and_the_intent(router):
         tag_logits[j, tags.index("I-order_id")] = 9.0
     intent = torch.full((len(router.meta["intents"]),), -9.0)
     intent[router.meta["intents"].index("track_order")] = 9.0
-    draft, whole = router._draft((tag_logits, intent, None), req, g, router.catalogue)
+    draft, whole = router.heads.draft((tag_logits, intent, None), req, g, router.catalogue)
     assert whole and router.sp.decode(draft) == wire.render_answer(
         [{"name": "track_order", "arguments": {"order_id": "12345"}}])
     # a run tagged with another tool's key ("city"): the request asks for more than this
     # call, so the draft is kept for verifying only (a two-call request must not lose a call)
     assert "B-city" in tags
     tag_logits[0, tags.index("B-city")] = 99.0
-    draft, whole = router._draft((tag_logits, intent, None), req, g, router.catalogue)
+    draft, whole = router.heads.draft((tag_logits, intent, None), req, g, router.catalogue)
     assert not whole and router.sp.decode(draft) == wire.render_answer(
         [{"name": "track_order", "arguments": {"order_id": "12345"}}])
 
@@ -257,19 +255,18 @@ def test_the_heads_answer_when_their_tool_takes_strings_only(router, monkeypatch
     """answer_from_heads: the draft is the answer (one pass), if its tool takes plain
     strings only and the grammar takes it; otherwise the decoder answers."""
     track = wire.render_answer([{"name": "track_order", "arguments": {"order_id": "12345"}}])
-    monkeypatch.setattr(router, "answer_from_heads", True)
-    monkeypatch.setattr(router, "_draft", lambda aux, req, g, tools: (router.sp.encode(track), True))
+    monkeypatch.setattr(router.heads, "draft", lambda aux, req, g, tools: (router.sp.encode(track), True))
     ids, info = router.generate_constrained(None, "where is my order 12345?", 64)
     assert router.sp.decode(ids) == track and info["passes"] == 1 and 0 < info["confidence"] <= 1
     # a tool with a number, or a draft the grammar refuses (another tool is required): the decoder
     numeric = next(t for t in router.catalogue if any(p.get("type") != "string" or "enum" in p
                                                       for p in t["parameters"]["properties"].values()))
     args = {k: 1 for k in numeric["parameters"].get("required", [])}
-    monkeypatch.setattr(router, "_draft", lambda aux, req, g, tools: (router.sp.encode(
+    monkeypatch.setattr(router.heads, "draft", lambda aux, req, g, tools: (router.sp.encode(
         wire.render_answer([{"name": numeric["name"], "arguments": args}])), True))
     _, info = router.generate_constrained(None, "where is my order 12345?", 64)
     assert info["passes"] > 1
-    monkeypatch.setattr(router, "_draft", lambda aux, req, g, tools: (router.sp.encode(track), True))
+    monkeypatch.setattr(router.heads, "draft", lambda aux, req, g, tools: (router.sp.encode(track), True))
     ids, info = router.generate_constrained(None, "where is my order 12345?", 64, tool_choice="none")
     assert info["passes"] > 1 and wire.CALL not in router.sp.decode(ids)
 
@@ -281,6 +278,19 @@ def test_bench_routers_times_each_model(compiled_ckpt, compiled_data, tmp_path):
                         "--n", "3", "--out", out])
     row = json.load(open(out))["models"]["c"]
     assert row["n"] == 3 and 0 < row["p50_ms"] <= row["p95_ms"] and row["compiled"]
+
+
+def test_bench_routers_times_two_checkouts_side_by_side(compiled_ckpt, compiled_data, tmp_path):
+    """--before: this code against another checkout (here: itself), item by item."""
+    from utils import bench_routers
+    out = str(tmp_path / "ab.json")
+    bench_routers.main(["--model", f"c={compiled_ckpt}:{os.path.join(compiled_data, 'test.jsonl')}",
+                        "--n", "2", "--threads", "1", "--before", ROOT, "--out", out])
+    rows = json.load(open(out))["models"]
+    assert rows["c before"]["n"] == rows["c after"]["n"] == 2 and rows["c after"]["same_answers"] == "12/12"
+    with pytest.raises(SystemExit):
+        bench_routers.main(["--model", f"c={compiled_ckpt}:{os.path.join(compiled_data, 'test.jsonl')}",
+                            "--before", str(tmp_path), "--out", out])
 
 
 def test_a_teacher_labels_a_compiled_catalogue(tmp_path, monkeypatch):

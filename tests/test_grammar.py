@@ -12,6 +12,7 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 import grammar
+import sample
 import wire
 from sample import Router
 
@@ -189,8 +190,11 @@ def test_every_path_the_grammar_allows_is_valid(router, data):
     in an answer that parses and validates, even when the budget runs out."""
     tools = data.draw(catalogues())
     rng = random.Random(data.draw(st.integers(0, 10**6)))
-    pick = lambda logits, allowed, out: allowed[rng.randrange(len(allowed))]
-    ids, info = router.generate_constrained(tools, "do the thing", max_new_tokens=40, pick=pick)
+    router.choose = lambda scores, allowed, out: rng.randrange(len(allowed))    # the step's choice, at random
+    try:
+        ids, info = router.generate_constrained(tools, "do the thing", max_new_tokens=40)
+    finally:
+        router.choose = sample.greedy
     assert not info["dead_end"]
     parsed = wire.parse_answer(router.sp.decode(ids), tools)
     assert wire.validate_answer(parsed, tools) is None
@@ -308,9 +312,12 @@ def test_forced_spans_save_forward_passes(router):
     tools = wire.normalize_tools([{"name": "track_order_status", "parameters": {
         "type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"]}}])
     # the grammar leaves the model: <|call|>/<|nocall|>, the first name token, the value
-    pick = lambda logits, allowed, out: router.call_id if not out else allowed[0]
-    ids, slow = router.generate_constrained(tools, "x", 12, forced_spans=False, pick=pick)
-    ids2, fast = router.generate_constrained(tools, "x", 12, pick=pick)
+    router.choose = lambda scores, allowed, out: 0 if out else int((allowed == router.call_id).nonzero()[0])
+    try:
+        ids, slow = router.generate_constrained(tools, "x", 12, forced_spans=False)
+        ids2, fast = router.generate_constrained(tools, "x", 12)
+    finally:
+        router.choose = sample.greedy
     assert ids == ids2
     assert fast["passes"] < slow["passes"]
 

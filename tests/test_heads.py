@@ -59,7 +59,7 @@ def router(pointer_ckpt):
 def test_a_draft_from_pointers_names_the_pointed_tool_and_argument(router):
     g = router.grammar(TOOLS)
     req = router.encode_request("weather in Oslo please")
-    names, args = router._positions(TOOLS)
+    names, args = router.heads.catalogue_positions(TOOLS)
     n_cat = len(router.encode_prefix(TOOLS))
     tags = router.meta["tags"]
     tag_logits = torch.full((len(req), len(tags)), -9.0)
@@ -73,22 +73,20 @@ def test_a_draft_from_pointers_names_the_pointed_tool_and_argument(router):
     intent[names["get_current_weather"]] = 9.0
     arg = torch.zeros(len(req), n_cat)
     arg[:, args[("get_current_weather", "city")]] = 9.0
-    draft, whole = router._draft((tag_logits, intent, arg), req, g, TOOLS)
+    draft, whole = router.heads.draft((tag_logits, intent, arg), req, g, TOOLS)
     assert whole and router.sp.decode(draft) == wire.render_answer(
         [{"name": "get_current_weather", "arguments": {"city": "Oslo"}}])
     intent[0] = 99.0                                   # pointing at <|tools|>: no call, no draft
-    assert router._draft((tag_logits, intent, arg), req, g, TOOLS) == ([], False)
+    assert router.heads.draft((tag_logits, intent, arg), req, g, TOOLS) == ([], False)
 
 
 def test_decoders_agree_with_pointer_heads_drafting(router, toy_data):
-    """With the heads' answers off, drafting is only a speed-up: the same tokens."""
-    router.answer_from_heads = False
-    try:
-        for ex in [json.loads(l) for l in open(os.path.join(toy_data, "test.jsonl"))][:4]:
-            ref = router.decode_reference(ex["tools"], ex["request"], 24)
-            fast, _ = router.generate_constrained(ex["tools"], ex["request"], 24)
-            assert fast == ref
-    finally:
-        router.answer_from_heads = True
-    res = router.answer(TOOLS, "weather in Oslo please", 24)      # and answers validly either way
+    """The reference includes the heads' answer: the fast decoder (drafting, heads
+    answering) gives its tokens, with no switch."""
+    assert router.heads is not None and router.answer_from_heads
+    for ex in [json.loads(l) for l in open(os.path.join(toy_data, "test.jsonl"))][:4]:
+        ref = router.decode_reference(ex["tools"], ex["request"], 24)
+        fast, _ = router.generate_constrained(ex["tools"], ex["request"], 24)
+        assert fast == ref
+    res = router.answer(TOOLS, "weather in Oslo please", 24)      # and answers validly
     assert res["valid"]

@@ -64,19 +64,23 @@ VARIANTS = {   # the int8 rows use the int8 model
 
 
 def follow(router, target_text):
-    """A pick function that writes target_text: of the allowed tokens, the one
-    covering the longest piece of what is still to come (a walk down the
-    vocabulary trie, so choosing costs next to nothing)."""
+    """A choice rule (Router.choose, in place of the argmax) that writes
+    target_text: of the allowed tokens, the one covering the longest piece of
+    what is still to come (a walk down the vocabulary trie, so choosing costs
+    next to nothing) -> its index in allowed."""
     target = target_text.encode()
     vocab = router.vocab
 
-    def pick(logits, allowed, out):
+    def index(allowed, t):
+        return int((allowed == t).nonzero()[0])
+
+    def choose(scores, allowed, out):
         done = b"".join(s.encode() if isinstance(s, str) else bytes([s])
                         for t in out for s in vocab.symbols(t))
         rest = target[len(done):]
         for sym, i in vocab.special_id.items():
-            if rest.startswith(sym.encode()):
-                return i
+            if rest.startswith(sym.encode()) and bool((allowed == i).any()):
+                return index(allowed, i)
         candidates, node = [], vocab.root
         for b in rest:
             node = node.children.get(b)
@@ -85,9 +89,9 @@ def follow(router, target_text):
             candidates += node.ids
         for t in reversed(candidates):              # longest first
             if bool((allowed == t).any()):
-                return t
-        return int(allowed[0])
-    return pick
+                return index(allowed, t)
+        return 0
+    return choose
 
 
 def measure_bandwidth(mb=256, reps=5):
@@ -138,8 +142,9 @@ def run_variant(router, tools, kw, n_requests, warmup=2):
     for i in range(warmup + n_requests):
         request, calls = REQUESTS[i % len(REQUESTS)]
         target = wire.render_answer(calls)
+        router.choose = follow(router, target)
         t0 = time.perf_counter()
-        ids, info = router.generate_constrained(tools, request, 64, pick=follow(router, target), **kw)
+        ids, info = router.generate_constrained(tools, request, 64, **kw)
         text = router.sp.decode(ids)
         parsed = wire.parse_answer(text, tools)
         err = wire.validate_answer(parsed, tools)
