@@ -13,12 +13,12 @@ timing. --tools takes OpenAI function definitions or bare {name, description,
 parameters} objects, as a JSON list. The tokenizer is the one in the checkpoint's
 data dir (or --data_dir), and must be the one the checkpoint was trained with.
 
-Reading order: Router (loading, the tools a request may call, prompts, answer);
-step, the one decoding step every decoder takes; decode_reference, the plain
-decoder; the fast decoder's pieces, each readable alone (_Pass: the model side
-with the KV and prefix caches and forced spans; propose + verify: speculation);
-_Answer, the answer being written and the value rule. The aux heads' answer is
-in heads.py.
+Top to bottom: Router (loading, the tools a request may call, prompts, answer);
+step, the one decoding step every decoder takes; the two decoders,
+decode_reference (plain) and decode_fast (the same tokens, faster); the fast
+decoder's pieces, each readable alone (propose + verify: speculation; _Pass: the
+model side, with the KV and prefix caches and the pending forced spans); _Answer,
+the answer being written and the rule on values. The heads' answer: heads.py.
 
 What makes it fast (each is measured in utils/bench_latency.py):
     KV cache        the prompt runs once; each step feeds only the new tokens
@@ -169,7 +169,9 @@ class Router:
                     if isinstance(p, dict) and p.get("type") == "string" and "enum" not in p}
         return self.span_keys
 
-    def _budget(self, n_prompt, max_new_tokens):
+    def budget(self, n_prompt, max_new_tokens):
+        """Tokens an answer may take after a prompt of n_prompt tokens (ValueError:
+        the prompt leaves less than MIN_ANSWER_TOKENS of the context)."""
         room = self.model.config.block_size - n_prompt
         if room < MIN_ANSWER_TOKENS:
             raise ValueError(f"prompt is {n_prompt} tokens; the model's context is "
@@ -218,7 +220,7 @@ class Router:
         <|end|> if reached): the raw model. With the cache, the prompt runs once and
         each step feeds one token; without it, every step re-runs the whole sequence."""
         prefix, request = split_prompt(list(prompt_ids), self.meta["special_tokens"][wire.USER])
-        max_new_tokens = self._budget(len(prompt_ids), max_new_tokens)
+        max_new_tokens = self.budget(len(prompt_ids), max_new_tokens)
         run = _Pass(self, prefix, request, use_cache, prefix_cache=False)
         out = []
         while len(out) < max_new_tokens and (not out or out[-1] != self.end_id):
@@ -235,8 +237,14 @@ class Router:
         ids, info, _ = decode_fast(self, tools, request, max_new_tokens, tool_choice, **speedups)
         return ids, info
 
-    def _tensor(self, ids):
+    def tensor(self, ids):
         return torch.tensor([ids], dtype=torch.long, device=self.device)
+
+    def decode(self, ids, cache, prompt=0, first=-1, aux=False):
+        """GPT.decode on token ids: continue the cache with them (a prompt block:
+        prompt=1 the catalogue, 2 the request) -> logits of the last position (V),
+        or of positions first.. (n, V); with aux also the aux heads' logits."""
+        return self.model.decode(self.tensor(ids), cache, prompt, first, aux)
 
 
 def split_prompt(prompt_ids, user_id):
@@ -276,7 +284,7 @@ def begin(router, tools, request, max_new_tokens, tool_choice):
     ids, request ids, token budget)."""
     tools = router.tools_for(tools)
     prefix, request_ids = router.encode_prefix(tools), router.encode_request(request)
-    budget = router._budget(len(prefix) + len(request_ids), max_new_tokens)
+    budget = router.budget(len(prefix) + len(request_ids), max_new_tokens)
     return tools, router.grammar(tools, tool_choice), prefix, request_ids, budget
 
 
@@ -291,8 +299,8 @@ def decode_reference(router, tools, request, max_new_tokens=128, tool_choice="au
     tools, g, prefix, request_ids, budget = begin(router, tools, request, max_new_tokens, tool_choice)
     cfg = router.model.config
     cache = KVCache(cfg, 1, cfg.block_size, router.device)
-    router.model.decode(router._tensor(prefix), cache, prompt=1)
-    logits = router.model.decode(router._tensor(request_ids), cache, prompt=2, aux=router.heads is not None)
+    router.decode(prefix, cache, prompt=1)
+    logits = router.decode(request_ids, cache, prompt=2, aux=router.heads is not None)
     ans = _Answer(router, g, request, request_ids)
     if router.heads is not None:
         logits, *aux = logits
@@ -304,7 +312,7 @@ def decode_reference(router, tools, request, max_new_tokens=128, tool_choice="au
         if chosen is None or len(ans.out) + len(chosen[0]) > budget:    # a dead end, out of tokens
             return ans.cut(budget)
         ans.push(chosen[0])
-        logits = router.model.decode(router._tensor(chosen[0]), cache)
+        logits = router.decode(chosen[0], cache)
     return ans.out
 
 
@@ -420,13 +428,14 @@ class _Pass:
         self.n_prefix, self.n_request = len(prefix), len(request_ids)
         self.aux = None       # the aux heads' logits of the request (aux=True)
         self.seq = prefix + request_ids       # what the uncached passes run
-        model, cfg = router.model, router.model.config
+        cfg = router.model.config
         if use_cache or aux:  # (the uncached check still takes the heads from a prompt pass)
             self.cache = self._prefix_cache(prefix) if prefix_cache else None
             if self.cache is None:
                 self.cache = KVCache(cfg, 1, cfg.block_size, router.device)
-                model.decode(router._tensor(prefix), self.cache, prompt=1)
-            out = model.decode(router._tensor(request_ids), self.cache, prompt=2, aux=aux)
+                if prefix:                    # (generate's raw prompt may lack <|user|>)
+                    router.decode(prefix, self.cache, prompt=1)
+            out = router.decode(request_ids, self.cache, prompt=2, aux=aux)
             self._last, *aux_out = out if aux else (out,)
             self.aux = aux_out or None
             self.prompt_mark = self.cache.pos, self.cache.last_k.clone(), self.cache.n_src
@@ -442,7 +451,7 @@ class _Pass:
 
         def make():
             cache = KVCache(cfg, 1, cfg.block_size, r.device)
-            r.model.decode(r._tensor(prefix), cache, prompt=1)
+            r.decode(prefix, cache, prompt=1)
             return cache, cache.last_k.clone(), cache.n_src
         cache, last_k, n_src = remember(r.prefixes, tuple(prefix), make, 4)
         cache.rewind(len(prefix), last_k, n_src)
@@ -452,7 +461,7 @@ class _Pass:
         """Logits of the last position of seq (or of positions first..), run whole
         (no cache), with the same prompt blocks as a cached run."""
         seg = [1] * self.n_prefix + [2] * self.n_request + [0] * (len(self.seq) - self.n_prefix - self.n_request)
-        out = self.r.model(self.r._tensor(self.seq), seg=self.r._tensor(seg))[0]
+        out = self.r.model(self.r.tensor(self.seq), seg=self.r.tensor(seg))[0]
         return out[-1] if first == -1 else out[first:]
 
     def room(self):
@@ -481,7 +490,7 @@ class _Pass:
         self.passes += 1
         self.stale = False
         if self.use_cache:
-            self._last = self.r.model.decode(self.r._tensor(ids), self.cache)
+            self._last = self.r.decode(ids, self.cache)
         else:
             self.seq = self.seq + ids
             self._last = self._uncached()
@@ -492,8 +501,8 @@ class _Pass:
         self.passes += 1
         self._mark = self.cache.pos, self.cache.last_k.clone(), self.cache.n_src
         if not self.pending:              # the logits before the first guess are the last ones
-            return torch.cat([self._last[None], self.r.model.decode(self.r._tensor(guess), self.cache, first=0)])
-        return self.r.model.decode(self.r._tensor(self.pending + guess), self.cache, first=len(self.pending) - 1)
+            return torch.cat([self._last[None], self.r.decode(guess, self.cache, first=0)])
+        return self.r.decode(self.pending + guess, self.cache, first=len(self.pending) - 1)
 
     def keep_guess(self, n_ok, guess, next_logits):
         """The first n_ok guesses were right. All of them: nothing pending, and
@@ -517,7 +526,7 @@ class _Pass:
             return []
         if self.use_cache:
             self.cache.rewind(*self.prompt_mark)
-            rest = self.r.model.decode(self.r._tensor(ids[:-1]), self.cache, first=0) if len(ids) > 1 else None
+            rest = self.r.decode(ids[:-1], self.cache, first=0) if len(ids) > 1 else None
         else:
             self.seq = self.seq[:self.n_prefix + self.n_request] + ids[:-1]
             rest = self._uncached(first=self.n_prefix + self.n_request) if len(ids) > 1 else None

@@ -284,6 +284,19 @@ def test_bench_routers_times_each_model(compiled_ckpt, compiled_data, tmp_path):
     assert row["n"] == 3 and 0 < row["p50_ms"] <= row["p95_ms"] and row["compiled"]
 
 
+def test_bench_routers_times_two_checkouts_side_by_side(compiled_ckpt, compiled_data, tmp_path):
+    """--before: this code against another checkout (here: itself), item by item."""
+    from utils import bench_routers
+    out = str(tmp_path / "ab.json")
+    bench_routers.main(["--model", f"c={compiled_ckpt}:{os.path.join(compiled_data, 'test.jsonl')}",
+                        "--n", "2", "--threads", "1", "--before", ROOT, "--out", out])
+    rows = json.load(open(out))["models"]
+    assert rows["c before"]["n"] == rows["c after"]["n"] == 2 and rows["c after"]["same_answers"] == "12/12"
+    with pytest.raises(SystemExit):
+        bench_routers.main(["--model", f"c={compiled_ckpt}:{os.path.join(compiled_data, 'test.jsonl')}",
+                            "--before", str(tmp_path), "--out", out])
+
+
 def test_a_teacher_labels_a_compiled_catalogue(tmp_path, monkeypatch):
     """--compiled with --teacher: the teacher sees the whole catalogue; its answers
     become the training labels; the examples keep no tools (tools.json has them)."""

@@ -4,7 +4,7 @@ import os
 import pytest
 
 import wire
-from sample import Router
+from sample import MIN_ANSWER_TOKENS, Router
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,3 +50,8 @@ def test_answer_reports_validity_and_latency(router):
 def test_prompt_longer_than_context_is_refused(router):
     with pytest.raises(ValueError, match="context"):
         router.generate([5] * (router.model.config.block_size + 1))
+    # the raw decoder, like the constrained ones, leaves MIN_ANSWER_TOKENS of room
+    block = router.model.config.block_size
+    with pytest.raises(ValueError, match="too little room"):
+        router.generate([5] * (block - MIN_ANSWER_TOKENS + 1))
+    assert len(router.generate([5] * (block - MIN_ANSWER_TOKENS), 64)) <= MIN_ANSWER_TOKENS
