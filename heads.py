@@ -96,8 +96,8 @@ class Heads:
     def draft(self, aux, ans, tools):
         """A whole answer guessed from the heads: the tool the intent head names,
         with an argument for each run of request words the tagger marks B(-key),
-        I(-key)... (a key met again opens a second call of the tool, as data.py
-        writes repeated slots; a list's items are its runs in order) -> (its
+        I(-key)... in request order (a key met again opens the next call of the
+        tool; a list's items are its runs in a row) -> (its
         tokens, whole, every tagged run's text), or ([], False, those texts) when the
         intent head says no call or names a tool the grammar does not allow here. The tags are read a word at a time
         (on each word's first token) and as a sequence (best_tags), so a value is
@@ -144,18 +144,20 @@ class Heads:
         runs = [[key_of(tag, words[a][0]), a, b] for tag, a, b in runs]
         known = {k for k, _ in tool["keys"].values()}
         props = next(t for t in tools if t["name"] == name)["parameters"].get("properties", {})
-        calls, whole = [], True
+        calls, whole, last = [], True, None
         for key, a, b in runs:
             if key not in known:
                 whole = False
                 continue
             value = text[words[a][1]:words[b][2]].decode("utf-8")
             kind = (props.get(key) or {}).get("type")
-            if kind == "array":                            # one more item of the list
-                call = next((c for c in calls if key in c["arguments"]), None) or \
-                    next((c for c in calls if key not in c["arguments"]), None)
-            else:
-                call = next((c for c in calls if key not in c["arguments"]), None)
+            # calls are segmented in request order: a run belongs to the call being
+            # filled unless that call has its key already (a list: unless another
+            # key came between its items), then it opens the next call
+            call = calls[-1] if calls else None
+            if call is not None and key in call["arguments"] and not (kind == "array" and last == key):
+                call = None
+            last = key
             if call is None:
                 call = {"name": name, "arguments": {}}
                 calls.append(call)
