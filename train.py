@@ -216,7 +216,9 @@ def run(args, loss=None, name="model", ckpt_extra=None):
     model.train()
     stop, restore_signals = catch_stop_signals()
     t0 = start_time = time.time()
-    fit_at = step + FIT_STEPS if not args.max_steps else None     # see fit_schedule
+    # a schedule fitted to --max_minutes: steps fit_at[0]..fit_at[1] are timed (see fit_schedule)
+    fit_at = (step + FIT_FROM, step + FIT_FROM + FIT_STEPS) if not args.max_steps else (None, None)
+    fit_t0 = None
     since = dict(tokens=0, steps=0, examples=0)
     clean = False   # the loop ended the same way on every rank (see runtime.leave_distributed)
     try:
@@ -246,10 +248,13 @@ def run(args, loss=None, name="model", ckpt_extra=None):
             batches = micro_batches(train, args, step, rank, rows_per_batch, pad_id, device)
             parts, tokens, examples = train_step(net, model, optimizer, scaler, batches, loss, args, ctx, world, aux)
             step += 1
-            if step == fit_at:
-                args.max_steps = fit_schedule(args, step, time.time() - start_time, trained_s, device)
+            if step == fit_at[0]:
+                fit_t0 = time.time()
+            if step == fit_at[1]:
+                per_step = (time.time() - fit_t0) / FIT_STEPS
+                args.max_steps = fit_schedule(args, step, per_step, trained_s + time.time() - start_time, device)
                 log(f"schedule: {args.max_steps} steps fill {args.max_minutes:g} min "
-                    f"({(time.time() - start_time) / FIT_STEPS * 1000:.0f} ms a step over the first {FIT_STEPS})")
+                    f"({per_step * 1000:.0f} ms a step over steps {fit_at[0]}-{fit_at[1]})")
             since["steps"] += 1
             since["tokens"], since["examples"] = since["tokens"] + tokens, since["examples"] + examples
             if step % args.log_interval == 0 or step == args.max_steps:
@@ -397,17 +402,18 @@ def evaluate_loss(model, split, args, pad_id, device, ctx):
     return total / max(count, 1)
 
 
-FIT_STEPS = 50     # steps timed before a schedule is fitted to --max_minutes
+FIT_FROM, FIT_STEPS = 20, 200    # a schedule fitted to --max_minutes: steps timed, after the first ones
 
 
-def fit_schedule(args, step, seconds, trained_s, device):
-    """The number of steps that fills --max_minutes at the speed of the last
-    FIT_STEPS steps (all ranks agree: the slowest sets it), with 3% left for
-    evaluations. Fitted once, inside the warmup (whose learning rate does not
-    depend on it) and stored with the run's args, so the learning rate stays a
-    pure function of the step, and a resumed run keeps the same schedule."""
-    per_step = sum_over_ranks([seconds / FIT_STEPS], device)[0] / world_size()
-    left = 60 * args.max_minutes - trained_s - seconds
+def fit_schedule(args, step, per_step, seconds, device):
+    """The number of steps that fills --max_minutes (seconds of it spent so far)
+    at per_step seconds a step, timed over FIT_STEPS steps after the first
+    FIT_FROM (start-up is slower), averaged over ranks, with 3% left for
+    evaluations. Fitted once and stored with the run's args, so the learning
+    rate stays a pure function of the step (the peak until then: get_lr), and a
+    resumed run keeps the same schedule."""
+    per_step = sum_over_ranks([per_step], device)[0] / world_size()
+    left = 60 * args.max_minutes - seconds
     return max(step + 1, step + int(0.97 * left / per_step))
 
 
