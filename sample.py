@@ -550,6 +550,7 @@ class _Answer:
         self.r, self.g, self.request, self.request_ids = router, g, request, request_ids
         self.state, self.out, self.ends = g.start(request), [], []
         self.found = []        # the values the heads tagged in the request (heads.py)
+        self.blocked = (0, -1)   # (how many were unused, answer length) when last kept from ending
 
     def done(self):
         return self.state.phase == "done"
@@ -599,7 +600,11 @@ class _Answer:
             end = allowed == self.r.end_id
             if end.any() and len(allowed) > 1:
                 text = self.r.sp.decode(self.out)
-                if any(v not in text for v in self.found):
+                left = sum(v not in text for v in self.found)
+                # ... unless the calls since the last such moment placed none of them
+                # (a tagged value no call takes would otherwise run on to the budget)
+                if left and (left != self.blocked[0] or len(self.out) == self.blocked[1]):
+                    self.blocked = (left, len(self.out))
                     allowed = allowed[~end]
         return allowed
 
