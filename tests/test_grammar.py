@@ -29,8 +29,10 @@ def router(toy_ckpt):
 # -----------------------------------------------------------------------------
 # the value automaton, case by case
 
-def accepts(prop, text):
-    s = grammar.value_start(grammar.value_node(prop))
+def accepts(prop, text, node=None, spans=None):
+    """Does the value automaton of prop (or node) read " " + text whole? spans: the
+    request's (grammar.Spans), for span values."""
+    s = grammar.value_start(node or grammar.value_node(prop), spans)
     for b in (" " + text).encode():
         s = grammar.value_step(s, b)
         if s is None:
@@ -410,12 +412,7 @@ def test_guesses_never_run_past_the_context(router):
 # span values: a value copied from the request is a run of its whole words
 
 def accepts_span(node, request, text):
-    s = grammar.value_start(node, grammar.Spans(request))
-    for b in (" " + text).encode():
-        s = grammar.value_step(s, b)
-        if s is None:
-            return False
-    return grammar.value_done(s)
+    return accepts(None, text, node, grammar.Spans(request))
 
 
 @pytest.mark.parametrize("prop, request_text, good, bad", [
