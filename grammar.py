@@ -483,11 +483,6 @@ def value_done(vstate):
 RAW_STATES = (frozenset({(("raw", 1),)}),)    # free text past its first character: any byte
 
 
-def is_raw(vstate):
-    """Is this value state inside a plain string value (free text)?"""
-    return all(len(stack) == 1 and stack[0][0] == "raw" for stack in vstate)
-
-
 # -----------------------------------------------------------------------------
 # the whole answer
 

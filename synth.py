@@ -206,10 +206,10 @@ def word_span(text, value):
     begins (the start, or after whitespace) and end where a word ends or before
     punctuation: "Oslo" in "in Oslo?" and "20" in "a 20-minute timer" are, "Journey"
     in '"Our Starlit Journey"' is ("Journey" then a quote), "Our" there is not (a
-    quote is glued before it), nor "10" in "107". This is the text form of the
-    token rule the decoder keeps copied values to (datadir.word_boundaries: a
-    value's first token begins a word, the token after it begins a word or is
-    punctuation); data.span_share checks the token rule itself."""
+    quote is glued before it), nor "10" in "107". The generator keeps to this
+    stricter rule so that a value also begins on a token that begins a word; the
+    decoder's rule (grammar.Spans) takes every value this one does, and a value
+    after a quote or a '$' besides."""
     if not value or value != value.strip():
         return False
     # A value ending in punctuation ("5 p.m.") must end the word: the tokenizer may
