@@ -7,8 +7,8 @@ heads' single pass.
     python utils/bench_routers.py --model atis=out/atis/best.pt:data/atis/test.jsonl \
         --model demo=out/demo/best.pt:data/demo/test.jsonl --n 300
     python utils/bench_routers.py --model general=out/general/best.pt:data/demo_general/test.jsonl --threads 1
-    git worktree add ../before <commit> && python utils/bench_routers.py --model demo=out/demo/best.pt:data/demo/test.jsonl \
-        --before ../before --threads 1        # this code and that checkout's, request by request
+    git worktree add out/before <commit> && python utils/bench_routers.py --model demo=out/demo/best.pt:data/demo/test.jsonl \
+        --before out/before --threads 1        # this code and that checkout's, request by request
 
 Each --model is NAME=CKPT:TEST_JSONL: the model and the requests it answers (the
 items' own tools, or a compiled model's catalogue for items without tools). The
