@@ -130,13 +130,13 @@ def tag_names(tools, compiled):
     return ["-", "O"] + [f"{bi}-{k}" for k in keys for bi in "BI"]
 
 
-def request_words(sp, request, nbytes):
+def request_words(sp, request, nbytes, ids=None):
     """The request as the model reads it -> (its token ids, its words as (index of
     the token holding the word's first byte, start byte, end byte), its bytes).
     The heads tag each word on its first token (as JointBERT tags a word's first
     piece): a value read off the tags is then whole words (grammar.word_cores)."""
     text = wire.render_request(request)
-    ids = sp.encode(text)
+    ids = sp.encode(text) if ids is None else ids      # ids: the request's, if encoded already
     ends = np.cumsum(nbytes[ids]) if ids else np.zeros(0, dtype=np.int64)
     words = [(int(np.searchsorted(ends, a, side="right")), a, z) for a, z in grammar.word_cores(text)]
     return ids, words, text.encode("utf-8")

@@ -127,7 +127,7 @@ class Heads:
                     return None
                 ps = list(keys)
                 return keys[ps[int(arg_logits[j, ps].argmax())]]
-        _, words, text = request_words(self.r.sp, ans.request, self.nbytes)
+        _, words, text = request_words(self.r.sp, ans.request, self.nbytes, ans.request_ids)
         runs = []
         if words:
             logp = F.log_softmax(tag_logits[[w[0] for w in words], 1:].float(), dim=-1)
