@@ -479,7 +479,7 @@ def span_share(examples, tools):
     the request (grammar.is_span). When it is all of them, the data dir says so
     ("span_values") and decoding keeps every plain string to such runs."""
     string_keys = {(t["name"], k) for t in tools for k, p in t["parameters"].get("properties", {}).items()
-                   if p.get("type") == "string" and "enum" not in p}
+                   if grammar.plain_string(p)}
     n = ok = 0
     for ex in examples:
         spans = grammar.Spans(ex["request"])

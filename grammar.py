@@ -222,6 +222,11 @@ def is_span(value, spans):
     return any(t.startswith(v, a) and a + len(v) in spans.ends for a in spans.starts)
 
 
+def plain_string(prop):
+    """A plain string argument (no enum): free text, or a run of request words."""
+    return isinstance(prop, dict) and prop.get("type") == "string" and "enum" not in prop
+
+
 def spanned(node):
     """The node of a span key (one whose values the training data always copies
     from the request): a plain string, strings in an array, or a number, held to

@@ -23,6 +23,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
+import grammar
 import wire
 from datadir import catalogue_positions, piece_lengths, request_words
 
@@ -74,7 +75,7 @@ class Heads:
         by_name, spans = {t["name"]: t for t in tools}, self.r.spans_of(tools)
         for c in calls:
             props = by_name.get(c["name"], {}).get("parameters", {}).get("properties", {})
-            if c["name"] not in by_name or any(not plain(p) and (c["name"], k) not in spans for k, p in props.items()):
+            if c["name"] not in by_name or any(not grammar.plain_string(p) and (c["name"], k) not in spans for k, p in props.items()):
                 return False
         s = ans.state
         for t in draft:
@@ -173,11 +174,6 @@ class Heads:
         """datadir.catalogue_positions of a catalogue, kept for the last 32."""
         key = json.dumps([t["name"] for t in tools] + [wire.render_prefix(tools)])
         return remember(self.positions, key, lambda: catalogue_positions(self.r.sp, tools), 32)
-
-
-def plain(prop):
-    """A plain string argument: what a run of request words fills as it is."""
-    return isinstance(prop, dict) and prop.get("type") == "string" and "enum" not in prop
 
 
 def tag_rules(names, moves=None):

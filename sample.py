@@ -166,7 +166,7 @@ class Router:
         """The (tool, key) pairs whose values are held to runs of request words."""
         if self.span_strings:
             return {(t["name"], k) for t in tools for k, p in t["parameters"].get("properties", {}).items()
-                    if isinstance(p, dict) and p.get("type") == "string" and "enum" not in p}
+                    if grammar.plain_string(p)}
         return self.span_keys
 
     def budget(self, n_prompt, max_new_tokens):
