@@ -120,6 +120,17 @@ def value_node(prop, top=True):
 
 # letters with periods ("p.m.", "U.S."): the last period belongs to the word
 ABBREVIATION = re.compile(r"(?<![\w.])(?:[^\W\d_]\.){2,}")
+CLAUSE_BREAK = re.compile(r"[.?!;](?=\s)")     # the end of a sentence or clause (unless an abbreviation's)
+TITLE = re.compile(r"(?<![\w.])[^\W\d_][^\W\d_A-Z]{0,2}$")  # "St", "Mr", "Mrs", "J": a capital and up to two letters
+
+
+def _abbreviation_at(text, i):
+    """Does the period at text[i] close an abbreviation ("St.", "Mrs.", "J.", "p.m.")?"""
+    if text[i] != ".":
+        return False
+    before = text[:i]
+    return bool(TITLE.search(before) and before.split()[-1][:1].isupper()) or \
+        any(m.end() == i + 1 for m in ABBREVIATION.finditer(text, max(0, i - 12), i + 1))
 
 
 class Spans:
@@ -132,9 +143,12 @@ class Spans:
     a word's last letter or digit (before white space, punctuation or the end: "La
     Paz" in "fly to La Paz?"), or after the last period of an abbreviation ("7:30
     p.m."). Anything of the request may stand between ("Paris,
-    France", "ORD-1234"). Classic intent/slot taggers label whole words and so can
-    never answer "cggs" for "eggs" or "Mateo Walk" for "Mateo Walker"; a decoder
-    held to these offsets cannot either."""
+    France", "ORD-1234") except the end of a sentence or clause: a '?', '!', ';'
+    or a period before white space, unless the period closes an abbreviation
+    ("St. Louis", "Mr. O'Connor", "p.m."), so "remind me September 22. Also ..."
+    cannot give "September 22. Also". Classic intent/slot taggers label whole words
+    and so can never answer "cggs" for "eggs" or "Mateo Walk" for "Mateo Walker"; a
+    decoder held to these offsets cannot either."""
 
     def __init__(self, request):
         text = wire.clean(request.strip())
@@ -153,6 +167,9 @@ class Spans:
         for m in ABBREVIATION.finditer(text):          # "7:30 p.m." keeps its last period
             ends.add(len(text[:m.end()].encode("utf-8")))
         self.starts, self.ends = frozenset(starts), frozenset(ends)
+        # where a value may not run on: the clause breaks
+        self.breaks = frozenset(len(text[:m.start()].encode("utf-8")) for m in CLAUSE_BREAK.finditer(text)
+                                if not _abbreviation_at(text, m.start()))
         self.first = frozenset(self.text[a] for a in starts)    # bytes a value may open with
         # numbers as written ("107", "3.5", and "-3" where the minus is no hyphen)
         nums = set()
@@ -161,17 +178,48 @@ class Spans:
             if m.start() and text[m.start() - 1] == "-" and (m.start() < 2 or not text[m.start() - 2].isalnum()):
                 nums.add(b"-" + m.group().encode())
         self.numbers = frozenset(nums)
+        # the numbers it states, in digits or in words ("ninety-five" -> 95): what a
+        # number argument that the data always finds in its request may be
+        self.stated = self.numbers | frozenset(str(n).encode() for n in word_numbers(text))
+        self.by_key = {}       # argument -> these spans held to its tagged runs (hold)
+
+    def within(self, runs):
+        """These spans held to some runs of the request ((start, end) byte offsets,
+        e.g. the words the tagger marked for one argument): a value is one of them,
+        whole."""
+        inside = {p for a, z in runs for p in range(a, z)}
+        held = Spans.__new__(Spans)
+        held.text = self.text
+        held.starts = frozenset(a for a, _ in runs)
+        held.ends = frozenset(z for _, z in runs)
+        held.breaks = self.breaks | frozenset(p for p in range(len(self.text)) if p not in inside)
+        held.first = frozenset(self.text[a] for a in held.starts)
+        held.numbers = frozenset(m.group() for a, z in runs
+                                 for m in re.finditer(rb"-?\d+(?:\.\d+)?", self.text[a:z])) & self.numbers
+        held.stated = held.numbers
+        held.by_key = {}
+        return held
+
+    def for_key(self, key):
+        """The spans a value of this argument may take: those the tagger found for
+        it (hold), else any."""
+        return self.by_key.get(key, self)
+
+    def hold(self, runs_by_key):
+        """Hold each argument's values to the runs the tagger marked for it:
+        {key: [(start, end), ...]} byte offsets (a key with no run stays free)."""
+        self.by_key = {k: self.within(runs) for k, runs in runs_by_key.items() if runs}
 
     def go_on(self, offs, b):
         """Offsets reached after byte b from offsets offs (None: the value's first byte)."""
         if offs is None:
             return frozenset(a + 1 for a in self.starts if self.text[a] == b)
-        return frozenset(p + 1 for p in offs if p < len(self.text) and self.text[p] == b)
+        return frozenset(p + 1 for p in offs if p < len(self.text) and self.text[p] == b and p not in self.breaks)
 
     def next_bytes(self, offs):
         if offs is None:
             return self.first
-        return {self.text[p] for p in offs if p < len(self.text)}
+        return {self.text[p] for p in offs if p < len(self.text) and p not in self.breaks}
 
     def may_end(self, offs):
         return offs is not None and not offs.isdisjoint(self.ends)
@@ -180,6 +228,32 @@ class Spans:
         """May a number written as these bytes end here? Not in the middle of a
         number the request writes in digits ("10" of "107", "9" of "volume 90")."""
         return digits in self.numbers or not any(n.startswith(digits) for n in self.numbers)
+
+
+UNITS = {w: n for n, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve thirteen "
+                                    "fourteen fifteen sixteen seventeen eighteen nineteen".split())}
+TENS = {w: 10 * n for n, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), 2)}
+
+
+def word_numbers(text):
+    """The numbers a text writes in words, each prefix of a compound counted too:
+    "twenty-six" -> {20, 26}, "one hundred and five" -> {1, 100, 105}."""
+    out, cur = set(), None
+    for w in re.findall(r"[^\W\d_]+", text.lower()) + [""]:
+        if w in UNITS or w in TENS:
+            n = UNITS.get(w, TENS.get(w))
+            # "twenty six" adds, "six twenty" is two numbers
+            cur = cur + n if cur is not None and cur % 100 >= 20 and cur % 10 == 0 and n < 10 or \
+                cur is not None and cur % 100 == 0 and cur and n < 100 else n
+        elif w == "hundred" and cur is not None and cur < 100:
+            cur *= 100
+        elif w == "and" and cur is not None and cur % 100 == 0 and cur:
+            continue
+        else:
+            cur = None
+            continue
+        out.add(cur)
+    return out
 
 
 def word_cores(text):
@@ -213,13 +287,14 @@ def is_span(value, spans):
     if isinstance(value, bool) or value is None:
         return False
     if isinstance(value, (int, float)):
-        return json.dumps(value).encode() in spans.numbers
+        return json.dumps(value).encode() in spans.stated
     if isinstance(value, list):
         return bool(value) and all(isinstance(v, str) and is_span(v, spans) for v in value)
     if not isinstance(value, str) or not value:
         return False
     v, t = value.encode("utf-8"), spans.text
-    return any(t.startswith(v, a) and a + len(v) in spans.ends for a in spans.starts)
+    return any(t.startswith(v, a) and a + len(v) in spans.ends and not any(a <= p < a + len(v) for p in spans.breaks)
+               for a in spans.starts)
 
 
 def plain_string(prop):
@@ -287,7 +362,7 @@ def _accepting(frame):
     if kind == "sraw":
         return frame[1].may_end(frame[2])
     if kind == "snum":
-        return frame[3] in _NUM_DONE and frame[4] in frame[2].numbers
+        return frame[3] in _NUM_DONE and frame[4] in frame[2].stated
     if kind == "wnum":
         return frame[3] in _NUM_DONE and frame[2].whole_number(frame[4])
     return False
@@ -362,7 +437,7 @@ def _advance(frame, b, depth):
     if kind in ("snum", "wnum"):
         _, int_only, spans, phase, text = frame
         nxt, text = _num(int_only, phase, b), text + bytes([b])
-        if nxt is None or (kind == "snum" and not any(n.startswith(text) for n in spans.numbers)):
+        if nxt is None or (kind == "snum" and not any(n.startswith(text) for n in spans.stated)):
             return []
         return [((kind, int_only, spans, nxt, text),)]
     if kind == "str":
@@ -551,7 +626,8 @@ class Grammar:
                 return None
             if s.phase == "key" and text in cands:          # " key:" complete: its value next
                 key, node = self.tools[s.tool]["keys"][text]
-                return s._replace(phase="value", text=b"", used=s.used | {key}, value=value_start(node, s.spans))
+                spans = s.spans.for_key(key) if s.spans is not None else None
+                return s._replace(phase="value", text=b"", used=s.used | {key}, value=value_start(node, spans))
             return s._replace(text=text)
         return None
 

@@ -57,7 +57,9 @@ class Heads:
         request (GPT.decode with aux). -> (draft tokens, confidence): the draft is
         pushed onto ans and confidence is a float when it stands as the answer;
         otherwise confidence is None and the draft (maybe []) is only a guess to verify."""
-        draft, whole, ans.found = self.draft(aux, ans, tools)
+        draft, whole, ans.found, held = self.draft(aux, ans, tools)
+        if held and self.r.hold_to_tags and ans.state.spans is not None:
+            ans.state.spans.hold(held)
         if draft and whole and self.r.answer_from_heads and len(draft) <= budget and \
                 self.may_answer(draft, ans, tools):
             ans.push(draft)
@@ -99,7 +101,8 @@ class Heads:
         with an argument for each run of request words the tagger marks B(-key),
         I(-key)... in request order (a key met again opens the next call of the
         tool; a list's items are its runs in a row) -> (its
-        tokens, whole, every tagged run's text), or ([], False, those texts) when the
+        tokens, whole, every tagged run's text, {key: its runs as byte offsets}
+        (a compiled model's)), or ([], False, those texts, those runs) when the
         intent head says no call or names a tool the grammar does not allow here. The tags are read a word at a time
         (on each word's first token) and as a sequence (best_tags), so a value is
         whole words and never split in two. whole is False when a tagged run's key
@@ -110,7 +113,7 @@ class Heads:
         in the catalogue (datadir.catalogue_positions)."""
         tag_logits, intent_logits, arg_logits = aux
         if intent_logits is None or tag_logits is None:
-            return [], False, []
+            return [], False, [], {}
         meta, g = self.r.meta, ans.g
         if self.r.model.point is None:                     # compiled: classes
             intents = meta.get("intents") or []
@@ -139,9 +142,15 @@ class Heads:
                 elif tag[0] in "BI":
                     runs.append([tag, w, w])
         found = [text[words[a][1]:words[b][2]].decode("utf-8") for _, a, b in runs]
+        # a compiled model's tags name the argument: its values are held to its runs
+        # (byte offsets in the request as grammar.Spans reads it: without the leading space)
+        held = {}
+        if self.r.model.point is None:
+            for tag, a, b in runs:
+                held.setdefault(key_of(tag, 0), []).append((words[a][1] - 1, words[b][2] - 1))
         tool = g.tools.get(name.encode()) if name else None
         if tool is None:
-            return [], False, found
+            return [], False, found, held
         runs = [[key_of(tag, words[a][0]), a, b] for tag, a, b in runs]
         known = {k for k, _ in tool["keys"].values()}
         props = next(t for t in tools if t["name"] == name)["parameters"].get("properties", {})
@@ -168,7 +177,7 @@ class Heads:
                 call["arguments"][key] = json.loads(value)
             else:
                 call["arguments"][key] = value
-        return self.r.sp.encode(wire.render_answer(calls or [{"name": name, "arguments": {}}])), whole, found
+        return self.r.sp.encode(wire.render_answer(calls or [{"name": name, "arguments": {}}])), whole, found, held
 
     def catalogue_positions(self, tools):
         """datadir.catalogue_positions of a catalogue, kept for the last 32."""

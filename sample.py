@@ -115,6 +115,7 @@ class Router:
         self.heads = Heads(self) if has_heads else None
         self.answer_from_heads = has_heads
         self.cover_found = True            # a call answer uses every value the heads found (_Answer.allowed)
+        self.hold_to_tags = True           # span values are runs the tagger marked for their key (heads.py)
         self.choose = greedy               # the step's choice; a benchmark may follow a fixed answer
         self.grammars = OrderedDict()      # catalogue -> Grammar, most recent last
         self.prefixes = OrderedDict()      # prefix token ids -> (KVCache, its last_k, n_src)
@@ -549,6 +550,7 @@ class _Answer:
     def __init__(self, router, g, request, request_ids):
         self.r, self.g, self.request, self.request_ids = router, g, request, request_ids
         self.state, self.out, self.ends = g.start(request), [], []
+        self.calls = []        # [where its <|call|> is in out, state before it] of each call
         self.found = []        # the values the heads tagged in the request (heads.py)
         self.blocked = (0, -1)   # (how many were unused, answer length) when last kept from ending
 
@@ -561,7 +563,21 @@ class _Answer:
             self.ends.append(len(self.out))
 
     def push(self, toks):
+        """Write tokens. A call is never written twice: when a call closes
+        (<|call|> or <|end|> after it) as one of the answer's earlier calls, it is
+        taken back and the answer ends there (a model that repeats a call has
+        nothing more to ask; it would otherwise repeat it to the token budget)."""
         for t in toks:
+            if t in (self.r.call_id, self.r.end_id) and self.calls and self.state.phase in ("name", "value"):
+                at, text = self.calls[-1][0], self.r.sp.decode
+                mine = text(self.out[at:])
+                if any(text(self.out[a:b]) == mine for (a, _), (b, _) in zip(self.calls, self.calls[1:])):
+                    del self.out[at:]
+                    self.state = self.r.vocab.advance(self.g, self.calls[-1][1], self.r.end_id)
+                    self.out.append(self.r.end_id)
+                    return
+            if t == self.r.call_id:
+                self.calls.append([len(self.out), self.state])
             s = self.r.vocab.advance(self.g, self.state, t)
             assert s is not None, "the grammar rejected a token it allowed"
             self.state = s

@@ -217,7 +217,7 @@ def test_a_right_draft_is_verified_in_one_pass_and_a_wrong_one_changes_nothing(r
     try:
         def run(draft_tokens=None, **kw):
             router.model = StubModel(router, target, n_prompt)
-            monkeypatch.setattr(router.heads, "draft", lambda aux, ans, tools: (list(draft_tokens or []), False, []))
+            monkeypatch.setattr(router.heads, "draft", lambda aux, ans, tools: (list(draft_tokens or []), False, [], {}))
             return router.generate_constrained(None, request_text, 64, prefix_cache=False, **kw)
         plain, slow = run(draft=False, speculate=False)
         assert router.sp.decode(plain) == target
@@ -241,14 +241,14 @@ def test_the_draft_is_built_from_the_tags_and_the_intent(router):
     intent = torch.full((len(router.meta["intents"]),), -9.0)
     intent[router.meta["intents"].index("track_order")] = 9.0
     ans = _Answer(router, g, "where is my order 12345", req)
-    draft, whole, _ = router.heads.draft((tag_logits, intent, None), ans, router.catalogue)
+    draft, whole, _, _ = router.heads.draft((tag_logits, intent, None), ans, router.catalogue)
     assert whole and router.sp.decode(draft) == wire.render_answer(
         [{"name": "track_order", "arguments": {"order_id": "12345"}}])
     # a run tagged with another tool's key ("city"): the request asks for more than this
     # call, so the draft is kept for verifying only (a two-call request must not lose a call)
     assert "B-city" in tags
     tag_logits[0, tags.index("B-city")] = 99.0
-    draft, whole, found = router.heads.draft((tag_logits, intent, None), ans, router.catalogue)
+    draft, whole, found, _ = router.heads.draft((tag_logits, intent, None), ans, router.catalogue)
     assert found == ["where", "12345"]
     assert not whole and router.sp.decode(draft) == wire.render_answer(
         [{"name": "track_order", "arguments": {"order_id": "12345"}}])
@@ -258,7 +258,7 @@ def test_the_heads_answer_when_their_tool_takes_strings_only(router, monkeypatch
     """answer_from_heads: the draft is the answer (one pass), if its tool takes plain
     strings only and the grammar takes it; otherwise the decoder answers."""
     track = wire.render_answer([{"name": "track_order", "arguments": {"order_id": "12345"}}])
-    monkeypatch.setattr(router.heads, "draft", lambda aux, ans, tools: (router.sp.encode(track), True, []))
+    monkeypatch.setattr(router.heads, "draft", lambda aux, ans, tools: (router.sp.encode(track), True, [], {}))
     ids, info = router.generate_constrained(None, "where is my order 12345?", 64)
     assert router.sp.decode(ids) == track and info["passes"] == 1 and 0 < info["confidence"] <= 1
     # a tool with a number, or a draft the grammar refuses (another tool is required): the decoder
@@ -267,10 +267,10 @@ def test_the_heads_answer_when_their_tool_takes_strings_only(router, monkeypatch
     args = {k: 1 for k in numeric["parameters"].get("required", [])}
     monkeypatch.setattr(router, "span_keys", set())      # numbers the data does not always copy
     monkeypatch.setattr(router.heads, "draft", lambda aux, ans, tools: (router.sp.encode(
-        wire.render_answer([{"name": numeric["name"], "arguments": args}])), True, []))
+        wire.render_answer([{"name": numeric["name"], "arguments": args}])), True, [], {}))
     _, info = router.generate_constrained(None, "where is my order 12345?", 64)
     assert info["passes"] > 1
-    monkeypatch.setattr(router.heads, "draft", lambda aux, ans, tools: (router.sp.encode(track), True, []))
+    monkeypatch.setattr(router.heads, "draft", lambda aux, ans, tools: (router.sp.encode(track), True, [], {}))
     ids, info = router.generate_constrained(None, "where is my order 12345?", 64, tool_choice="none")
     assert info["passes"] > 1 and wire.CALL not in router.sp.decode(ids)
 
@@ -338,3 +338,17 @@ def test_every_copied_value_is_a_run_of_whole_request_words(router, compiled_dat
     finally:
         router.answer_from_heads = True
     assert checked > 5
+
+
+def test_a_call_is_never_written_twice(router):
+    """_Answer.push: a call that closes as one of the answer's earlier calls is
+    taken back and the answer ends there (a repeating model stops)."""
+    from sample import _Answer
+    one = wire.render_answer([{"name": "track_order", "arguments": {"order_id": "ORD-1"}}])[:-len(wire.END)]
+    ans = _Answer(router, router.grammar(router.catalogue), "track ORD-1 and ORD-2", [])
+    ans.push(router.sp.encode(one + one + one + wire.END))
+    assert ans.done() and router.sp.decode(ans.out) == one + wire.END
+    two = wire.render_answer([{"name": "track_order", "arguments": {"order_id": "ORD-2"}}])[:-len(wire.END)]
+    ans = _Answer(router, router.grammar(router.catalogue), "track ORD-1 and ORD-2", [])
+    ans.push(router.sp.encode(one + two + wire.END))
+    assert ans.done() and router.sp.decode(ans.out) == one + two + wire.END

@@ -58,7 +58,7 @@ def test_every_fast_path_gives_the_references_tokens(kind, request, monkeypatch)
         # the heads' answer: heads that draft the gold answer answer alone, on every path
         gold = router.sp.encode(wire.render_answer(ex["calls"]))
         with monkeypatch.context() as m:
-            m.setattr(router.heads, "draft", lambda aux, ans, tools: (gold, True, []))
+            m.setattr(router.heads, "draft", lambda aux, ans, tools: (gold, True, [], {}))
             ref = router.decode_reference(tools, ex["request"], 64)
             assert ref == gold
             for name, kw in PATHS.items():
@@ -117,7 +117,7 @@ def test_logprobs_are_the_decoders_own(compiled, monkeypatch):
     # the heads' answer (no decoder pass): the same, from one pass over the cached prompt
     track = router.sp.encode(wire.render_answer([{"name": "track_order", "arguments": {"order_id": "12345"}}]))
     monkeypatch.setattr(router, "answer_from_heads", True)
-    monkeypatch.setattr(router.heads, "draft", lambda aux, ans, tools: (track, True, []))
+    monkeypatch.setattr(router.heads, "draft", lambda aux, ans, tools: (track, True, [], {}))
     res = router.answer(None, request, 40, top_logprobs=0)
     assert [t for t, _, _ in res["logprobs"]] == track
     whole = uncached_logprobs(router, None, request, track)

@@ -427,6 +427,13 @@ def accepts_span(node, request, text):
     ({"type": "array", "items": {"type": "string"}}, "add milk and eggs to my shopping list",
      ['["milk","eggs"]', '["milk and eggs"]', "[]"], ['["c milk","cggs"]', '["mil"]', '["milk"', '["milk\\u0020"]']),
     ({"type": "integer"}, "set the volume to 90 for 107 min", ["90", "107"], ["9", "10", "5", "-90"]),
+    # a value never runs past the end of a sentence or clause; an abbreviation's period is none
+    ({"type": "string"}, "free time on September 25. Then look in St. Louis; call Mr. O'Connor! ok?",
+     ["September 25", "Then look in St. Louis", "call Mr. O'Connor", "ok"],
+     ["September 25. Then", "St. Louis; call", "O'Connor! ok", "25. Then look"]),
+    # numbers the request states in words are stated numbers too
+    ({"type": "integer"}, "turn it down to ninety-five percent, timer for one hundred and five",
+     ["95", "90", "105", "100"], ["9", "5", "59", "96"]),
     ({"type": "number"}, "a=1, b=-3, c=2.5", ["1", "-3", "2.5", "3"], ["2", "-1", "25"]),
 ])
 def test_span_values_are_runs_of_whole_request_words(prop, request_text, good, bad):
@@ -487,3 +494,32 @@ def test_word_cores_are_the_words_a_value_is_made_of():
     spans = grammar.Spans(text)
     for a, _ in grammar.word_cores(text):            # every word may begin a value
         assert a - 1 in spans.starts                  # (Spans reads the text without its leading space)
+
+
+def test_word_numbers():
+    assert grammar.word_numbers("Turn the sound down to ninety-five percent.") == {90, 95}
+    assert grammar.word_numbers("one hundred and five minutes") == {1, 100, 105}
+    assert grammar.word_numbers("six twenty, eighteen") == {6, 20, 18}
+    assert grammar.word_numbers("someone is gone") == set()
+
+
+def test_held_spans_take_only_the_tagged_runs():
+    """Spans.hold: a key's values are held to the runs the tagger marked for it,
+    each whole; a key with no run stays free among the request's words."""
+    request = "add rain jacket and bath mat to the list"
+    spans = grammar.Spans(request)
+    at = lambda w: (request.index(w), request.index(w) + len(w))
+    spans.hold({"items": [at("rain jacket"), at("bath mat")]})
+    node = grammar.spanned(grammar.value_node({"type": "array", "items": {"type": "string"}}))
+
+    def takes(key, text):
+        s = grammar.value_start(node, spans.for_key(key))
+        for b in (" " + text).encode():
+            s = grammar.value_step(s, b)
+            if s is None:
+                return False
+        return grammar.value_done(s)
+    assert takes("items", '["rain jacket","bath mat"]') and takes("items", '["bath mat"]')
+    for bad in ('["rain"]', '["jacket and bath mat"]', '["rain jacket and bath mat"]', '["list"]', '["mat"]'):
+        assert not takes("items", bad), bad
+    assert takes("other", '["list"]') and takes("other", '["rain jacket and bath"]')

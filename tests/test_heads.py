@@ -72,12 +72,12 @@ def test_a_draft_from_pointers_names_the_pointed_tool_and_argument(router):
     arg = torch.zeros(len(req), n_cat)
     arg[:, args[("get_current_weather", "city")]] = 9.0
     ans = _Answer(router, g, "weather in Oslo please", req)
-    draft, whole, found = router.heads.draft((tag_logits, intent, arg), ans, TOOLS)
+    draft, whole, found, _ = router.heads.draft((tag_logits, intent, arg), ans, TOOLS)
     assert whole and router.sp.decode(draft) == wire.render_answer(
         [{"name": "get_current_weather", "arguments": {"city": "Oslo"}}])
     assert found == ["Oslo"]                           # read a word at a time: the whole word
     intent[0] = 99.0                                   # pointing at <|tools|>: no call, no draft
-    assert router.heads.draft((tag_logits, intent, arg), ans, TOOLS) == ([], False, ["Oslo"])
+    assert router.heads.draft((tag_logits, intent, arg), ans, TOOLS) == ([], False, ["Oslo"], {})
 
 
 def test_decoders_agree_with_pointer_heads_drafting(router, toy_data):
