@@ -4,6 +4,7 @@ Score a model on a test set: the four-number report and more.
     python eval.py --ckpt out/demo/best.pt                   # data dir's test.jsonl, ~1 min for the tiny model
     python eval.py --ckpt out/demo/best.pt --test_file my_set.jsonl --out my_eval.json
     python eval.py --ckpt out/demo/best.pt --no_constrain    # the raw model, without the answer grammar
+    python eval.py --ckpt out/general/best.pt --retrieve_k 0 # catalogues whole (default: the 8 likeliest tools)
 
 Decoding is constrained by default (sample.py), so valid is 100% by construction;
 --no_constrain measures what the model itself gets right.
@@ -42,6 +43,11 @@ tool_call items. API-Bank level-1 asks for the next API call in a dialogue,
 scored by exact API name and arguments. Items that cannot be converted, and
 prompts longer than the model's context, are counted and reported, not
 silently dropped.
+
+A model that reads the catalogue from the prompt sees, as in sample.py and serve.py,
+only the --retrieve_k tools most related to the request when a catalogue is longer
+(retrieve.py). A gold tool retrieval drops cannot be called: that item counts as the
+model's error, and the report says on how many items it happened.
 
 Compare result files (no model needed; differences from the first file):
     python eval.py --compare out/a/eval_test.json out/b/eval_test.json
@@ -163,6 +169,14 @@ def groups_for(items):
     out.update({s: (lambda ex, s=s: ex.get("split", "seen") == s) for s in splits})
     out.update({g: f for g, f in GROUPS.items() if g not in ("all", "seen", "unseen")})
     return out
+
+
+def retrieval_report(preds):
+    """Items whose catalogue retrieval cut (Router.retrieve_k), and those of them
+    where a gold tool was not among the tools kept."""
+    cut = [p for p in preds if p["retrieved"] is not None]
+    dropped = sum(any(c["name"] not in p["retrieved"] for c in p["gold"]) for p in cut)
+    return {"cut": len(cut), "gold_dropped": dropped}
 
 
 def decision_of(pred):
@@ -508,6 +522,9 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--no_constrain", action="store_true", help="score the raw model, without the answer grammar")
     p.add_argument("--quantize", choices=["int8"], default=None, help="int8 linear layers (CPU)")
+    p.add_argument("--retrieve_k", type=int, default=8,
+                   help="a catalogue in the prompt longer than this: only its k tools most related "
+                   "to the request (retrieve.py); 0 = all")
     args = p.parse_args(argv)
 
     if args.compare:
@@ -518,8 +535,10 @@ def main(argv=None):
         return
     if sum(x is not None for x in (args.test_file, args.when2call, args.apibank)) > 1:
         die("give one of --test_file, --when2call, --apibank")
+    if args.retrieve_k < 0:
+        die(f"--retrieve_k is a number of tools (0 = all), got {args.retrieve_k}")
     try:
-        router = Router(args.ckpt, args.data_dir, args.device, args.quantize)
+        router = Router(args.ckpt, args.data_dir, args.device, args.quantize, args.retrieve_k)
     except (CheckpointError, ValueError) as e:
         die(str(e))
     data_dir = args.data_dir or router.ckpt["data_dir"]
@@ -563,6 +582,7 @@ def main(argv=None):
                       "kind": ex.get("kind"), "decision": decision_of(pred),
                       "too_long": pred["too_long"], "confidence": pred["confidence"],
                       "truncated": pred["truncated"], "n_tools": len(ex["tools"]), "domain": ex.get("domain"),
+                      "retrieved": pred.get("retrieved"),
                       "error_class": classify_error(pred, ex["calls"], ex.get("reason"), ex["tools"])})
 
     groups = {}
@@ -583,6 +603,10 @@ def main(argv=None):
             print(f"  gold {g:17s} -> " + ", ".join(f"{p} {n}" for p, n in sorted(row.items())))
     for why, n in skipped.items():
         print(f"skipped {n} item{'s' * (n != 1)}: {why}")
+    retrieval = retrieval_report(preds)
+    if retrieval["cut"]:
+        print(f"retrieval (--retrieve_k {args.retrieve_k}) cut the catalogue of {retrieval['cut']} items; "
+              f"it dropped a gold tool on {retrieval['gold_dropped']} of them (counted as the model's errors)")
     bd = breakdowns(rows)
     print("\n" + format_breakdowns(bd))
     if "domain" not in bd:
@@ -618,7 +642,8 @@ def main(argv=None):
               "decisions": decisions, "skipped": dict(skipped), "constrained": not args.no_constrain,
               "quantize": args.quantize, "calibration": calib, "abstention": abstain,
               "truncated": sum(p["truncated"] for p in preds), "breakdowns": bd, "errors": errors,
-              "apibank_request": args.apibank_request if args.apibank else None}
+              "apibank_request": args.apibank_request if args.apibank else None,
+              "retrieve_k": router.retrieve_k if router.catalogue is None else None, "retrieval": retrieval}
     if intent_slot:
         result.update(intent_slot)
     with open(out, "w", encoding="utf-8") as f:

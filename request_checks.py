@@ -433,6 +433,15 @@ def parse_options(body):
             "ignored": sorted(k for k in body if k not in USED_FIELDS and body[k] is not None)}
 
 
+def shortest_chars(tools, chars, retrieve_k):
+    """The length of the tools' prompt text (chars, from parse_tools), or when
+    retrieval will cut the catalogue to retrieve_k tools (Router.tools_for), a
+    lower bound on it: its retrieve_k shortest tools'."""
+    if not 0 < retrieve_k < len(tools):
+        return chars
+    return sum(sorted(len(wire.render_tool(t)) for t in tools)[:retrieve_k])
+
+
 def check_fits(tools_chars, text, context, compiled=False):
     """Refuse a prompt that cannot fit the context by its length in characters alone,
     before the model spends ~0.7 s tokenizing a 1 MB request to find that out.
@@ -444,9 +453,10 @@ def check_fits(tools_chars, text, context, compiled=False):
                          f"context is {context}", "messages", code="context_length_exceeded")
 
 
-def parse_chat(body, cap, context, only_model=None, compiled=False):
+def parse_chat(body, cap, context, only_model=None, compiled=False, retrieve_k=0):
     """A chat-completions body (bytes) -> the job it asks for; BadRequest if anything is wrong.
-    compiled: the model has its own catalogue (no tools: all of it)."""
+    compiled: the model has its own catalogue (no tools: all of it); retrieve_k: the
+    router keeps that many tools of a longer catalogue (0: all)."""
     data = load_json(body, "tools")
     job = parse_options(data)
     if only_model is not None and data.get("model", only_model) != only_model:
@@ -457,13 +467,13 @@ def parse_chat(body, cap, context, only_model=None, compiled=False):
     job["choice"] = parse_tool_choice(data.get("tool_choice"), job["tools"])
     job["max_tokens"] = parse_max_tokens(data, ["max_completion_tokens", "max_tokens"], cap)
     if job["tool_result"] is None:
-        check_fits(chars, job["text"], context, compiled)
+        check_fits(shortest_chars(job["tools"], chars, retrieve_k), job["text"], context, compiled)
     return job
 
 
-def parse_flat(body, cap, context, compiled=False):
+def parse_flat(body, cap, context, compiled=False, retrieve_k=0):
     """A /tool-call body (bytes) -> its job. compiled: available_functions may be
-    left out (the model's own catalogue)."""
+    left out (the model's own catalogue); retrieve_k as in parse_chat."""
     data = load_json(body, "available_functions")
     prompt = data.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
@@ -475,6 +485,6 @@ def parse_flat(body, cap, context, compiled=False):
                          "(an empty list means no tool can be called)", "available_functions",
                          code="missing_required_parameter")
     tools, chars = parse_tools(data["available_functions"], "available_functions")
-    check_fits(chars, prompt, context, compiled)
+    check_fits(shortest_chars(tools, chars, retrieve_k), prompt, context, compiled)
     return {"text": prompt, "tools": tools, "choice": parse_tool_choice(data.get("tool_choice"), tools),
             "max_tokens": parse_max_tokens(data, ["max_tokens"], cap)}

@@ -7,11 +7,16 @@ constrained so that the answer is always a valid call (or a no-call).
     python sample.py --ckpt out/demo/best.pt --tools my_tools.json --json "turn off the porch light"
     python sample.py ... --no_constrain        # the raw model, which may answer anything
     python sample.py ... --quantize int8       # int8 weights for the linear layers (CPU)
+    python sample.py ... --retrieve_k 0        # a long catalogue whole (default: the 8 tools most related to the request)
 
 Prints the call(s) as JSON, or the no-call reason; --json adds the confidence and
 timing. --tools takes OpenAI function definitions or bare {name, description,
 parameters} objects, as a JSON list. The tokenizer is the one in the checkpoint's
 data dir (or --data_dir), and must be the one the checkpoint was trained with.
+
+A model that reads the catalogue from the prompt gets only the --retrieve_k tools
+most related to the request when there are more (retrieve.py); a compiled model
+never retrieves.
 
 Top to bottom: Router (loading, the tools a request may call, prompts, answer);
 step, the one decoding step every decoder takes; the two decoders,
@@ -52,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 import grammar
+import retrieve
 import wire
 from datadir import DataDirError, load_data_dir
 from heads import Heads, remember
@@ -78,7 +84,7 @@ def greedy(scores, allowed, out):
 class Router:
     """A loaded model + tokenizer that turns (tools, request) into an answer."""
 
-    def __init__(self, ckpt_path, data_dir=None, device="cpu", quantize=None):
+    def __init__(self, ckpt_path, data_dir=None, device="cpu", quantize=None, retrieve_k=8):
         self.model, self.ckpt = load_checkpoint(ckpt_path, device)
         data_dir = data_dir or self.ckpt.get("data_dir", "")
         try:
@@ -119,6 +125,10 @@ class Router:
         self.hold_to_set = True            # calls are of the tools the intent head's set names, each of them (heads.py)
         self.choose = greedy               # the step's choice; a benchmark may follow a fixed answer
         self.grammars = OrderedDict()      # catalogue -> Grammar, most recent last
+        # A catalogue in the prompt longer than retrieve_k: only its retrieve_k tools
+        # most related to the request reach the model (retrieve.py; 0 = all of them)
+        self.retrieve_k = retrieve_k
+        self.indexes = OrderedDict()       # catalogue -> retrieve.Index, most recent last
         self.prefixes = OrderedDict()      # prefix token ids -> (KVCache, its last_k, n_src)
 
     # -- prompts and catalogues
@@ -128,15 +138,20 @@ class Router:
         catalogue; <|user|> alone for a compiled catalogue."""
         return self.sp.encode(wire.render_prefix(None if self.catalogue is not None else tools))
 
-    def tools_for(self, tools):
+    def tools_for(self, tools, request=None, tool_choice="auto"):
         """The tools a request may call. A compiled model: None means its whole
         catalogue; tools given must be in it with the schema it was compiled with
         (the answer is then restricted to them), else a ToolError naming the tool.
-        A catalogue-in-the-prompt model takes any tools, and needs some."""
+        A catalogue-in-the-prompt model takes any tools, and needs some; given the
+        request, a catalogue longer than retrieve_k is cut to the retrieve_k tools
+        most related to it (a tool tool_choice names is always kept)."""
         if self.catalogue is None:
             if tools is None:
                 raise wire.ToolError("this model reads the tools from the prompt: pass the tools")
-            return tools
+            if request is None or not 0 < self.retrieve_k < len(tools):
+                return tools
+            index = remember(self.indexes, json.dumps(tools, sort_keys=True), lambda: retrieve.Index(tools), 32)
+            return index.top_k(request, self.retrieve_k, keep=(tool_choice,))
         if tools is None or tools is self.catalogue:
             return self.catalogue
         known = {t["name"]: t for t in self.catalogue}
@@ -184,7 +199,9 @@ class Router:
 
     def answer(self, tools, request, max_new_tokens=128, constrain=True, tool_choice="auto", top_logprobs=None):
         """-> dict: calls, reason, valid, error, text, tokens, latency_ms,
-        confidence (None unconstrained), truncated. tool_choice needs constrain.
+        confidence (None unconstrained), truncated, retrieved (the names of the
+        tools the model saw when retrieval cut the catalogue, else None).
+        tool_choice needs constrain.
         top_logprobs=k (constrained only): also "logprobs", per answer token
         (token id, its log-probability, the k likeliest [(id, log-probability)]),
         the model's own over the whole vocabulary (no grammar mask), from the
@@ -193,7 +210,8 @@ class Router:
             raise ValueError("empty request")
         t0 = time.perf_counter()
         info = {"confidence": None, "truncated": False}
-        tools = self.tools_for(tools)
+        given = tools
+        tools = self.tools_for(tools, request, tool_choice)
         if constrain:
             ids, info, run = decode_fast(self, tools, request, max_new_tokens, tool_choice)
         elif tool_choice != "auto" or top_logprobs is not None:
@@ -202,7 +220,8 @@ class Router:
             ids = self.generate(self.encode_prompt(tools, request), max_new_tokens)
         text = self.sp.decode(ids)
         result = {"text": text, "tokens": len(ids), "confidence": info["confidence"],
-                  "truncated": info["truncated"], "calls": [], "reason": None, "valid": False, "error": None}
+                  "truncated": info["truncated"], "calls": [], "reason": None, "valid": False, "error": None,
+                  "retrieved": [t["name"] for t in tools] if given is not None and len(tools) < len(given) else None}
         if top_logprobs is not None:
             result["logprobs"] = run.logprobs(ids, top_logprobs)
         result["latency_ms"] = 1000 * (time.perf_counter() - t0)
@@ -655,9 +674,14 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="print the full result as one JSON object")
     p.add_argument("--no_constrain", action="store_true", help="the raw model, without the answer grammar")
     p.add_argument("--quantize", choices=["int8"], default=None, help="int8 linear layers (CPU)")
+    p.add_argument("--retrieve_k", type=int, default=8,
+                   help="a catalogue in the prompt longer than this: only its k tools most related "
+                   "to the request (retrieve.py); 0 = all")
     args = p.parse_args(argv)
     if not args.request.strip():
         die("the request is empty")
+    if args.retrieve_k < 0:
+        die(f"--retrieve_k is a number of tools (0 = all), got {args.retrieve_k}")
     tools = None
     if args.tools:
         try:
@@ -667,7 +691,7 @@ def main(argv=None):
         if not tools:
             die(f"{args.tools}: the tool list is empty")
     try:
-        router = Router(args.ckpt, args.data_dir, args.device, args.quantize)
+        router = Router(args.ckpt, args.data_dir, args.device, args.quantize, args.retrieve_k)
         if tools is None and router.catalogue is None:
             die("this model reads the tools from the prompt: pass them with --tools FILE")
         result = router.answer(tools, args.request, args.max_new_tokens, not args.no_constrain)

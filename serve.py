@@ -7,6 +7,7 @@ can use the model to pick tool calls.
     python serve.py --ckpt out/demo/best.pt --quantize int8 --port 8080
     python serve.py --ckpt out/demo/best.pt --fallback openai --fallback_below 0.5   # needs OPENAI_API_KEY
     python serve.py --ckpt out/demo/best.pt --log_requests out/traffic.jsonl        # answers -> training data
+    python serve.py --ckpt out/general/best.pt --retrieve_k 0     # long catalogues whole (default: 8 tools kept)
 
     curl -s localhost:8000/tool-call -H 'Content-Type: application/json' -d '{"prompt": "Where is my order ORD-1234?", "available_functions": [{"name": "track_order", "description": "Get the status of an order", "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"]}}], "max_tokens": 64}'
 
@@ -27,6 +28,9 @@ The chat endpoint fronts a router, not a chat model:
     content), "length" whenever the token budget cut the answer (what was complete by
     then is kept: the calls before the cut, or a decline "no tool fits");
   - identical calls in one answer are sent once;
+  - a catalogue in the prompt longer than --retrieve_k tools (default 8): the model sees
+    only the k most related to the request (retrieve.py), and a tool tool_choice names;
+    x_nanotool.retrieved lists them. A compiled model never retrieves;
   - decoding is greedy and constrained. temperature, top_p, seed, frequency_penalty and
     presence_penalty are checked (a bad value is a 400) and have no effect; logprobs /
     top_logprobs give the model's own log-probabilities of its answer tokens; stop cuts
@@ -118,7 +122,7 @@ def token_entry(sp, i, logprob):
 
 def extension(ans):
     keys = ("answered_by", "confidence", "latency_ms", "truncated", "local_error", "fallback_error", "note",
-            "duplicates_dropped", "ignored")
+            "duplicates_dropped", "ignored", "retrieved")
     return {k: ans[k] for k in keys if k in ans}
 
 
@@ -210,6 +214,8 @@ def local_answer(res, n_prompt):
     ans = {"calls": res["calls"], "reason": res["reason"], "confidence": res["confidence"],
            "truncated": res["truncated"], "prompt_tokens": n_prompt, "completion_tokens": res["tokens"],
            "logprobs": res.get("logprobs")}
+    if res.get("retrieved") is not None:
+        ans["retrieved"] = res["retrieved"]
     if not res["valid"]:
         ans.update(calls=[], reason=wire.REASON_NO_TOOL, local_error=res["error"])
     return ans
@@ -382,6 +388,7 @@ def create_app(router, model_id="nanotool", teacher=None, fallback_below=0.0,
     turn = asyncio.Lock()
     checked, log = Checker(max_request_bytes), RequestLog(log_requests) if log_requests else None
     context, compiled = router.model.config.block_size, router.catalogue is not None
+    retrieve_k = 0 if compiled else router.retrieve_k
     health_info = {"status": "ok", "model": model_id, "context": context,
                    "compiled_tools": len(router.catalogue) if compiled else None,
                    "fallback": getattr(teacher, "id", None), "fallback_below": fallback_below if teacher else None}
@@ -401,7 +408,9 @@ def create_app(router, model_id="nanotool", teacher=None, fallback_below=0.0,
             res = router.answer(tools, request, max_tokens, constrain=True, tool_choice=choice)
         else:
             res = answer_with_logprobs(router, tools, request, max_tokens, choice, top)
-        res["prompt_tokens"] = len(router.encode_prompt(tools, request))
+        kept = res.get("retrieved")      # the tools the model saw, when retrieval cut the catalogue
+        res["prompt_tokens"] = len(router.encode_prompt(tools if kept is None else
+                                                        [t for t in tools if t["name"] in kept], request))
         return res
 
     def count_prompt(tools, text):
@@ -444,14 +453,14 @@ def create_app(router, model_id="nanotool", teacher=None, fallback_below=0.0,
     @app.post("/tool-call")
     async def tool_call(request: Request):
         job = await checked(request, functools.partial(parse_flat, cap=max_new_tokens, context=context,
-                                                       compiled=compiled))
+                                                       compiled=compiled, retrieve_k=retrieve_k))
         return JSONResponse(tool_call_response(await route(job, endpoint="tool-call")))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         job = await checked(request, functools.partial(parse_chat, cap=max_new_tokens, context=context,
                                                        only_model=model_id if strict_model else None,
-                                                       compiled=compiled))
+                                                       compiled=compiled, retrieve_k=retrieve_k))
         if job["tool_result"] is not None:
             n = await in_thread(count_prompt, job["tools"], job["tool_result"])
             ans = tool_result_answer(job["tool_result"], n, model_id)
@@ -492,10 +501,15 @@ def main(argv=None):
     p.add_argument("--log_requests", default=None, metavar="PATH",
                    help="append usable answers (with the users' requests) as JSONL for data.py --import")
     p.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--retrieve_k", type=int, default=8,
+                   help="a catalogue in the prompt longer than this: only its k tools most related "
+                   "to the request (retrieve.py); 0 = all")
     args = p.parse_args(argv)
 
     if args.max_new_tokens < 1 or args.max_request_bytes < 1:
         die("--max_new_tokens and --max_request_bytes must be positive")
+    if args.retrieve_k < 0:
+        die(f"--retrieve_k is a number of tools (0 = all), got {args.retrieve_k}")
     if not 0.0 <= args.fallback_below <= 1.0:
         die(f"--fallback_below is a confidence between 0 and 1, got {args.fallback_below}")
     teacher = None
@@ -509,7 +523,7 @@ def main(argv=None):
     from model import CheckpointError
     from sample import Router
     try:
-        router = Router(args.ckpt, args.data_dir, args.device, args.quantize)
+        router = Router(args.ckpt, args.data_dir, args.device, args.quantize, args.retrieve_k)
     except (CheckpointError, ValueError, OSError) as e:
         die(str(e))
     model_id = args.model_name or "nanotool-" + os.path.basename(os.path.dirname(os.path.abspath(args.ckpt)))
