@@ -514,7 +514,7 @@ def write_data_dir(args, tools, splits, compiled, invented, held_names):
     meta = {"vocab_size": sp.get_piece_size(), "special_tokens": special_ids, "span_values": spans == 1.0, "span_keys": keys,
             "tokenizer_sha256": file_sha256(os.path.join(args.out_dir, "tok.model")),
             "compiled": compiled, "tool_tokens": {n: sp.piece_to_id(n) for n in names},
-            "tags": tags, "intents": intents, "tool_sets": compiled,    # {split}_tools.npy written (write_tokens)
+            "tags": tags, "intents": intents,
             "heldout_tools": sorted(held_names), "seed": args.seed, "args": vars(args), "splits": {}}
     card = None
     for split, examples in splits.items():

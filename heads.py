@@ -57,9 +57,6 @@ class Heads:
         request (GPT.decode with aux). -> (draft tokens, confidence): the draft is
         pushed onto ans and confidence is a float when it stands as the answer;
         otherwise confidence is None and the draft (maybe []) is only a guess to verify."""
-        called = self.tool_set(aux)
-        if called and self.r.hold_to_set and ans.g.choice in ("auto", "required"):
-            ans.restrict([t for t in tools if t["name"] in called])
         draft, whole, ans.found, held = self.draft(aux, ans, tools)
         if held and self.r.hold_to_tags and ans.state.spans is not None:
             ans.state.spans.hold(held)
@@ -78,8 +75,6 @@ class Heads:
         except wire.AnswerError:
             return False
         by_name, spans = {t["name"]: t for t in tools}, self.r.spans_of(tools)
-        if not ans.need <= {c["name"] for c in calls}:
-            return False
         for c in calls:
             props = by_name.get(c["name"], {}).get("parameters", {}).get("properties", {})
             if c["name"] not in by_name or any(not grammar.plain_string(p) and (c["name"], k) not in spans for k, p in props.items()):
@@ -91,31 +86,12 @@ class Heads:
                 return False
         return s.phase == "done"
 
-    def first_tool(self, intent_logits):
-        """The intent head's logits of the first tool called (a compiled model's
-        head may give the set of tools called after them: tool_set)."""
-        n = len(self.r.meta.get("intents") or [])
-        return intent_logits[:n] if self.r.model.point is None and n else intent_logits
-
-    def tool_set(self, aux):
-        """The tools the answer calls, as the intent head's set says (a sigmoid
-        each over one half) together with its first tool -> set of names, or None
-        (no set head, or it says no call)."""
-        intent_logits = aux[1]
-        intents = self.r.meta.get("intents") or []
-        if intent_logits is None or self.r.model.point is not None or len(intent_logits) != 2 * len(intents):
-            return None
-        n = len(intents)
-        names = {intents[j] for j in torch.nonzero(intent_logits[n:] > 0).flatten().tolist()}
-        names.add(intents[int(intent_logits[:n].argmax())])
-        names.discard(intents[-1])                          # "<no call>"
-        return names or None
-
-    def confidence(self, aux):
+    @staticmethod
+    def confidence(aux):
         """How sure the heads are of their answer: the smallest probability among
         the intent and each request token's tag."""
         tag_logits, intent_logits, _ = aux
-        p = [float(F.softmax(self.first_tool(intent_logits).float(), -1).max())]
+        p = [float(F.softmax(intent_logits.float(), -1).max())]
         if len(tag_logits):
             p.append(float(F.softmax(tag_logits[:, 1:].float(), -1).max(-1).values.min()))
         return min(p)
@@ -141,7 +117,7 @@ class Heads:
         meta, g = self.r.meta, ans.g
         if self.r.model.point is None:                     # compiled: classes
             intents = meta.get("intents") or []
-            name = intents[int(self.first_tool(intent_logits).argmax())] if intents else None
+            name = intents[int(intent_logits.argmax())] if intents else None
             key_of = lambda tag, j: tag.partition("-")[2]
         else:                                              # pointers into the catalogue
             names, args = self.catalogue_positions(tools)

@@ -60,7 +60,6 @@ class GPTConfig:
     copy_head: bool = False   # pointer-generator output: copy a token from the prompt or generate one
     n_tags: int = 0           # aux tagger: each request token's tag (which argument's value it is in)
     n_intents: int = 0        # aux intent head: the first tool, read at the last prompt token
-    tool_set: bool = False    # the intent head also gives the set of tools called: n_intents more logits, a sigmoid each
     pointer_heads: bool = False  # aux heads for a catalogue in the prompt: point at the tool's / argument's name
 
     def __post_init__(self):
@@ -457,8 +456,7 @@ class GPT(nn.Module):
         # trained beside the answer, they give every request token a signal of its
         # own, and a compiled router drafts a whole answer from them (sample.py)
         self.tagger = nn.Linear(config.n_embd, config.n_tags) if config.n_tags else None
-        self.intent = nn.Linear(config.n_embd, config.n_intents * (2 if config.tool_set else 1)) \
-            if config.n_intents else None
+        self.intent = nn.Linear(config.n_embd, config.n_intents) if config.n_intents else None
         # With the catalogue in the prompt the classes are read from it: the intent
         # points at the called tool's name, each tagged request token at its
         # argument's name (scores over prompt positions, as the copy head's)

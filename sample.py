@@ -122,7 +122,6 @@ class Router:
         self.answer_from_heads = has_heads
         self.cover_found = True            # a call answer uses every value the heads found (_Answer.allowed)
         self.hold_to_tags = True           # span values are runs the tagger marked for their key (heads.py)
-        self.hold_to_set = True            # calls are of the tools the intent head's set names, each of them (heads.py)
         self.choose = greedy               # the step's choice; a benchmark may follow a fixed answer
         self.grammars = OrderedDict()      # catalogue -> Grammar, most recent last
         # A catalogue in the prompt longer than retrieve_k: only its retrieve_k tools
@@ -571,8 +570,6 @@ class _Answer:
         self.r, self.g, self.request, self.request_ids = router, g, request, request_ids
         self.state, self.out, self.ends = g.start(request), [], []
         self.calls = []        # [where its <|call|> is in out, state before it] of each call
-        self.called = set()    # the names of the tools called so far (bytes)
-        self.need = set()      # the tools the answer must call before it ends (restrict)
         self.found = []        # the values the heads tagged in the request (heads.py)
         self.blocked = (0, -1)   # (how many were unused, answer length) when last kept from ending
 
@@ -600,20 +597,10 @@ class _Answer:
                     return
             if t == self.r.call_id:
                 self.calls.append([len(self.out), self.state])
-            if self.state.phase == "name" and t in self.r.vocab.id_special:
-                self.called.add(self.state.text.decode())
             s = self.r.vocab.advance(self.g, self.state, t)
             assert s is not None, "the grammar rejected a token it allowed"
             self.state = s
             self.out.append(t)
-
-    def restrict(self, tools):
-        """Before the first token: the answer calls these tools only, and each of
-        them at least once (the intent head's set, heads.py)."""
-        assert not self.out, "restrict before the answer starts"
-        self.g = self.r.grammar(tools, self.g.choice)
-        self.state = self.g.start(self.request)
-        self.need = {t["name"] for t in tools}
 
     def cut(self, budget):
         """Out of tokens: the answer up to its last complete point that leaves
@@ -644,10 +631,6 @@ class _Answer:
         in none of its calls (every call found: a second or third call is not
         dropped while its values wait in the request)."""
         allowed = self.r.vocab.allowed(self.g, self.state)
-        if self.need - self.called and self.state.calls and self.state.calls < grammar.MAX_CALLS:
-            end = allowed == self.r.end_id         # a tool of the set not called yet: no end
-            if end.any() and len(allowed) > 1:
-                allowed = allowed[~end]
         if self.found and self.state.calls and self.r.cover_found:
             end = allowed == self.r.end_id
             if end.any() and len(allowed) > 1:

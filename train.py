@@ -362,11 +362,6 @@ def aux_loss(tag_logits, intent_logits, arg_logits, batch):
             logits = intent_logits[rows, batch.intent_at[rows]].float()
             if catalogue is not None:
                 logits = logits.masked_fill(~catalogue[rows, 0], float("-inf"))
-            if batch.tool_set is not None:       # the set of tools called: a sigmoid each, after the first tool's
-                n = batch.tool_set.size(1)
-                logits, set_logits = logits[:, :n], logits[:, n:]
-                bce = F.binary_cross_entropy_with_logits(set_logits, batch.tool_set[rows])
-                total, parts["set"] = total + bce, bce.item()
             ce = F.cross_entropy(logits, batch.intent[rows])
             total, parts["intent"] = total + ce, ce.item()
     if arg_logits is not None:
@@ -471,8 +466,7 @@ def model_config(args, meta):
                                   prefix_lm=args.prefix_lm, copy_head=args.copy_head,
                                   n_tags=len(meta.get("tags") or []) if args.tagger else 0,
                                   n_intents=len(meta.get("intents") or []) if args.tagger else 0,
-                                  pointer_heads=bool(args.tagger and not meta.get("compiled")),
-                                  tool_set=bool(args.tagger and meta.get("tool_sets")))
+                                  pointer_heads=bool(args.tagger and not meta.get("compiled")))
     except ValueError as e:
         die(str(e))
 

@@ -353,37 +353,3 @@ def test_a_call_is_never_written_twice(router):
     ans.push(router.sp.encode(one + two + wire.END))
     assert ans.done() and router.sp.decode(ans.out) == one + two + wire.END
 
-
-def test_the_tool_set_is_written_and_trained(compiled_data, router):
-    """{split}_tools.npy: one row per example, 1 for each tool its answer calls
-    (the last column: no call); the model's intent head gives the set after the
-    first tool's logits."""
-    d = datadir.load_data_dir(compiled_data)
-    intents = d.meta["intents"]
-    rows = np.load(os.path.join(compiled_data, "train_tools.npy"))
-    exs = datadir.read_jsonl(os.path.join(compiled_data, "train.jsonl"))
-    assert rows.shape == (len(exs), len(intents))
-    for ex, row in zip(exs, rows):
-        want = {c["name"] for c in ex["calls"]} or {"<no call>"}
-        assert {intents[j] for j in np.nonzero(row)[0]} == want
-    assert router.model.config.tool_set and router.model.intent.out_features == 2 * len(intents)
-
-
-def test_the_answer_calls_the_tools_of_the_set_and_each_of_them(router, monkeypatch):
-    """Heads.tool_set restricts the calls to its tools and keeps the answer from
-    ending before each is called, whatever the model prefers (here: ending as
-    soon as it may, and otherwise the first token allowed)."""
-    names = [t["name"] for t in router.catalogue]
-    pair = {names[0], names[-1]}
-    monkeypatch.setattr(router.heads, "tool_set", lambda aux: pair)
-    monkeypatch.setattr(router, "answer_from_heads", False)
-
-    def eager(scores, allowed, out):
-        ends = (allowed == router.end_id).nonzero()
-        return int(ends[0]) if len(ends) else 0
-    monkeypatch.setattr(router, "choose", eager)
-    got = router.answer(None, "a request about both of them", tool_choice="required")
-    assert got["valid"] and {c["name"] for c in got["calls"]} == pair, got["text"]
-    monkeypatch.setattr(router, "hold_to_set", False)
-    got = router.answer(None, "a request about both of them", tool_choice="required")
-    assert len(got["calls"]) == 1

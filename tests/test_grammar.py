@@ -169,7 +169,9 @@ def answers(draw, tools):
         params = tool["parameters"]
         keys = [k for k in params["properties"] if k in params["required"] or draw(st.booleans())]
         args = {k: value_for(draw, params["properties"][k]) for k in keys}
-        calls.append({"name": tool["name"], "arguments": args})
+        call = {"name": tool["name"], "arguments": args}
+        if call not in calls:          # a call is never written twice (sample._Answer.push)
+            calls.append(call)
     return calls, None
 
 
