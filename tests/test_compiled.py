@@ -353,3 +353,21 @@ def test_a_call_is_never_written_twice(router):
     ans.push(router.sp.encode(one + two + wire.END))
     assert ans.done() and router.sp.decode(ans.out) == one + two + wire.END
 
+
+
+def test_every_copied_value_of_the_test_split_is_a_run_of_whole_request_words(router, compiled_data):
+    """Over the compiled data's whole test split: every value the decoder writes
+    for a span key is a run of whole words of its request (or a number it states),
+    whatever the (barely trained) model prefers."""
+    items = datadir.read_jsonl(os.path.join(compiled_data, "test.jsonl"))
+    assert router.span_keys and items
+    checked = 0
+    for ex in items:
+        res = router.answer(None, ex["request"], 64)
+        spans = grammar.Spans(ex["request"])
+        for c in res["calls"]:
+            for k, v in c["arguments"].items():
+                if (c["name"], k) in router.span_keys:
+                    assert grammar.is_span(v, spans), (c["name"], k, v, ex["request"])
+                    checked += 1
+    assert checked > 0
