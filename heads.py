@@ -58,8 +58,11 @@ class Heads:
         pushed onto ans and confidence is a float when it stands as the answer;
         otherwise confidence is None and the draft (maybe []) is only a guess to verify."""
         draft, whole, ans.found, held = self.draft(aux, ans, tools)
-        if held and self.r.hold_to_tags and ans.state.spans is not None:
-            ans.state.spans.hold(held)
+        if held and ans.state.spans is not None:
+            text = ans.state.spans.text
+            ans.found_keys = [(k, text[a:z].decode("utf-8")) for k, runs in held.items() for a, z in runs]
+            if self.r.hold_to_tags:
+                ans.state.spans.hold(held)
         if draft and whole and self.r.answer_from_heads and len(draft) <= budget and \
                 self.may_answer(draft, ans, tools):
             ans.push(draft)

@@ -571,6 +571,7 @@ class _Answer:
         self.state, self.out, self.ends = g.start(request), [], []
         self.calls = []        # [where its <|call|> is in out, state before it] of each call
         self.found = []        # the values the heads tagged in the request (heads.py)
+        self.found_keys = []   # the same as (argument, value) (a compiled model's)
         self.blocked = (0, -1)   # (how many were unused, answer length) when last kept from ending
 
     def done(self):
@@ -629,8 +630,20 @@ class _Answer:
         """Token ids the step may take: the grammar's (span values included). A
         call answer may not end while a value the heads tagged in the request is
         in none of its calls (every call found: a second or third call is not
-        dropped while its values wait in the request)."""
+        dropped while its values wait in the request), and a second or third call
+        of a compiled model is of a tool that takes one of the values still
+        waiting, when some are."""
         allowed = self.r.vocab.allowed(self.g, self.state)
+        if self.found_keys and self.state.phase == "name" and not self.state.text and self.state.calls > 1 \
+                and self.r.cover_found:
+            text = self.r.sp.decode(self.out)
+            waiting = {k for k, v in self.found_keys if v not in text}
+            names = self.r.meta.get("tool_tokens", {})
+            ids = [names[t["name"]] for t in self.g.tools.values()
+                   if t["name"] in names and waiting & {k for k, _ in t["keys"].values()}]
+            keep = torch.isin(allowed, torch.tensor(ids, dtype=allowed.dtype))
+            if keep.any():
+                allowed = allowed[keep]
         if self.found and self.state.calls and self.r.cover_found:
             end = allowed == self.r.end_id
             if end.any() and len(allowed) > 1:

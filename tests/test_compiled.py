@@ -371,3 +371,23 @@ def test_every_copied_value_of_the_test_split_is_a_run_of_whole_request_words(ro
                     assert grammar.is_span(v, spans), (c["name"], k, v, ex["request"])
                     checked += 1
     assert checked > 0
+
+
+def test_a_further_call_is_of_a_tool_that_takes_a_waiting_value(router):
+    """_Answer.allowed: once a call is written, the next one names a tool with an
+    argument for a value the heads tagged and no call has taken yet."""
+    from sample import _Answer
+    request = "track ORD-1 and the weather in Oslo"
+    ans = _Answer(router, router.grammar(router.catalogue), request, [])
+    ans.found, ans.found_keys = ["ORD-1", "Oslo"], [("order_id", "ORD-1"), ("city", "Oslo")]
+    first = wire.render_answer([{"name": "track_order", "arguments": {"order_id": "ORD-1"}}])[:-len(wire.END)]
+    ans.push(router.sp.encode(first) + [router.call_id])
+    allowed = {router.sp.id_to_piece(int(t)) for t in ans.allowed()}
+    with_city = {t["name"] for t in router.catalogue if "city" in t["parameters"]["properties"]}
+    assert with_city and allowed == with_city
+    router.cover_found = False
+    try:
+        free = {router.sp.id_to_piece(int(t)) for t in ans.allowed()}
+        assert allowed < free and "track_order" in free
+    finally:
+        router.cover_found = True
