@@ -112,7 +112,12 @@ def score_item(pred, gold_calls, gold_reason=None):
     names_ok = parsed and Counter(c["name"] for c in pcalls) == Counter(c["name"] for c in gold_calls)
     m = matched_calls(pcalls, gold_calls)
     exact = parsed and m == len(pcalls) == len(gold_calls)
+    calls_seen = [json.dumps(c, sort_keys=True) for c in pcalls]
     return {"valid": pred["valid"], "parsed": parsed, "names_ok": names_ok, "exact": exact,
+            # the decision to stop, on its own: as many calls as the gold has; and
+            # an answer that holds the same call twice (the decoder never writes one)
+            "count_ok": parsed and len(pcalls) == len(gold_calls),
+            "repeats": len(set(calls_seen)) < len(calls_seen),
             "matched": m, "n_pred": len(pcalls), "n_gold": len(gold_calls),
             "called": parsed and len(pcalls) > 0,
             # for gold no-calls: did the model decline for the right kind of reason?
@@ -143,6 +148,8 @@ def summarize(rows):
         "false_call": rate([o["called"] for o in gold_none], gold_none),
         "missed": rate([o["parsed"] and not o["called"] for o in gold_call], gold_call),
         "exact": rate([o["exact"] for o in outs], outs),
+        "count_ok": rate([o.get("count_ok", False) for o in outs], outs),
+        "repeats": rate([o.get("repeats", False) for o in outs], outs),
         "f1": f1,
         "reason_acc": rate([o["reason_ok"] for o in gold_none], gold_none),
         "latency_p50_ms": float(np.percentile(lat, 50)) if lat else None,
@@ -367,10 +374,11 @@ def breakdowns(rows):
 
 
 def format_breakdowns(bd):
-    lines = [f"{'breakdown':10s} {'bin':22s} {'n':>6s} {'exact':>8s} {'tool_acc':>9s}"]
+    lines = [f"{'breakdown':10s} {'bin':22s} {'n':>6s} {'exact':>8s} {'tool_acc':>9s} {'n_calls ok':>11s} {'repeats':>8s}"]
     for name, bins in bd.items():
         for b, m in bins.items():
-            lines.append(f"{name:10s} {b:22s} {m['n']:6d} {100 * m['exact']:7.1f}% {100 * m['tool_acc']:8.1f}%")
+            lines.append(f"{name:10s} {b:22s} {m['n']:6d} {100 * m['exact']:7.1f}% {100 * m['tool_acc']:8.1f}% "
+                         f"{100 * m['count_ok']:10.1f}% {100 * m['repeats']:7.1f}%")
     return "\n".join(lines)
 
 

@@ -337,3 +337,19 @@ def test_eval_on_apibank_end_to_end(toy_ckpt, tmp_path, capsys):
     assert res["breakdowns"]["n_tools"]["1-2"]["n"] == 2 and res["breakdowns"]["n_calls"]["1"]["n"] == 2
     lines = [json.loads(l) for l in open(str(out).replace(".json", "_predictions.jsonl"))]
     assert len(lines) == 2 and lines[1]["error_class"] == "prompt too long"
+
+
+def test_the_stop_decision_and_repeats_are_scored_on_their_own():
+    """count_ok: as many calls as the gold (the decision to stop); repeats: the
+    same call twice in one answer."""
+    from eval import score_item, summarize
+    call = {"name": "f", "arguments": {"x": 1}}
+    pred = lambda calls: {"calls": calls, "reason": None, "valid": True, "error": None}
+    twice = score_item(pred([call, call]), [call])
+    assert not twice["count_ok"] and twice["repeats"] and not twice["exact"]
+    once = score_item(pred([call]), [call])
+    assert once["count_ok"] and not once["repeats"]
+    other = score_item(pred([{"name": "f", "arguments": {"x": 2}}]), [call])
+    assert other["count_ok"] and not other["exact"]
+    m = summarize([(None, twice, 1.0), (None, once, 1.0)])
+    assert m["count_ok"] == 0.5 and m["repeats"] == 0.5
