@@ -173,11 +173,11 @@ def test_named_tool_choice_gives_valid_calls_of_that_tool(client, router):
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     ext = r.x_nanotool
     assert ext["answered_by"] == MODEL and 0 < ext["confidence"] <= 1 and "fallback_error" not in ext
-    # a tool without arguments: "{}" (the toy model calls it again and again: identical
-    # calls, sent once)
+    # a tool without arguments: "{}" (the toy model would call it again and again; the
+    # decoder never writes a call twice, so the server has no duplicate to drop)
     r = ask(client, ORDER, tools=ALL, tool_choice={"type": "function", "function": {"name": "get_time"}})
     assert check_calls(r, {"get_time"}) == [{"name": "get_time", "arguments": {}}]
-    assert r.x_nanotool["duplicates_dropped"] >= 1
+    assert not r.x_nanotool.get("duplicates_dropped")
     # a string tool: the toy model never closes the value, so the budget cuts the answer:
     # "length", with the call as far as it was complete, or a decline
     r = ask(client, ORDER, tools=ALL, tool_choice={"type": "function", "function": {"name": "track_order"}})
