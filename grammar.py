@@ -79,6 +79,16 @@ NULL = ("lit", (b"null",))
 _SCALAR = {"integer": ("num", True), "number": ("num", False), "boolean": BOOL, "null": NULL}
 
 
+def _reads_raw(v):
+    """Does wire.read_value give this string back as it is, written bare (it is
+    no JSON text, and no white space at its ends)?"""
+    try:
+        json.loads(v)
+        return False
+    except ValueError:
+        return bool(v) and v == v.strip()
+
+
 def value_node(prop, top=True):
     """JSON Schema of one argument -> node. top: the argument's own value (a plain
     string is raw text there); inside arrays and objects everything is JSON."""
@@ -90,6 +100,8 @@ def value_node(prop, top=True):
             opts = {wire.render_value(v).encode() for v in vals}   # read back raw (wire.read_value)
         else:
             opts = {_json(v) for v in vals}
+            if top:    # a string the answer renders bare (wire.render_value) and reads back as itself
+                opts |= {wire.render_value(v).encode() for v in vals if isinstance(v, str) and _reads_raw(v)}
         opts.discard(b"")
         return ("lit", tuple(sorted(opts))) if opts else ANY
     t = prop.get("type")

@@ -45,7 +45,7 @@ def accepts(prop, text, node=None, spans=None):
     ({"type": "number"}, ["0", "-1.5", "2e10", "1.5E-3"], ["1.", ".5", "1e", "01", "1,5"]),
     ({"type": "boolean"}, ["true", "false"], ["tru", "True", "truex", "1"]),
     ({"enum": ["red", "dark blue"]}, ["red", "dark blue"], ["re", "reds", "blue", '"red"']),
-    ({"enum": [1, "a"]}, ["1", '"a"'], ["a", "2"]),
+    ({"enum": [1, "a", "2"]}, ["1", '"a"', "a", '"2"'], ["2", "b", '"1"']),    # bare as rendered, unless it reads as JSON
     ({"type": "array", "items": {"type": "string"}}, ['[]', '["a"]', '["a\\"b","\\u00e9"]'],
      ['[', '["a",]', '[a]', '["a" ]', '["\\x"]']),
     ({"type": "array", "items": {"type": "integer"}}, ['[1,2,3]'], ['[1,2.5]', '["1"]']),
@@ -265,7 +265,6 @@ class StubModel(torch.nn.Module):
         return logits
 
 
-@pytest.mark.xfail(strict=False, reason="known bug, under investigation: fails when eval.py's module stays loaded before the toy fixtures are built (an empty module named eval passes; eval.py under another name kept in sys.modules fails), so the outcome depends on memory layout, i.e. on the order of identity-hashed objects in a grammar state; passes alone; also on 4533035")
 @given(st.data())
 @SETTINGS
 def test_constraints_never_change_a_valid_greedy_answer(router, data):
