@@ -36,6 +36,7 @@ as free text). Keys containing ":" cannot be written in the wire format, so the
 grammar leaves them out (a tool that requires one is left out too).
 """
 
+import copy
 import json
 import re
 import unicodedata
@@ -133,7 +134,15 @@ def value_node(prop, top=True):
 # letters with periods ("p.m.", "U.S."): the last period belongs to the word
 ABBREVIATION = re.compile(r"(?<![\w.])(?:[^\W\d_]\.){2,}")
 CLAUSE_BREAK = re.compile(r"[.?!;](?=\s)")     # the end of a sentence or clause (unless an abbreviation's)
+LIST_JOINER = re.compile(r"\s*(?:,|&|and|or|plus|,\s*and|,\s*or)?\s*", re.I)   # between two items of one list
 TITLE = re.compile(r"(?<![\w.])[^\W\d_][^\W\d_A-Z]{0,2}$")  # "St", "Mr", "Mrs", "J": a capital and up to two letters
+
+
+def joined(between):
+    """Do these bytes between two runs join them into one list: a comma or a
+    conjunction alone ("rain jacket and bath mat"; not "jump rope on my list,
+    then add crayons")?"""
+    return LIST_JOINER.fullmatch(between.decode("utf-8", "replace")) is not None
 
 
 def _abbreviation_at(text, i):
@@ -193,12 +202,16 @@ class Spans:
         # the numbers it states, in digits or in words ("ninety-five" -> 95): what a
         # number argument that the data always finds in its request may be
         self.stated = self.numbers | frozenset(str(n).encode() for n in word_numbers(text))
-        self.by_key = {}       # argument -> these spans held to its tagged runs (hold)
+        self.runs = {}         # argument -> its tagged runs no value took yet, in request order (hold)
+        self.in_order = False  # values take their runs in request order (hold)
+        self.in_row, self.glued = False, frozenset()   # (spans held in order: see within)
+        self._held = {}        # (argument, runs, list?) -> the spans held to them (for_key)
 
-    def within(self, runs):
+    def within(self, runs, in_order=False):
         """These spans held to some runs of the request ((start, end) byte offsets,
         e.g. the words the tagger marked for one argument): a value is one of them,
-        whole."""
+        whole. in_order: a list's items are runs in a row, and a list does not end
+        where its next run is joined on by a comma or a conjunction alone (slist)."""
         inside = {p for a, z in runs for p in range(a, z)}
         held = Spans.__new__(Spans)
         held.text = self.text
@@ -208,19 +221,59 @@ class Spans:
         held.first = frozenset(self.text[a] for a in held.starts)
         held.numbers = frozenset(m.group() for a, z in runs
                                  for m in re.finditer(rb"-?\d+(?:\.\d+)?", self.text[a:z])) & self.numbers
-        held.stated = held.numbers
-        held.by_key = {}
+        held.stated = held.numbers | frozenset(str(n).encode() for a, z in runs
+                                               for n in word_numbers(self.text[a:z].decode("utf-8")))
+        held.runs, held.in_order, held._held, held.in_row = {}, False, {}, in_order
+        # the runs a list goes on from: the next run follows, joined by a comma or a
+        # conjunction alone ("rain jacket and bath mat")
+        held.glued = frozenset(z for (_, z), (a, _) in zip(runs, runs[1:]) if in_order and joined(self.text[z:a]))
         return held
 
-    def for_key(self, key):
-        """The spans a value of this argument may take: those the tagger found for
-        it (hold), else any."""
-        return self.by_key.get(key, self)
+    def for_key(self, key, listed=False):
+        """The spans a value of this argument may take: the runs the tagger marked
+        for it that no value took yet (hold), else any. In order, a value is the
+        first of them (listed, a list: the first and the next ones in a row)."""
+        runs = self.runs.get(key)
+        if not runs:
+            return self
+        memo = (key, runs, listed)
+        if memo not in self._held:
+            self._held[memo] = self.within(runs if listed or not self.in_order else runs[:1], self.in_order)
+        return self._held[memo]
 
-    def hold(self, runs_by_key):
+    def hold(self, runs_by_key, in_order=False):
         """Hold each argument's values to the runs the tagger marked for it:
-        {key: [(start, end), ...]} byte offsets (a key with no run stays free)."""
-        self.by_key = {k: self.within(runs) for k, runs in runs_by_key.items() if runs}
+        {key: [(start, end), ...]} byte offsets (a key with no run stays free).
+        Each run is taken once (took); in_order: in request order, as the data
+        writes them ("sixty-four ... 103 minutes": the first call's duration is 64)."""
+        self.runs = {k: tuple(sorted(runs)) for k, runs in runs_by_key.items() if runs}
+        self.in_order = in_order
+
+    def took(self, key, value):
+        """These spans after a value of key was written (its bytes as the answer
+        has them, ' ["a","b"]'): the runs it took are taken (in order: with every
+        run before them), the others stay for the next value. A key whose runs
+        are all taken is free again."""
+        runs = self.runs.get(key)
+        if not runs:
+            return self
+        text = value.strip()
+        try:
+            items = json.loads(text) if text[:1] in (b"[", b'"') else [text.decode("utf-8")]
+        except ValueError:
+            items = []
+        left = list(runs)
+        for item in items if isinstance(items, list) else [items]:
+            item = str(item).encode("utf-8")
+            i = next((j for j, (a, z) in enumerate(left) if self.text[a:z] == item or
+                      item in self.within([(a, z)]).stated), None)
+            if i is not None:
+                left = left[i + 1:] if self.in_order else left[:i] + left[i + 1:]
+        out = copy.copy(self)
+        out.runs = {k: v for k, v in self.runs.items() if k != key}
+        if left:
+            out.runs[key] = tuple(left)
+        return out
 
     def go_on(self, offs, b):
         """Offsets reached after byte b from offsets offs (None: the value's first byte)."""
@@ -248,23 +301,35 @@ TENS = {w: 10 * n for n, w in enumerate("twenty thirty forty fifty sixty seventy
 
 
 def word_numbers(text):
-    """The numbers a text writes in words, each prefix of a compound counted too:
-    "twenty-six" -> {20, 26}, "one hundred and five" -> {1, 100, 105}."""
-    out, cur = set(), None
-    for w in re.findall(r"[^\W\d_]+", text.lower()) + [""]:
+    """The numbers a text writes in words, each compound whole: "twenty-six" ->
+    {26}, "one hundred and five" -> {105}, "six twenty" -> {6, 20}. Words make one
+    number only when spaces or a hyphen join them ("twenty, six" -> {20, 6}), so
+    "fifty-one" can never be read as 50."""
+    out, cur, end = set(), None, 0
+    low = text.lower()
+    for m in list(re.finditer(r"[^\W\d_]+", low)) + [None]:
+        w = m.group() if m else ""
+        joined = m is not None and re.fullmatch(r" *-? *", low[end:m.start()]) is not None
+        end = m.end() if m else end
+        if not joined and cur is not None:
+            out.add(cur)
+            cur = None
         if w in UNITS or w in TENS:
             n = UNITS.get(w, TENS.get(w))
             # "twenty six" adds, "six twenty" is two numbers
-            cur = cur + n if cur is not None and cur % 100 >= 20 and cur % 10 == 0 and n < 10 or \
-                cur is not None and cur % 100 == 0 and cur and n < 100 else n
+            if cur is not None and (cur % 100 >= 20 and cur % 10 == 0 and n < 10 or cur % 100 == 0 and cur and n < 100):
+                cur += n
+            else:
+                if cur is not None:
+                    out.add(cur)
+                cur = n
         elif w == "hundred" and cur is not None and cur < 100:
             cur *= 100
         elif w == "and" and cur is not None and cur % 100 == 0 and cur:
             continue
-        else:
+        elif cur is not None:
+            out.add(cur)
             cur = None
-            continue
-        out.add(cur)
     return out
 
 
@@ -342,6 +407,8 @@ def _start(node, depth=0):
         return [("sstr", node[1], 0, None)]
     if kind in ("snum", "wnum"):          # (kind, int_only, spans, phase, text so far)
         return [(kind, node[1], node[2], "s", b"")]
+    if kind == "slist":                   # (slist, spans, phase, where the next item may begin, offsets)
+        return [("slist", node[1], 0, 0, None)]
     if kind == "lit":
         return [("lit", node[1], b"")]
     if kind == "num":
@@ -446,6 +513,8 @@ def _advance(frame, b, depth):
             return [()] if spans.may_end(offs) else []
         offs = spans.go_on(offs, b) if b != 92 else None  # no escapes: a span is plain text
         return [(("sstr", spans, 1, offs),)] if offs else []
+    if kind == "slist":
+        return _advance_slist(frame, b)
     if kind in ("snum", "wnum"):
         _, int_only, spans, phase, text = frame
         nxt, text = _num(int_only, phase, b), text + bytes([b])
@@ -482,6 +551,43 @@ def _advance(frame, b, depth):
     if kind == "obj":
         return _advance_obj(frame, b, depth)
     raise ValueError(f"unknown frame {frame!r}")
+
+
+def _advance_slist(frame, b):
+    """A list of span strings, '["rain jacket","bath mat"]': each item a span as
+    in sstr, in the order the request says them: an item begins after the last
+    one ended, so no item comes twice ("dog leash" three times) unless the
+    request says it twice. Held in order (Spans.within), the items are the next
+    runs in a row, as far as a comma or conjunction alone joins them. Phases: 0
+    before '[', 1 after it, 2 inside an item, 3 after an item, 4 after a comma;
+    after: the byte offset the next item may begin at. A comma comes only when
+    an item is left to write."""
+    _, spans, phase, after, offs = frame
+    if phase == 0:
+        return [(("slist", spans, 1, 0, None),)] if b == 91 else []
+    if phase in (1, 4):
+        if b == 34:
+            return [(("slist", spans, 2, after, None),)]
+        return [()] if phase == 1 and b == 93 else []
+    if phase == 3:
+        if b == 44 and _item_starts(spans, after) and (after in spans.glued or not spans.in_row):
+            return [(("slist", spans, 4, after, None),)]
+        return [()] if b == 93 and after not in spans.glued else []
+    if b == 34:                                           # the item's closing quote
+        ends = [p for p in offs if p in spans.ends] if offs else []
+        return [(("slist", spans, 3, min(ends), None),)] if ends else []
+    if offs is None:
+        offs = frozenset(a + 1 for a in _item_starts(spans, after) if spans.text[a] == b)
+    else:
+        offs = spans.go_on(offs, b) if b != 92 else None
+    return [(("slist", spans, 2, after, offs),)] if offs else []
+
+
+def _item_starts(spans, after):
+    """Where a list's next item may begin: after the last one; held in order
+    (Spans.within), at the next run only."""
+    starts = [a for a in spans.starts if a >= after]
+    return {min(starts)} if starts and spans.in_row else set(starts)
 
 
 def _advance_obj(frame, b, depth):
@@ -543,6 +649,8 @@ def bind(node, spans):
             return ("sstr", spans)
         if inner[0] == "num":
             return ("snum", inner[1], spans)
+        if inner == ("arr", ("str",)):
+            return ("slist", spans)
         if inner[0] == "arr":
             return ("arr", bind(("span", inner[1]), spans))
         return bind(inner, spans)
@@ -586,6 +694,8 @@ class State(NamedTuple):
     value: frozenset = None      # the value automaton's state
     calls: int = 0               # calls opened so far
     spans: Spans = None          # the request's (span values), if known
+    key: str = None              # the argument whose value is being written
+    vtext: bytes = b""           # that value's bytes so far, when its key holds runs (Spans.took)
 
 
 class Grammar:
@@ -630,7 +740,10 @@ class Grammar:
             return self._special(s, sym)
         if s.phase == "value":
             v = value_step(s.value, sym)
-            return None if v is None else s._replace(value=v)
+            if v is None:
+                return None
+            held = s.spans is not None and s.key in s.spans.runs
+            return s._replace(value=v, vtext=s.vtext + bytes([sym]) if held else b"")
         if s.phase in ("name", "reason", "key"):
             text = s.text + bytes([sym])
             cands = self._candidates(s._replace(text=text))
@@ -638,8 +751,9 @@ class Grammar:
                 return None
             if s.phase == "key" and text in cands:          # " key:" complete: its value next
                 key, node = self.tools[s.tool]["keys"][text]
-                spans = s.spans.for_key(key) if s.spans is not None else None
-                return s._replace(phase="value", text=b"", used=s.used | {key}, value=value_start(node, spans))
+                spans = s.spans.for_key(key, node[0] == "span" and node[1][0] == "arr") if s.spans is not None else None
+                return s._replace(phase="value", text=b"", used=s.used | {key}, key=key, vtext=b"",
+                                  value=value_start(node, spans))
             return s._replace(text=text)
         return None
 
@@ -680,6 +794,8 @@ class Grammar:
             s = s._replace(tool=s.text, used=frozenset())
         elif s.phase != "value" or not value_done(s.value):
             return None
+        elif s.spans is not None and s.key in s.spans.runs:      # the runs this value took
+            s = s._replace(spans=s.spans.took(s.key, s.vtext))
         tool = self.tools[s.tool]
         if sym == wire.ARG:
             left = [k for k, _ in tool["keys"].values() if k not in s.used]
@@ -717,6 +833,12 @@ class Grammar:
             elif top[0] == "sstr":
                 spans, phase, offs = top[1:]
                 out |= {34} if phase == 0 else (spans.next_bytes(offs) - {34, 92}) | ({34} if spans.may_end(offs) else set())
+            elif top[0] == "slist" and top[2] == 2:
+                spans, _, after, offs = top[1:]
+                if offs is None:
+                    out |= {spans.text[a] for a in _item_starts(spans, after)}
+                else:
+                    out |= (spans.next_bytes(offs) - {34, 92}) | ({34} if spans.may_end(offs) else set())
             else:
                 return None
         return out

@@ -62,7 +62,7 @@ class Heads:
             text = ans.state.spans.text
             ans.found_keys = [(k, text[a:z].decode("utf-8")) for k, runs in held.items() for a, z in runs]
             if self.r.hold_to_tags:
-                ans.state.spans.hold(held)
+                ans.state.spans.hold(held, in_order=self.r.runs_in_order)
         if draft and whole and self.r.answer_from_heads and len(draft) <= budget and \
                 self.may_answer(draft, ans, tools):
             ans.push(draft)
@@ -157,7 +157,7 @@ class Heads:
         runs = [[key_of(tag, words[a][0]), a, b] for tag, a, b in runs]
         known = {k for k, _ in tool["keys"].values()}
         props = next(t for t in tools if t["name"] == name)["parameters"].get("properties", {})
-        calls, whole, last = [], True, None
+        calls, whole, last = [], True, (None, 0)
         for key, a, b in runs:
             if key not in known:
                 whole = False
@@ -165,12 +165,14 @@ class Heads:
             value = text[words[a][1]:words[b][2]].decode("utf-8")
             kind = (props.get(key) or {}).get("type")
             # calls are segmented in request order: a run belongs to the call being
-            # filled unless that call has its key already (a list: unless another
-            # key came between its items), then it opens the next call
+            # filled unless that call has its key already (a list: unless the run
+            # follows its last item joined by a comma or conjunction alone), then it
+            # opens the next call
             call = calls[-1] if calls else None
-            if call is not None and key in call["arguments"] and not (kind == "array" and last == key):
+            listed = kind == "array" and last[0] == key and grammar.joined(text[last[1]:words[a][1]])
+            if call is not None and key in call["arguments"] and not listed:
                 call = None
-            last = key
+            last = (key, words[b][2])
             if call is None:
                 call = {"name": name, "arguments": {}}
                 calls.append(call)

@@ -122,6 +122,7 @@ class Router:
         self.answer_from_heads = has_heads
         self.cover_found = True            # a call answer uses every value the heads found (_Answer.allowed)
         self.hold_to_tags = True           # span values are runs the tagger marked for their key (heads.py)
+        self.runs_in_order = True          # ... each run taken once, in request order (grammar.Spans.hold)
         self.choose = greedy               # the step's choice; a benchmark may follow a fixed answer
         self.grammars = OrderedDict()      # catalogue -> Grammar, most recent last
         # A catalogue in the prompt longer than retrieve_k: only its retrieve_k tools

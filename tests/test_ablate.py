@@ -94,6 +94,15 @@ def test_bad_input_on_the_command_line_is_one_line(tmp_path, capsys, toy_data):
     assert not os.path.exists(tmp_path / "o")
 
 
+def test_split_val_scores_the_val_split(tmp_path, toy_data):
+    """--split val: settings are chosen on val; the default scores test."""
+    flags = write(tmp_path / "v.json", {"base": []})
+    common = ["--flags", flags, "--minutes", "1", "--train_args", f"--data_dir {toy_data}"]
+    assert ablate.configure(ablate.parse_args(common)).test_file == os.path.join(toy_data, "test.jsonl")
+    cfg = ablate.configure(ablate.parse_args(common + ["--split", "val"]))
+    assert cfg.test_file == os.path.join(toy_data, "val.jsonl") and "val.jsonl" in cfg.eval_settings["test_desc"]
+
+
 # -----------------------------------------------------------------------------
 # the budget and the logs
 

@@ -254,6 +254,28 @@ def test_the_draft_is_built_from_the_tags_and_the_intent(router):
         [{"name": "track_order", "arguments": {"order_id": "12345"}}])
 
 
+def test_a_drafted_list_goes_on_only_where_a_comma_or_conjunction_joins_its_items(router):
+    """Heads.draft: runs of a list's key joined by "and" (or a comma) alone are one
+    list; a run after other words opens the next call."""
+    request = "add milk and eggs to my list, then bread please"
+    g = router.grammar(router.catalogue)
+    req = router.encode_request(request)
+    tags = router.meta["tags"]
+    tag_logits = torch.full((len(req), len(tags)), -9.0)
+    tag_logits[:, tags.index("O")] = 0.0
+    _, words, text = datadir.request_words(router.sp, request, router.heads.nbytes)
+    for word in (b"milk", b"eggs", b"bread"):
+        tag_logits[next(tok for tok, a, z in words if text[a:z] == word), tags.index("B-items")] = 9.0
+    intent = torch.full((len(router.meta["intents"]),), -9.0)
+    intent[router.meta["intents"].index("add_to_shopping_list")] = 9.0
+    ans = _Answer(router, g, request, req)
+    draft, whole, _, held = router.heads.draft((tag_logits, intent, None), ans, router.catalogue)
+    assert whole and router.sp.decode(draft) == wire.render_answer(
+        [{"name": "add_to_shopping_list", "arguments": {"items": ["milk", "eggs"]}},
+         {"name": "add_to_shopping_list", "arguments": {"items": ["bread"]}}])
+    assert [text[a + 1:z + 1] for a, z in held["items"]] == [b"milk", b"eggs", b"bread"]
+
+
 def test_the_heads_answer_when_their_tool_takes_strings_only(router, monkeypatch):
     """answer_from_heads: the draft is the answer (one pass), if its tool takes plain
     strings only and the grammar takes it; otherwise the decoder answers."""

@@ -433,9 +433,9 @@ def accepts_span(node, request, text):
     ({"type": "string"}, "free time on September 25. Then look in St. Louis; call Mr. O'Connor! ok?",
      ["September 25", "Then look in St. Louis", "call Mr. O'Connor", "ok"],
      ["September 25. Then", "St. Louis; call", "O'Connor! ok", "25. Then look"]),
-    # numbers the request states in words are stated numbers too
+    # numbers the request states in words are stated numbers too, each compound whole
     ({"type": "integer"}, "turn it down to ninety-five percent, timer for one hundred and five",
-     ["95", "90", "105", "100"], ["9", "5", "59", "96"]),
+     ["95", "105"], ["9", "5", "59", "96", "90", "100", "1"]),
     ({"type": "number"}, "a=1, b=-3, c=2.5", ["1", "-3", "2.5", "3"], ["2", "-1", "25"]),
 ])
 def test_span_values_are_runs_of_whole_request_words(prop, request_text, good, bad):
@@ -499,10 +499,94 @@ def test_word_cores_are_the_words_a_value_is_made_of():
 
 
 def test_word_numbers():
-    assert grammar.word_numbers("Turn the sound down to ninety-five percent.") == {90, 95}
-    assert grammar.word_numbers("one hundred and five minutes") == {1, 100, 105}
+    """Each number a text writes in words, its compound whole: "fifty-one" is 51,
+    never 50 (a value the decoder once wrote for "volume fifty-one")."""
+    assert grammar.word_numbers("Turn the sound down to ninety-five percent.") == {95}
+    assert grammar.word_numbers("Make it volume fifty-one") == {51}
+    assert grammar.word_numbers("one hundred and five minutes") == {105}
+    assert grammar.word_numbers("one hundred and then some") == {100}
     assert grammar.word_numbers("six twenty, eighteen") == {6, 20, 18}
+    assert grammar.word_numbers("twenty, six") == {20, 6}
     assert grammar.word_numbers("someone is gone") == set()
+
+
+def _takes(node, spans, text):
+    s = grammar.value_start(node, spans)
+    for b in (" " + text).encode():
+        s = grammar.value_step(s, b)
+        if s is None:
+            return False
+    return grammar.value_done(s)
+
+
+def test_held_numbers_keep_the_numbers_their_runs_state_in_words():
+    """A number argument held to its tagged runs may be a number those runs
+    write in words, and only that: "sixty-four minute" held -> 64, not the 103
+    another clause writes in digits."""
+    request = "fit a sixty-four minute call the 3rd. Also an opening of 103 minutes"
+    spans = grammar.Spans(request)
+    at = lambda w: (request.index(w), request.index(w) + len(w))
+    spans.hold({"duration": [at("sixty-four")]})
+    node = grammar.spanned(grammar.value_node({"type": "integer"}))
+    assert _takes(node, spans.for_key("duration"), "64")
+    assert not _takes(node, spans.for_key("duration"), "103")
+    assert not _takes(node, spans.for_key("duration"), "60")
+    assert _takes(node, spans, "103") and not _takes(node, spans, "60")
+
+
+def test_a_list_says_its_items_in_request_order_each_once():
+    """A list of request words holds its items in the order the request says
+    them, each begun after the last one ended: never "dog leash" three times for
+    "electric toothbrush, aluminum foil and dog leash"; each item still a span."""
+    request = "put electric toothbrush, aluminum foil and dog leash on my list"
+    spans = grammar.Spans(request)
+    node = grammar.spanned(grammar.value_node({"type": "array", "items": {"type": "string"}}))
+    assert _takes(node, spans, '["electric toothbrush","aluminum foil","dog leash"]')
+    assert _takes(node, spans, '["dog leash"]') and _takes(node, spans, '[]')
+    for bad in ('["dog leash","dog leash"]', '["dog leash","aluminum foil"]', '["foil","aluminum foil"]',
+                '["dog lea"]', '["dog leash",]'):
+        assert not _takes(node, spans, bad), bad
+    # after the last word of the request nothing is left: a comma is refused at once
+    state = grammar.value_start(node, spans)
+    for b in ' ["my list"'.encode():
+        state = grammar.value_step(state, b)
+    assert grammar.value_step(state, ord(",")) is None and grammar.value_step(state, ord("]")) is not None
+
+
+def test_held_in_order_values_take_the_tagged_runs_one_after_another():
+    """Held in order (Router.runs_in_order), a key's values are its tagged runs
+    in request order, each taken once: the first call's duration is the first
+    run; a list is the next runs in a row and does not end where its next run
+    is joined on by "and" or a comma alone; a run that follows after other
+    words opens the next list."""
+    request = "fit a sixty-four minute call, then 103 minutes. Add eggs, milk and jam; then tea to the list"
+    spans = grammar.Spans(request)
+    at = lambda w: (request.index(w), request.index(w) + len(w))
+    spans.hold({"duration": [at("103"), at("sixty-four")],
+                "items": [at("eggs"), at("milk"), at("jam"), at("tea")]}, in_order=True)
+    num = grammar.spanned(grammar.value_node({"type": "integer"}))
+    lst = grammar.spanned(grammar.value_node({"type": "array", "items": {"type": "string"}}))
+    assert _takes(num, spans.for_key("duration"), "64") and not _takes(num, spans.for_key("duration"), "103")
+    after = spans.took("duration", b" 64")
+    assert _takes(num, after.for_key("duration"), "103") and not _takes(num, after.for_key("duration"), "64")
+    assert not after.took("duration", b" 103").runs.get("duration")     # all taken: the key is free again
+    held = spans.for_key("items", listed=True)
+    assert _takes(lst, held, '["eggs","milk","jam"]')
+    for bad in ('["eggs","milk"]', '["eggs"]', '["milk","jam"]', '["eggs","jam"]', '["eggs","milk","jam","tea"]'):
+        assert not _takes(lst, held, bad), bad
+    rest = spans.took("items", b' ["eggs","milk","jam"]')
+    assert _takes(lst, rest.for_key("items", listed=True), '["tea"]')
+    # not in order (runs_in_order off): any run not taken yet, each once
+    free = grammar.Spans(request)
+    free.hold({"duration": [at("sixty-four"), at("103")]})
+    assert _takes(num, free.for_key("duration"), "103")
+    assert _takes(num, free.took("duration", b" 103").for_key("duration"), "64")
+    assert not _takes(num, free.took("duration", b" 103").for_key("duration"), "103")
+
+
+def test_joined():
+    assert grammar.joined(b", ") and grammar.joined(b" and ") and grammar.joined(b", and ") and grammar.joined(b" ")
+    assert not grammar.joined(b" on my list, then add ") and not grammar.joined(b"; ") and not grammar.joined(b". ")
 
 
 def test_held_spans_take_only_the_tagged_runs():

@@ -36,7 +36,8 @@ before each probe is printed and stored in plan.json.
 Runs go one at a time (training takes the whole CPU), each in
 <out_dir>/<variant>-s<seed>/ (train.py's log.txt, best.pt, last.pt; train.out with
 its output; plan.json, trained.json, result.json; eval_*.json from eval.py). Then
-best.pt is scored by eval.py on the data dir's test split (seen / unseen tools) and,
+best.pt is scored by eval.py on the data dir's test split (seen / unseen tools; --split val
+scores the val split instead, to choose settings) and,
 if given, API-Bank level-1 and When2Call; --eval_limit N scores the first N items of
 each test split and of each external set. --curve K also keeps the model at K
 evaluations spread over the run (ckpt_<step>.pt, without optimizer state) and scores
@@ -91,6 +92,7 @@ HARNESS_FLAGS = {"out_dir": "each run gets a folder under ablate.py's --out_dir"
                  "stop_at": "not in an ablation", "seed": "use --seeds"}
 # what a row of the table shows: (key, header, kind)
 COLUMNS = [("steps", "steps", "steps"), ("minutes", "min", "min"), ("val_loss", "val loss", "loss"),
+           ("exact", "exact", "rate"), ("multi_exact", "multi-call exact", "rate"),
            ("seen_exact", "seen exact", "rate"), ("unseen_exact", "unseen exact", "rate"),
            ("false_call", "false call", "rate"), ("valid", "valid", "rate"),
            ("apibank_exact", "API-Bank exact", "rate"), ("when2call_acc", "When2Call decision", "rate")]
@@ -547,6 +549,7 @@ def eval_stage(cfg, run, plan, trained, log):
     row = {"variant": run.variant, "seed": run.seed, "dir": run.dir, "flags": run.flags,
            "steps": trained["steps"], "max_steps": trained["max_steps"], "minutes": trained["seconds"] / 60,
            "val_loss": trained["val_loss"], "best_val": trained["best_val"], "best_step": trained["best_step"],
+           "exact": own["all"].get("exact"), "multi_exact": own.get("multi-call", {}).get("exact"),
            "seen_exact": own.get("seen", {}).get("exact"), "unseen_exact": own.get("unseen", {}).get("exact"),
            "false_call": own["all"].get("false_call"), "valid": own["all"].get("valid"),
            "tool_acc": own["all"].get("tool_acc"), "arg_acc": own["all"].get("arg_acc"),
@@ -749,6 +752,8 @@ def parse_args(argv=None):
     p.add_argument("--apibank", default=None, metavar="JSON", help="also score API-Bank level-1 (level-1-api.json)")
     p.add_argument("--when2call", default=None, metavar="JSONL",
                    help="also score When2Call (when2call_test_llm_judge.jsonl)")
+    p.add_argument("--split", choices=["test", "val"], default="test",
+                   help="the data dir's split to score: val to choose settings, test to report once")
     p.add_argument("--eval_limit", type=int, default=0,
                    help="score the first N items of each test split and external set (0: all)")
     p.add_argument("--eval_args", default="",
@@ -778,7 +783,7 @@ def configure(args):
     if not os.path.isdir(data_dir):
         raise AblateError(f"{data_dir}: no such data dir (make one: python data.py --out_dir {data_dir}; "
                           "or set --data_dir in --train_args)")
-    for need in ("meta.json", "test.jsonl"):
+    for need in ("meta.json", f"{args.split}.jsonl"):
         if not os.path.isfile(os.path.join(data_dir, need)):
             raise AblateError(f"{data_dir}: no {need} here; not a data dir made by data.py")
     for flag in ("apibank", "when2call"):
@@ -786,7 +791,7 @@ def configure(args):
             raise AblateError(f"--{flag} {getattr(args, flag)}: no such file")
     cfg.name = args.name or os.path.splitext(os.path.basename(args.flags))[0]
     cfg.out_dir = args.out_dir or os.path.join("out", "ablate", cfg.name)
-    cfg.test_file = os.path.join(data_dir, "test.jsonl")
+    cfg.test_file = os.path.join(data_dir, f"{args.split}.jsonl")
     n = args.eval_limit
     cfg.eval_settings = {"test_file": cfg.test_file, "eval_limit": n, "apibank": args.apibank,
                          "when2call": args.when2call, "eval_args": cfg.eval_args,
@@ -829,8 +834,9 @@ def main(argv=None):
 def run_all(cfg):
     """Every run in turn, the report rewritten after each -> how many failed."""
     if cfg.eval_limit:   # the first N of each split, as its own file (eval.py --limit would take only seen)
-        cfg.test_file = os.path.join(cfg.out_dir, f"test_first{cfg.eval_limit}.jsonl")
-        per = test_subset(os.path.join(cfg.base.data_dir, "test.jsonl"), cfg.eval_limit, cfg.test_file)
+        whole = cfg.test_file
+        cfg.test_file = os.path.join(cfg.out_dir, f"{os.path.basename(whole)[:-6]}_first{cfg.eval_limit}.jsonl")
+        per = test_subset(whole, cfg.eval_limit, cfg.test_file)
         print(f"test split: {', '.join(f'{n} {s}' for s, n in per.items())} items in {cfg.test_file}")
     try:   # (other settings in this out dir are refused before anything runs)
         done = sum(finished(cfg, run) is not None for run in cfg.runs)
