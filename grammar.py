@@ -191,7 +191,8 @@ class Spans:
         # where a value may not run on: the clause breaks
         self.breaks = frozenset(len(text[:m.start()].encode("utf-8")) for m in CLAUSE_BREAK.finditer(text)
                                 if not _abbreviation_at(text, m.start()))
-        self.first = frozenset(self.text[a] for a in starts)    # bytes a value may open with
+        self.live = self._live()
+        self.first = frozenset(self.text[a] for a in starts if a + 1 in self.live)   # bytes a value may open with
         # numbers as written ("107", "3.5", and "-3" where the minus is no hyphen)
         nums = set()
         for m in re.finditer(r"\d+(?:\.\d+)?", text):
@@ -218,7 +219,8 @@ class Spans:
         held.starts = frozenset(a for a, _ in runs)
         held.ends = frozenset(z for _, z in runs)
         held.breaks = self.breaks | frozenset(p for p in range(len(self.text)) if p not in inside)
-        held.first = frozenset(self.text[a] for a in held.starts)
+        held.live = held._live()
+        held.first = frozenset(self.text[a] for a in held.starts if a + 1 in held.live)
         held.numbers = frozenset(m.group() for a, z in runs
                                  for m in re.finditer(rb"-?\d+(?:\.\d+)?", self.text[a:z])) & self.numbers
         held.stated = held.numbers | frozenset(str(n).encode() for a, z in runs
@@ -275,16 +277,28 @@ class Spans:
             out.runs[key] = tuple(left)
         return out
 
+    def _live(self):
+        """The offsets a value can still end from (at a word end, crossing no
+        break): a value never writes itself into a dead end, such as "23?" at the
+        end of the request, which can neither end nor go on."""
+        live, n = set(), len(self.text)
+        for q in range(n, -1, -1):
+            if q in self.ends or (q < n and q not in self.breaks and q + 1 in live):
+                live.add(q)
+        return frozenset(live)
+
     def go_on(self, offs, b):
-        """Offsets reached after byte b from offsets offs (None: the value's first byte)."""
+        """Offsets reached after byte b from offsets offs (None: the value's first
+        byte), those a value can still end from."""
         if offs is None:
-            return frozenset(a + 1 for a in self.starts if self.text[a] == b)
-        return frozenset(p + 1 for p in offs if p < len(self.text) and self.text[p] == b and p not in self.breaks)
+            return frozenset(a + 1 for a in self.starts if self.text[a] == b and a + 1 in self.live)
+        return frozenset(p + 1 for p in offs if p < len(self.text) and self.text[p] == b and p not in self.breaks
+                         and p + 1 in self.live)
 
     def next_bytes(self, offs):
         if offs is None:
             return self.first
-        return {self.text[p] for p in offs if p < len(self.text) and p not in self.breaks}
+        return {self.text[p] for p in offs if p < len(self.text) and p not in self.breaks and p + 1 in self.live}
 
     def may_end(self, offs):
         return offs is not None and not offs.isdisjoint(self.ends)
@@ -577,7 +591,7 @@ def _advance_slist(frame, b):
         ends = [p for p in offs if p in spans.ends] if offs else []
         return [(("slist", spans, 3, min(ends), None),)] if ends else []
     if offs is None:
-        offs = frozenset(a + 1 for a in _item_starts(spans, after) if spans.text[a] == b)
+        offs = frozenset(a + 1 for a in _item_starts(spans, after) if spans.text[a] == b and a + 1 in spans.live)
     else:
         offs = spans.go_on(offs, b) if b != 92 else None
     return [(("slist", spans, 2, after, offs),)] if offs else []
@@ -836,7 +850,7 @@ class Grammar:
             elif top[0] == "slist" and top[2] == 2:
                 spans, _, after, offs = top[1:]
                 if offs is None:
-                    out |= {spans.text[a] for a in _item_starts(spans, after)}
+                    out |= {spans.text[a] for a in _item_starts(spans, after) if a + 1 in spans.live}
                 else:
                     out |= (spans.next_bytes(offs) - {34, 92}) | ({34} if spans.may_end(offs) else set())
             else:

@@ -534,6 +534,20 @@ def test_held_numbers_keep_the_numbers_their_runs_state_in_words():
     assert _takes(node, spans, "103") and not _takes(node, spans, "60")
 
 
+def test_a_span_value_never_writes_itself_into_a_dead_end():
+    """After "23" of "... November 23?" the '?' is refused: from it a value could
+    neither end (no word end) nor go on (the request ends), and the decoder,
+    stuck, would have cut the whole call (seen on the demo)."""
+    spans = grammar.Spans("what's my schedule for November 23?")
+    node = grammar.spanned(grammar.value_node({"type": "string"}))
+    assert _takes(node, spans, "November 23") and _takes(node, spans, "23")
+    state = grammar.value_start(node, spans)
+    for b in " 23".encode():
+        state = grammar.value_step(state, b)
+    assert grammar.value_step(state, ord("?")) is None
+    assert ord("?") not in spans.next_bytes(spans.go_on(spans.go_on(None, ord("2")), ord("3")))
+
+
 def test_a_list_says_its_items_in_request_order_each_once():
     """A list of request words holds its items in the order the request says
     them, each begun after the last one ended: never "dog leash" three times for

@@ -90,9 +90,11 @@ HARNESS_FLAGS = {"out_dir": "each run gets a folder under ablate.py's --out_dir"
                  "max_steps": "the budget is ablate.py's --steps or --minutes",
                  "max_minutes": "the budget is ablate.py's --minutes", "resume": "resuming is automatic",
                  "stop_at": "not in an ablation", "seed": "use --seeds"}
-# what a row of the table shows: (key, header, kind)
+# what a row of the table shows: (key, header, kind); a column no run has is left out
+# (seen / unseen tools for a compiled catalogue, the intent/slot scores for others)
 COLUMNS = [("steps", "steps", "steps"), ("minutes", "min", "min"), ("val_loss", "val loss", "loss"),
            ("exact", "exact", "rate"), ("multi_exact", "multi-call exact", "rate"),
+           ("sentence_acc", "sentence acc", "rate"), ("intent_acc", "intent acc", "rate"), ("slot_f1", "slot F1", "rate"),
            ("seen_exact", "seen exact", "rate"), ("unseen_exact", "unseen exact", "rate"),
            ("false_call", "false call", "rate"), ("valid", "valid", "rate"),
            ("apibank_exact", "API-Bank exact", "rate"), ("when2call_acc", "When2Call decision", "rate")]
@@ -542,14 +544,18 @@ def eval_stage(cfg, run, plan, trained, log):
         + "".join(f", best.pt on {k}" for k in ("apibank", "when2call") if getattr(cfg, k)))
     curve = []
     for step, (ckpt, seconds) in sorted(points.items()):
-        g = evaluate(cfg, run, ckpt, f"step{step}", "test", cfg.test_file, cfg.eval_limit)["groups"]
+        res = evaluate(cfg, run, ckpt, f"step{step}", "test", cfg.test_file, cfg.eval_limit)
+        g = res["groups"]
         curve.append({"step": step, "minutes": seconds / 60, "exact": g["all"].get("exact"),
+                      "sentence_acc": res.get("sentence_acc"),
                       "seen_exact": g.get("seen", {}).get("exact"), "unseen_exact": g.get("unseen", {}).get("exact")})
-    own = evaluate(cfg, run, best, f"step{trained['best_step']}", "test", cfg.test_file, cfg.eval_limit)["groups"]
+    res = evaluate(cfg, run, best, f"step{trained['best_step']}", "test", cfg.test_file, cfg.eval_limit)
+    own = res["groups"]
     row = {"variant": run.variant, "seed": run.seed, "dir": run.dir, "flags": run.flags,
            "steps": trained["steps"], "max_steps": trained["max_steps"], "minutes": trained["seconds"] / 60,
            "val_loss": trained["val_loss"], "best_val": trained["best_val"], "best_step": trained["best_step"],
            "exact": own["all"].get("exact"), "multi_exact": own.get("multi-call", {}).get("exact"),
+           **{k: res.get(k) for k in ("sentence_acc", "intent_acc", "slot_f1")},
            "seen_exact": own.get("seen", {}).get("exact"), "unseen_exact": own.get("unseen", {}).get("exact"),
            "false_call": own["all"].get("false_call"), "valid": own["all"].get("valid"),
            "tool_acc": own["all"].get("tool_acc"), "arg_acc": own["all"].get("arg_acc"),
@@ -636,6 +642,7 @@ def budget_text(budget, probe_steps):
 def table_md(report):
     """The ablation.md text: settings, one row per run, a mean row per variant."""
     rows = [r for r in report["runs"] if "failed" not in r]
+    columns = [c for c in COLUMNS if c[0] in ("steps", "minutes") or any(r.get(c[0]) is not None for r in rows)]
     lines = [f"# Ablation: {report['name']}", "",
              budget_text(report["budget"], report["probe_steps"]),
              f"Data: `{report['data_dir']}`; shared train.py flags: `{shlex.join(report['train_args']) or '(none)'}`.",
@@ -643,21 +650,21 @@ def table_md(report):
              + "".join(f", {name} ({report['eval']['limit_desc']})" for key, name in
                        (("apibank", "API-Bank level-1 exact"), ("when2call", "When2Call decision accuracy"))
                        if report["eval"][key]) + ".", "",
-             "| variant | seed | " + " | ".join(h for _, h, _ in COLUMNS) + " |",
-             "|---|---|" + "---|" * len(COLUMNS)]
+             "| variant | seed | " + " | ".join(h for _, h, _ in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
     for variant, runs in by_variant(rows).items():
         for r in runs:
-            cells = [fmt(r[k], kind) for k, _, kind in COLUMNS]
+            cells = [fmt(r.get(k), kind) for k, _, kind in columns]
             if "minutes" in report["budget"]:
                 cells[0] = f"{r['steps']:,} / {r['max_steps']:,}"
             lines.append(f"| {variant} | {r['seed']} | " + " | ".join(cells) + " |")
         if len(runs) > 1:
             lines.append(f"| **{variant}** | mean of {len(runs)} | "
-                         + " | ".join(mean_sd([r[k] for r in runs], kind) for k, _, kind in COLUMNS) + " |")
+                         + " | ".join(mean_sd([r.get(k) for r in runs], kind) for k, _, kind in columns) + " |")
     for r in report["runs"]:
         if "failed" in r:
             lines.append(f"| {r['variant']} | {r['seed']} | failed: {r['failed'].replace('|', '/')} |"
-                         + " |" * (len(COLUMNS) - 1))
+                         + " |" * (len(columns) - 1))
     lines += ["", "Variants (train.py flags on top of the shared ones):", ""]
     lines += [f"- `{name}`: `{shlex.join(flags) or '(none: the default)'}`"
               for name, flags in report["variants"].items()]
@@ -677,19 +684,23 @@ def mean_curve(runs, key):
 
 def plot(report, path):
     """ablation.png: val loss, seen exact and unseen exact against training
-    minutes, one colour per variant."""
+    minutes, one colour per variant (a compiled catalogue, which has no unseen
+    tools: exact match and, on an intent/slot set, sentence accuracy)."""
     import matplotlib
     matplotlib.use("Agg")   # files only: works on a server without a display
     import matplotlib.pyplot as plt
     rows = [r for r in report["runs"] if "failed" not in r]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    panels = [("seen_exact", "exact match, seen tools"), ("unseen_exact", "exact match, unseen tools")]
+    if not any(p.get("seen_exact") is not None for r in rows for p in r["curve"]):
+        panels = [("exact", "exact match"), ("sentence_acc", "sentence accuracy (intent and every slot)")]
     for i, (variant, runs) in enumerate(by_variant(rows).items()):
         color = f"C{i % 10}"
         for j, r in enumerate(runs):   # val loss: every seed, it has many points
             if r["val_curve"]:
                 mins, losses, _ = zip(*r["val_curve"])
                 axes[0].plot(mins, losses, color=color, lw=1.2, alpha=0.8, label=variant if j == 0 else None)
-        for ax, key in ((axes[1], "seen_exact"), (axes[2], "unseen_exact")):
+        for ax, (key, _) in zip(axes[1:], panels):
             pts = mean_curve(runs, key)
             if pts:
                 ax.plot(*zip(*[(m, 100 * v) for m, v in pts]), color=color, marker="o", ms=4, lw=1.5,
@@ -698,8 +709,7 @@ def plot(report, path):
         top = max([y for line in ax.get_lines() for y in line.get_ydata()], default=0)
         ax.set_ylim(0, max(1.0, 1.1 * top))
     for ax, title, ylabel in ((axes[0], "val loss", "val loss (answer tokens)"),
-                              (axes[1], "exact match, seen tools", "exact match %"),
-                              (axes[2], "exact match, unseen tools", "exact match %")):
+                              (axes[1], panels[0][1], "%"), (axes[2], panels[1][1], "%")):
         ax.set_title(title)
         ax.set_xlim(left=0)
         ax.set_xlabel("training minutes")
@@ -721,7 +731,7 @@ def write_report(cfg, rows):
               "data_dir": cfg.base.data_dir, "train_args": cfg.common, "seeds": cfg.seeds,
               "variants": cfg.variants, "eval": cfg.eval_settings, "runs": rows,
               "means": {v: {k: statistics.mean(vals) for k, _, _ in COLUMNS
-                            if (vals := [r[k] for r in runs if r[k] is not None])}
+                            if (vals := [r.get(k) for r in runs if r.get(k) is not None])}
                         for v, runs in by_variant([r for r in rows if "failed" not in r]).items()}}
     write_json(os.path.join(cfg.out_dir, "ablation.json"), report)
     md = table_md(report)
