@@ -589,7 +589,8 @@ def main(argv=None):
                       "error": pred["error"], "exact": out["exact"], "split": ex.get("split"),
                       "kind": ex.get("kind"), "decision": decision_of(pred),
                       "too_long": pred["too_long"], "confidence": pred["confidence"],
-                      "truncated": pred["truncated"], "n_tools": len(ex["tools"]), "domain": ex.get("domain"),
+                      "truncated": pred["truncated"], "dead_end": pred.get("dead_end", False),
+                      "n_tools": len(ex["tools"]), "domain": ex.get("domain"),
                       "retrieved": pred.get("retrieved"),
                       "error_class": classify_error(pred, ex["calls"], ex.get("reason"), ex["tools"])})
 
@@ -643,13 +644,17 @@ def main(argv=None):
         n_cut = sum(p["truncated"] for p in preds)
         if n_cut:
             print(f"  {n_cut} answers ran out of tokens and were cut back to their last complete point")
+        n_dead = sum(p["dead_end"] for p in preds)
+        if n_dead:
+            print(f"  {n_dead} of them at a dead end of the grammar (no token allowed): a bug in grammar.py")
 
     out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".",
                                    f"eval_{os.path.splitext(os.path.basename(test_file))[0]}.json")
     result = {"ckpt": args.ckpt, "test_file": test_file, "n_items": len(items), "groups": groups,
               "decisions": decisions, "skipped": dict(skipped), "constrained": not args.no_constrain,
               "quantize": args.quantize, "calibration": calib, "abstention": abstain,
-              "truncated": sum(p["truncated"] for p in preds), "breakdowns": bd, "errors": errors,
+              "truncated": sum(p["truncated"] for p in preds), "dead_ends": sum(p["dead_end"] for p in preds),
+              "breakdowns": bd, "errors": errors,
               "apibank_request": args.apibank_request if args.apibank else None,
               "retrieve_k": router.retrieve_k if router.catalogue is None else None, "retrieval": retrieval}
     if intent_slot:

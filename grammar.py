@@ -207,6 +207,7 @@ class Spans:
         self.in_order = False  # values take their runs in request order (hold)
         self.in_row, self.glued = False, frozenset()   # (spans held in order: see within)
         self._held = {}        # (argument, runs, list?) -> the spans held to them (for_key)
+        self.blocked = {}      # grammar -> what no value can be written for here (Grammar.blocked)
 
     def within(self, runs, in_order=False):
         """These spans held to some runs of the request ((start, end) byte offsets,
@@ -225,7 +226,7 @@ class Spans:
                                  for m in re.finditer(rb"-?\d+(?:\.\d+)?", self.text[a:z])) & self.numbers
         held.stated = held.numbers | frozenset(str(n).encode() for a, z in runs
                                                for n in word_numbers(self.text[a:z].decode("utf-8")))
-        held.runs, held.in_order, held._held, held.in_row = {}, False, {}, in_order
+        held.runs, held.in_order, held._held, held.in_row, held.blocked = {}, False, {}, in_order, {}
         # the runs a list goes on from: the next run follows, joined by a comma or a
         # conjunction alone ("rain jacket and bath mat")
         held.glued = frozenset(z for (_, z), (a, _) in zip(runs, runs[1:]) if in_order and joined(self.text[z:a]))
@@ -248,8 +249,22 @@ class Spans:
         {key: [(start, end), ...]} byte offsets (a key with no run stays free).
         Each run is taken once (took); in_order: in request order, as the data
         writes them ("sixty-four ... 103 minutes": the first call's duration is 64)."""
-        self.runs = {k: tuple(sorted(runs)) for k, runs in runs_by_key.items() if runs}
+        self.runs = {k: tuple(sorted(p for r in runs for p in self._clauses(*r))) for k, runs in runs_by_key.items()}
+        self.runs = {k: runs for k, runs in self.runs.items() if runs}
         self.in_order = in_order
+
+    def _clauses(self, a, z):
+        """A run cut at the clause breaks inside it, each piece from a word's start
+        to a word's end ("go for a run; AQI Bilbao" -> "go for a run", "AQI Bilbao"):
+        a value may not cross a break, so a run across one could not be written."""
+        cuts = sorted(p for p in self.breaks if a < p < z)
+        out = []
+        for lo, hi in zip([a] + cuts, cuts + [z]):
+            starts = [q for q in self.starts if lo <= q < hi]
+            ends = [q for q in self.ends if lo < q <= hi]
+            if starts and ends and min(starts) < max(ends):
+                out.append((min(starts), max(ends)))
+        return out
 
     def took(self, key, value):
         """These spans after a value of key was written (its bytes as the answer
@@ -272,6 +287,7 @@ class Spans:
             if i is not None:
                 left = left[i + 1:] if self.in_order else left[:i] + left[i + 1:]
         out = copy.copy(self)
+        out.blocked = {}
         out.runs = {k: v for k, v in self.runs.items() if k != key}
         if left:
             out.runs[key] = tuple(left)
@@ -532,7 +548,7 @@ def _advance(frame, b, depth):
     if kind in ("snum", "wnum"):
         _, int_only, spans, phase, text = frame
         nxt, text = _num(int_only, phase, b), text + bytes([b])
-        if nxt is None or (kind == "snum" and not any(n.startswith(text) for n in spans.stated)):
+        if nxt is None or (kind == "snum" and not any(n.startswith(text) for n in _numbers(spans, int_only))):
             return []
         return [((kind, int_only, spans, nxt, text),)]
     if kind == "str":
@@ -595,6 +611,26 @@ def _advance_slist(frame, b):
     else:
         offs = spans.go_on(offs, b) if b != 92 else None
     return [(("slist", spans, 2, after, offs),)] if offs else []
+
+
+JSON_NUMBER = re.compile(rb"-?(?:0|[1-9]\d*)(?:\.\d+)?")
+
+
+def _numbers(spans, int_only):
+    """The stated numbers a number value may be: those JSON can write ("06" of
+    "06:04" it cannot), integers only for an integer."""
+    return [n for n in spans.stated if JSON_NUMBER.fullmatch(n) and not (int_only and b"." in n)]
+
+
+def _fillable(inner, spans):
+    """Can a span value of this inner node be written from these spans at all? A
+    string needs a word to begin at, a number a number the request states (an
+    integer: one without a fraction); a list may be empty."""
+    if inner[0] == "num":
+        return bool(_numbers(spans, inner[1]))
+    if inner[0] == "arr":
+        return True
+    return bool(spans.first)
 
 
 def _item_starts(spans, after):
@@ -789,15 +825,40 @@ class Grammar:
                 self._cand_memo.clear()
             self._cand_memo[memo_key] = cands
         if s.phase == "key":
-            keys = self.tools[s.tool]["keys"]
-            return [c for c in cands if keys[c][0] not in s.used]
+            keys, dead = self.tools[s.tool]["keys"], self.blocked(s.spans)[1].get(s.tool, ())
+            return [c for c in cands if keys[c][0] not in s.used and keys[c][0] not in dead]
+        if s.phase == "name":
+            return [c for c in cands if c not in self.blocked(s.spans)[0]]
         return cands
+
+    def blocked(self, spans):
+        """What no value can be written for in this request -> (names of the tools
+        one of whose required arguments is such, {tool name: such arguments}): a
+        span key with nothing to copy, e.g. snooze_alarm's minutes when the request
+        states no number. Offering them would lead the decoder into a dead end."""
+        if spans is None:
+            return frozenset(), {}
+        if id(self) not in spans.blocked:
+            dead = {}
+            for name, t in self.tools.items():
+                keys = frozenset(k for k, node in t["keys"].values() if node[0] == "span" and
+                                 not _fillable(node[1], spans.for_key(k, node[1][0] == "arr")))
+                if keys:
+                    dead[name] = keys
+            spans.blocked[id(self)] = (frozenset(n for n, keys in dead.items() if keys & self.tools[n]["required"]),
+                                       dead)
+        return spans.blocked[id(self)]
+
+    def open_tools(self, s):
+        """Is there a tool a call could name here (one whose required arguments
+        can all be written)?"""
+        return len(self.blocked(s.spans)[0]) < len(self.tools)
 
     def _special(self, s, sym):
         if s.phase == "start":
-            if sym == wire.CALL and self.choice != "none" and self.tools:
+            if sym == wire.CALL and self.choice != "none" and self.open_tools(s):
                 return State("name", calls=1, spans=s.spans)
-            if sym == wire.NOCALL and (self.choice in ("auto", "none") or not self.tools):
+            if sym == wire.NOCALL and (self.choice in ("auto", "none") or not self.open_tools(s)):
                 return State("reason", spans=s.spans)     # (a forced call no tool can make declines instead)
             return None
         if s.phase == "reason":
@@ -812,13 +873,14 @@ class Grammar:
             s = s._replace(spans=s.spans.took(s.key, s.vtext))
         tool = self.tools[s.tool]
         if sym == wire.ARG:
-            left = [k for k, _ in tool["keys"].values() if k not in s.used]
+            dead = self.blocked(s.spans)[1].get(s.tool, ())
+            left = [k for k, _ in tool["keys"].values() if k not in s.used and k not in dead]
             return State("key", tool=s.tool, used=s.used, calls=s.calls, spans=s.spans) if left else None
         if not tool["required"] <= s.used:
             return None
         if sym == wire.END:
             return State("done", calls=s.calls, spans=s.spans)
-        if sym == wire.CALL and s.calls < MAX_CALLS:
+        if sym == wire.CALL and s.calls < MAX_CALLS and self.open_tools(s):
             return State("name", calls=s.calls + 1, spans=s.spans)
         return None
 
@@ -830,6 +892,8 @@ class Grammar:
             return s.value
         if s.phase == "key":
             return ("key", s.tool, s.used, s.text)
+        if s.phase == "name":
+            return ("name", s.text, self.blocked(s.spans)[0])
         return (s.phase, s.text)
 
     def next_bytes(self, s):
@@ -993,7 +1057,8 @@ class Vocab:
             fits = (torch.tensor(ids, dtype=torch.long), sets)
             grammar.memo[memo_key] = fits
         ids, sets = fits
-        keep = [i for i, names in enumerate(sets) if not names <= s.used]
+        gone = s.used | grammar.blocked(s.spans)[1].get(s.tool, frozenset())    # used, or nothing to write
+        keep = [i for i, names in enumerate(sets) if not names <= gone]
         return ids[keep] if len(keep) < len(sets) else ids
 
     def _walk(self, grammar, s):

@@ -199,7 +199,8 @@ class Router:
 
     def answer(self, tools, request, max_new_tokens=128, constrain=True, tool_choice="auto", top_logprobs=None):
         """-> dict: calls, reason, valid, error, text, tokens, latency_ms,
-        confidence (None unconstrained), truncated, retrieved (the names of the
+        confidence (None unconstrained), truncated, dead_end (the grammar left the
+        decoder no token: a bug, answered validly all the same), retrieved (the names of the
         tools the model saw when retrieval cut the catalogue, else None).
         tool_choice needs constrain.
         top_logprobs=k (constrained only): also "logprobs", per answer token
@@ -220,7 +221,7 @@ class Router:
             ids = self.generate(self.encode_prompt(tools, request), max_new_tokens)
         text = self.sp.decode(ids)
         result = {"text": text, "tokens": len(ids), "confidence": info["confidence"],
-                  "truncated": info["truncated"], "calls": [], "reason": None, "valid": False, "error": None,
+                  "truncated": info["truncated"], "dead_end": info.get("dead_end", False), "calls": [], "reason": None, "valid": False, "error": None,
                   "retrieved": [t["name"] for t in tools] if given is not None and len(tools) < len(given) else None}
         if top_logprobs is not None:
             result["logprobs"] = run.logprobs(ids, top_logprobs)
@@ -287,6 +288,9 @@ def step(ans, logits, choose=greedy):
     -> (tokens, the choice's probability under the constrained distribution, or
     1.0 when nothing was chosen), or None at a dead end (nothing allowed)."""
     toks = ans.forced()
+    if toks is not None:
+        return toks, 1.0
+    toks = ans.asks_for(logits)
     if toks is not None:
         return toks, 1.0
     allowed = ans.allowed()
@@ -588,6 +592,9 @@ class _Answer:
         (<|call|> or <|end|> after it) as one of the answer's earlier calls, it is
         taken back and the answer ends there (a model that repeats a call has
         nothing more to ask; it would otherwise repeat it to the token budget)."""
+        if toks and toks[0] == self.r.nocall_id and self.state.phase == "name":    # asks_for: a decline
+            del self.out[self.calls[0][0]:]
+            self.state, self.calls = self.calls[0][1], []
         for t in toks:
             if t in (self.r.call_id, self.r.end_id) and self.calls and self.state.phase in ("name", "value"):
                 at, text = self.calls[-1][0], self.r.sp.decode
@@ -603,6 +610,27 @@ class _Answer:
             assert s is not None, "the grammar rejected a token it allowed"
             self.state = s
             self.out.append(t)
+
+    def asks_for(self, logits):
+        """A compiled model's first call, when the tool it rates highest needs a
+        value the request does not hold (a required number and no number stated:
+        "snooze the alarm"; grammar.Grammar.blocked): the grammar would not let it
+        write that call, so the answer asks for the value instead, as the data
+        answers such requests -> the tokens of that decline, or None."""
+        s, names = self.state, self.r.meta.get("tool_tokens")
+        if not names or s.phase != "name" or s.text or s.calls != 1:
+            return None
+        blocked, dead = self.g.blocked(s.spans)
+        if not blocked:
+            return None
+        tools = [n for n in self.g.tools if n.decode() in names]
+        scores = logits()[[names[n.decode()] for n in tools]]
+        best = tools[int(scores.argmax())]
+        if best not in blocked:
+            return None
+        key = sorted(dead[best] & self.g.tools[best]["required"])[0]
+        reason = self.r.vocab.encode_text((wire.REASON_MISSING + key).encode())
+        return [self.r.nocall_id] + reason + [self.r.end_id]
 
     def cut(self, budget):
         """Out of tokens: the answer up to its last complete point that leaves

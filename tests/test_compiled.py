@@ -377,6 +377,28 @@ def test_a_call_is_never_written_twice(router):
     assert ans.done() and router.sp.decode(ans.out) == one + two + wire.END
 
 
+def test_a_first_call_of_a_tool_the_request_cannot_fill_asks_for_the_value(router, monkeypatch):
+    """_Answer.asks_for: when the tool the model rates highest for its first call
+    has a required value the request does not hold (grammar.Grammar.blocked), the
+    answer is the decline that asks for it; otherwise nothing changes."""
+    from sample import _Answer
+    g = router.grammar(router.catalogue)
+    ans = _Answer(router, g, "where is my order", router.encode_request("where is my order"))
+    ans.push([router.call_id])
+    names = router.meta["tool_tokens"]
+    logits = torch.zeros(router.sp.get_piece_size())
+    logits[names["track_order"]] = 9.0
+    assert ans.asks_for(lambda: logits) is None                    # nothing blocked: the model chooses
+    monkeypatch.setattr(type(g), "blocked", lambda self, spans: (frozenset({b"track_order"}),
+                                                                 {b"track_order": frozenset({"order_id"})}))
+    toks = ans.asks_for(lambda: logits)
+    ans.push(toks)
+    assert ans.done() and router.sp.decode(ans.out) == wire.NOCALL + wire.REASON_MISSING + "order_id" + wire.END
+    logits[names["track_order"]] = -9.0                             # its best tool is open: no decline
+    ans = _Answer(router, g, "where is my order", router.encode_request("where is my order"))
+    ans.push([router.call_id])
+    assert ans.asks_for(lambda: logits) is None
+
 
 def test_every_copied_value_of_the_test_split_is_a_run_of_whole_request_words(router, compiled_data):
     """Over the compiled data's whole test split: every value the decoder writes

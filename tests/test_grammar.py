@@ -548,6 +548,32 @@ def test_a_span_value_never_writes_itself_into_a_dead_end():
     assert ord("?") not in spans.next_bytes(spans.go_on(spans.go_on(None, ord("2")), ord("3")))
 
 
+def test_a_tool_whose_required_value_the_request_cannot_hold_is_not_offered():
+    """Grammar.blocked: snooze's minutes are a number the request must state; with
+    none stated the tool is not a name the call may take (it would be a dead end),
+    and with every tool blocked no call opens at all; an optional key with nothing
+    to copy is not offered either."""
+    tools = [{"name": "snooze", "parameters": {"type": "object", "properties": {"minutes": {"type": "integer"}},
+                                               "required": ["minutes"]}},
+             {"name": "note", "parameters": {"type": "object", "properties": {
+                 "text": {"type": "string"}, "count": {"type": "integer"}}, "required": ["text"]}}]
+    keys = {("snooze", "minutes"), ("note", "text"), ("note", "count")}
+    g = grammar.Grammar([wire.normalize_tool(t) for t in tools], span_keys=keys)
+
+    def names(request):
+        s = g.step(g.start(request), wire.CALL)
+        return set() if s is None else {c.decode() for c in g._candidates(s)}
+    assert names("snooze the alarm") == {"note"}
+    assert names("snooze 10 minutes") == {"snooze", "note"}
+    s = g.start("snooze the alarm")
+    for sym in [wire.CALL, *b"note", wire.ARG, *b" text:", *b" alarm"]:
+        s = g.step(s, sym)
+    assert g.step(s, wire.ARG) is None and g.step(s, wire.END) is not None     # no count to write
+    only = grammar.Grammar([wire.normalize_tool(tools[0])], span_keys=keys)
+    assert only.step(only.start("snooze the alarm"), wire.CALL) is None
+    assert only.step(only.start("snooze the alarm"), wire.NOCALL) is not None
+
+
 def test_a_list_says_its_items_in_request_order_each_once():
     """A list of request words holds its items in the order the request says
     them, each begun after the last one ended: never "dog leash" three times for
