@@ -103,7 +103,8 @@ class Heads:
         """A whole answer guessed from the heads: the tool the intent head names,
         with an argument for each run of request words the tagger marks B(-key),
         I(-key)... in request order (a key met again opens the next call of the
-        tool; a list's items are its runs in a row) -> (its
+        tool; a list's items are its runs joined by a comma or conjunction alone,
+        grammar.joined) -> (its
         tokens, whole, every tagged run's text, {key: its runs as byte offsets}
         (a compiled model's)), or ([], False, those texts, those runs) when the
         intent head says no call or names a tool the grammar does not allow here. The tags are read a word at a time
