@@ -224,8 +224,7 @@ class Spans:
         held.first = frozenset(self.text[a] for a in held.starts if a + 1 in held.live)
         held.numbers = frozenset(m.group() for a, z in runs
                                  for m in re.finditer(rb"-?\d+(?:\.\d+)?", self.text[a:z])) & self.numbers
-        held.stated = held.numbers | frozenset(str(n).encode() for a, z in runs
-                                               for n in word_numbers(self.text[a:z].decode("utf-8")))
+        held.stated = frozenset(n for a, z in runs for n in self._stated_in(a, z))
         held.runs, held.in_order, held._held, held.in_row, held.blocked = {}, False, {}, in_order, {}
         # the runs a list goes on from: the next run follows, joined by a comma or a
         # conjunction alone ("rain jacket and bath mat")
@@ -283,7 +282,7 @@ class Spans:
         for item in items if isinstance(items, list) else [items]:
             item = str(item).encode("utf-8")
             i = next((j for j, (a, z) in enumerate(left) if self.text[a:z] == item or
-                      item in self.within([(a, z)]).stated), None)
+                      item in self._stated_in(a, z)), None)
             if i is not None:
                 left = left[i + 1:] if self.in_order else left[:i] + left[i + 1:]
         out = copy.copy(self)
@@ -292,6 +291,13 @@ class Spans:
         if left:
             out.runs[key] = tuple(left)
         return out
+
+    def _stated_in(self, a, z):
+        """The numbers the run text[a:z] states: in digits as the request writes
+        them, or in words."""
+        run = self.text[a:z]
+        return {m.group() for m in re.finditer(rb"-?\d+(?:\.\d+)?", run) if m.group() in self.numbers} | \
+            {str(n).encode() for n in word_numbers(run.decode("utf-8"))}
 
     def _live(self):
         """The offsets a value can still end from (at a word end, crossing no
@@ -339,9 +345,9 @@ def word_numbers(text):
     low = text.lower()
     for m in list(re.finditer(r"[^\W\d_]+", low)) + [None]:
         w = m.group() if m else ""
-        joined = m is not None and re.fullmatch(r" *-? *", low[end:m.start()]) is not None
+        attached = m is not None and re.fullmatch(r" *-? *", low[end:m.start()]) is not None
         end = m.end() if m else end
-        if not joined and cur is not None:
+        if not attached and cur is not None:
             out.add(cur)
             cur = None
         if w in UNITS or w in TENS:

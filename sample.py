@@ -221,7 +221,8 @@ class Router:
             ids = self.generate(self.encode_prompt(tools, request), max_new_tokens)
         text = self.sp.decode(ids)
         result = {"text": text, "tokens": len(ids), "confidence": info["confidence"],
-                  "truncated": info["truncated"], "dead_end": info.get("dead_end", False), "calls": [], "reason": None, "valid": False, "error": None,
+                  "truncated": info["truncated"], "dead_end": info.get("dead_end", False),
+                  "calls": [], "reason": None, "valid": False, "error": None,
                   "retrieved": [t["name"] for t in tools] if given is not None and len(tools) < len(given) else None}
         if top_logprobs is not None:
             result["logprobs"] = run.logprobs(ids, top_logprobs)
