@@ -80,6 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--compiled", action="store_true",
                    help="a compiled catalogue: the tools (--tools, or the catalogue's --domains) are fixed and "
                    "learnt into the model, each name one token; the prompt is the request alone")
+    p.add_argument("--val_phrasings", type=float, default=0.0,
+                   help="compiled: this share of each tool's request templates held out of training for "
+                   "a part of the val split (new phrasings to choose settings on, never the test's)")
     p.add_argument("--heldout_phrasings", type=float, default=0.2,
                    help="--compiled: share of each tool's request templates kept for the test split only")
     p.add_argument("--intent_slot", default=None, metavar="DIR",
@@ -199,15 +202,18 @@ def compiled_splits(args, rng, pools):
     ("new-values") and phrasings never seen in training ("new-phrasing")
     -> (tools, {test, val, train})."""
     entries, _ = load_entries(args, rng, heldout=False)
-    train_entries, new_entries = [], []
+    train_entries, new_entries, val_entries = [], [], []
     for e in entries:
         templates = list(e["requests"])
         rng.shuffle(templates)
         k = min(len(templates) - 2, round(args.heldout_phrasings * len(templates))) if len(templates) >= 3 else 0
         k = max(k, 1) if args.heldout_phrasings > 0 and len(templates) >= 3 else k
-        train_entries.append({**e, "requests": templates[k:]})
+        kv = max(1, round(args.val_phrasings * len(templates))) if args.val_phrasings and len(templates) - k >= 4 else 0
+        train_entries.append({**e, "requests": templates[k + kv:]})
         if k:
-            new_entries.append({**e, "requests": templates[:k]})
+            new_entries.append({**e, "requests": templates[:k], "paraphrases": []})
+        if kv:
+            val_entries.append({**e, "requests": templates[k:k + kv], "paraphrases": []})
     gen = Generator(train_entries, pools)
     new_gen = Generator(new_entries, pools)
     calls_only = {"single": 0.75, "multi": 0.25}
@@ -222,6 +228,10 @@ def compiled_splits(args, rng, pools):
                                    args.n_test_unseen, reserved, "test (new phrasings)", "new-phrasing")
     draw = lambda: gen.sibling(rng, train_entries, train_entries)
     splits["val"] = generate(draw, None, args.n_val, reserved, "val", "new-values")
+    if val_entries:
+        val_gen = Generator(val_entries, pools)
+        splits["val"] += generate(lambda: val_gen.sibling(rng, val_entries, val_entries, calls_only), None,
+                                  args.n_val // 2, reserved, "val (new phrasings)", "new-phrasing")
     splits["train"] = generate(draw, None, args.n_train, reserved, "train", "new-values")
     label_domains(splits, entries)
     return [e["tool"] for e in entries], splits

@@ -53,6 +53,23 @@ def test_test_split_holds_new_values_and_phrasings_never_trained_on(compiled_dat
     assert all(ex["calls"] for ex in test if ex["split"] == "new-phrasing")
 
 
+def test_val_phrasings_hold_other_templates_out_for_the_val_split(tmp_path):
+    import data
+    out = str(tmp_path / "vp")
+    data.main(["--compiled", "--domains", "shopping,weather", "--out_dir", out, "--n_train", "200",
+               "--n_val", "20", "--n_test", "10", "--n_test_unseen", "10", "--vocab_size", "400", "--seed", "3",
+               "--val_phrasings", "0.15"])
+    val = datadir.read_jsonl(os.path.join(out, "val.jsonl"))
+    test = datadir.read_jsonl(os.path.join(out, "test.jsonl"))
+    train = datadir.read_jsonl(os.path.join(out, "train.jsonl"))
+    assert [ex["split"] for ex in val].count("new-phrasing") == 10 and val[0]["split"] == "new-values"
+    # phrasings of neither train nor test: the words around the values differ
+    shape = lambda ex: " ".join(w for w in ex["request"].lower().split()[:3])
+    held = {shape(ex) for ex in val if ex["split"] == "new-phrasing"}
+    assert not {ex["request"] for ex in val} & {ex["request"] for ex in train + test}
+    assert len(held - {shape(ex) for ex in train}) >= len(held) // 2
+
+
 def test_the_checkpoint_carries_the_catalogue(compiled_ckpt, compiled_data):
     ckpt = torch.load(compiled_ckpt, weights_only=True)
     assert ckpt["catalogue"] == wire.load_tools(os.path.join(compiled_data, "tools.json"))
