@@ -45,7 +45,9 @@ def load_json(path):
 
 
 def load_catalogue(path):
-    """-> list of entries: {domain, tool (bare wire form), slots, requests, missing}."""
+    """-> list of entries: {domain, tool (bare wire form), slots, requests,
+    paraphrases, missing}. `paraphrases` are more wordings of a tool, written apart
+    from `requests`; a compiled catalogue trains on them and never tests on them."""
     data = load_json(path)
     entries = []
     for i, t in enumerate(data["tools"]):
@@ -55,7 +57,8 @@ def load_catalogue(path):
         if missing_slots:
             raise CatalogueError(f"tool '{tool['name']}': no slot kind for {sorted(missing_slots)}")
         entries.append({"domain": t["domain"], "tool": tool, "slots": t["slots"],
-                        "requests": t["requests"], "missing": t.get("missing", {}),
+                        "requests": t["requests"], "paraphrases": t.get("paraphrases", []),
+                        "missing": t.get("missing", {}),
                         "heldout": bool(t.get("heldout", False))})
     return entries
 
@@ -404,7 +407,8 @@ class Generator:
         values are drawn again when one is not ("p.m." before a colon)."""
         tools = {entry["tool"]["name"]: entry["tool"]}
         for _ in range(20):
-            request, args = fill(self._template(entry["requests"], rng), entry, self.maker, rng)
+            templates = entry["requests"] + entry.get("paraphrases", [])
+            request, args = fill(self._template(templates, rng), entry, self.maker, rng)
             call = {"name": entry["tool"]["name"], "arguments": args}
             if spans_ok(request, [call], tools):
                 return request, call

@@ -70,6 +70,26 @@ def test_val_phrasings_hold_other_templates_out_for_the_val_split(tmp_path):
     assert len(held - {shape(ex) for ex in train}) >= len(held) // 2
 
 
+def test_paraphrases_are_trained_on_and_never_tested(tmp_path):
+    import data
+    cat = json.load(open(os.path.join(ROOT, "assets", "catalogue.json")))
+    tools = [t for t in cat["tools"] if t["domain"] == "weather"]
+    for t in tools:       # a marker word only the paraphrases use
+        t["paraphrases"] = [f"zebra {x}" if isinstance(x, str) else {**x, "text": f"zebra {x['text']}"}
+                            for x in t["requests"]]
+    path = tmp_path / "cat.json"
+    path.write_text(json.dumps({"version": 1, "tools": tools}))
+    out = str(tmp_path / "para")
+    data.main(["--compiled", "--catalogue", str(path), "--out_dir", out, "--n_train", "300", "--n_val", "20",
+               "--n_test", "20", "--n_test_unseen", "20", "--vocab_size", "400", "--seed", "3",
+               "--val_phrasings", "0.15"])
+    read = lambda split: datadir.read_jsonl(os.path.join(out, f"{split}.jsonl"))
+    zebra = lambda ex: "zebra" in ex["request"].lower()
+    assert any(zebra(ex) for ex in read("train"))
+    held = [ex for split in ("test", "val") for ex in read(split) if ex["split"] == "new-phrasing"]
+    assert held and not any(zebra(ex) for ex in held)
+
+
 def test_the_checkpoint_carries_the_catalogue(compiled_ckpt, compiled_data):
     ckpt = torch.load(compiled_ckpt, weights_only=True)
     assert ckpt["catalogue"] == wire.load_tools(os.path.join(compiled_data, "tools.json"))

@@ -110,7 +110,7 @@ def _template_regexes(entry):
     texts += [m for ms in entry["missing"].values() for m in ms]
     for t in texts:
         parts = re.split(r"\{[A-Za-z_]+\}", t.strip().rstrip(".!?"))
-        if len(" ".join(parts).split()) < 2:     # "cancel {order_id}" would match any "cancel ..."
+        if len(" ".join(parts).split()) < 3:     # "look up {hashtag}" would match any "look up ..."
             continue
         out.append(re.compile("(?i)^" + ".+".join(map(re.escape, parts)) + "[.!?]?$"))
     return out
