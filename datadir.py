@@ -138,7 +138,13 @@ def request_words(sp, request, nbytes, ids=None):
     text = wire.render_request(request)
     ids = sp.encode(text) if ids is None else ids      # ids: the request's, if encoded already
     ends = np.cumsum(nbytes[ids]) if ids else np.zeros(0, dtype=np.int64)
-    words = [(int(np.searchsorted(ends, a, side="right")), a, z) for a, z in grammar.word_cores(text)]
+    words = []
+    for a, z in grammar.word_cores(text):
+        tok = int(np.searchsorted(ends, a, side="right"))
+        if words and words[-1][0] == tok:    # one token holds both first bytes ("k's"): one word
+            words[-1] = (tok, words[-1][1], z)
+        else:
+            words.append((tok, a, z))
     return ids, words, text.encode("utf-8")
 
 

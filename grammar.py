@@ -135,6 +135,7 @@ def value_node(prop, top=True):
 ABBREVIATION = re.compile(r"(?<![\w.])(?:[^\W\d_]\.){2,}")
 CLAUSE_BREAK = re.compile(r"[.?!;](?=\s)")     # the end of a sentence or clause (unless an abbreviation's)
 LIST_JOINER = re.compile(r"\s*(?:,|&|and|or|plus|,\s*and|,\s*or)?\s*", re.I)   # between two items of one list
+POSSESSIVE = re.compile(r"(?<=\w)['\u2019][sS]$")           # "Clark's": the word and its "s"
 TITLE = re.compile(r"(?<![\w.])[^\W\d_][^\W\d_A-Z]{0,2}$")  # "St", "Mr", "Mrs", "J": a capital and up to two letters
 
 
@@ -372,9 +373,11 @@ def word_numbers(text):
 def word_cores(text):
     """The words of a text as (start, end) byte offsets: each run between white
     space without the punctuation around it ('"Our' -> Our, 'Paz?' -> Paz; a
-    leading '#', '$', '@' or '+' stays); a run with no letter or digit is no
-    word. The heads tag these, one tag a word, and a value read off the tags,
-    text[start of its first word : end of its last], is a span Spans allows."""
+    leading '#', '$', '@' or '+' stays), a possessive's "s" a word of its own
+    ("Clark's" -> Clark, s: "Nicole Clark" and "Macy's" are both runs); a run
+    with no letter or digit is no word. The heads tag these, one tag a word, and
+    a value read off the tags, text[start of its first word : end of its last],
+    is a span Spans allows."""
     out = []
     for m in re.finditer(r"\S+", text):
         w = m.group()
@@ -387,9 +390,13 @@ def word_cores(text):
         abbr = ABBREVIATION.search(w, i)
         if abbr and abbr.end() > j and abbr.start() < j:  # "p.m.:" -> p.m.
             j = abbr.end()
+        at = lambda k: len(text[:m.start() + k].encode("utf-8"))
+        poss = POSSESSIVE.search(w, i, j)
+        if poss:
+            out.append((at(i), at(poss.start())))
+            i = poss.start() + 1
         if i < j:
-            a = len(text[:m.start() + i].encode("utf-8"))
-            out.append((a, a + len(w[i:j].encode("utf-8"))))
+            out.append((at(i), at(j)))
     return out
 
 

@@ -45,6 +45,30 @@ def test_compiled_data_has_tool_tokens_and_prompts_without_tools(compiled_data):
     assert b.seg[0, 0] == 1 and (b.seg[0, 1:answer_at] == 2).all() and (b.seg[0, answer_at:] == 0).all()
 
 
+def test_every_copied_value_of_the_training_data_is_tagged(compiled_data):
+    """datadir.request_tags: each string the training data copies from its request
+    (grammar.is_span) is marked on a run of whole request words, possessives
+    included ("Salt Lake City's air quality" -> city "Salt Lake City"), so the
+    tagger learns every value it will be asked for."""
+    d = datadir.load_data_dir(compiled_data)
+    sp = d.sp
+    tag_index = {t: i for i, t in enumerate(d.meta["tags"])}
+    nbytes = datadir.piece_lengths(sp)
+    checked = 0
+    for ex in datadir.read_jsonl(os.path.join(compiled_data, "train.jsonl"))[:400] + [
+            {"request": "give me Salt Lake City's air quality",
+             "calls": [{"name": "get_air_quality", "arguments": {"city": "Salt Lake City"}}]}]:
+        tags, owners = datadir.request_tags(sp, ex, tag_index, nbytes)
+        spans = grammar.Spans(ex["request"])
+        marked = [o for o in owners if o is not None]
+        for c in ex["calls"]:
+            for k, v in c.get("arguments", {}).items():
+                if isinstance(v, str) and grammar.is_span(v, spans) and f"B-{k}" in tag_index:
+                    assert (c["name"], k) in marked, (ex["request"], k, v)
+                    checked += 1
+    assert checked > 100
+
+
 def test_test_split_holds_new_values_and_phrasings_never_trained_on(compiled_data):
     test = datadir.read_jsonl(os.path.join(compiled_data, "test.jsonl"))
     train = datadir.read_jsonl(os.path.join(compiled_data, "train.jsonl"))

@@ -496,6 +496,14 @@ def test_word_cores_are_the_words_a_value_is_made_of():
     spans = grammar.Spans(text)
     for a, _ in grammar.word_cores(text):            # every word may begin a value
         assert a - 1 in spans.starts                  # (Spans reads the text without its leading space)
+    # a possessive's "s" is a word of its own, so both "Nicole Clark" (the contact of
+    # "Nicole Clark's texts") and "Macy's" are runs of whole words the tagger can mark
+    text = " read Nicole Clark's texts from Macy's"
+    words = [text.encode()[a:z].decode() for a, z in grammar.word_cores(text)]
+    assert words == ["read", "Nicole", "Clark", "s", "texts", "from", "Macy", "s"]
+    spans = grammar.Spans(text)
+    for a, z in grammar.word_cores(text):
+        assert a - 1 in spans.starts and z - 1 in spans.ends
 
 
 def test_word_numbers():
