@@ -23,16 +23,18 @@ import torch
 
 
 def orthogonalize(g, steps=5):
-    """g (m, n) -> ~ U V^T of its SVD, by Newton-Schulz iterations in float32."""
-    x = g.float() / (g.norm() + 1e-7)          # singular values <= 1 to start
-    tall = x.size(0) > x.size(1)
+    """g (..., m, n) -> ~ U V^T of the SVD of each (m, n) matrix, by Newton-Schulz
+    iterations in float32; a stack of matrices goes through in one batch."""
+    x = g.float()
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)     # singular values <= 1 to start
+    tall = x.size(-2) > x.size(-1)
     if tall:                                    # iterate on the smaller Gram matrix
-        x = x.T
+        x = x.mT
     a, b, c = 3.4445, -4.7750, 2.0315
     for _ in range(steps):
-        s = x @ x.T
+        s = x @ x.mT
         x = a * x + (b * s + c * s @ s) @ x
-    return x.T if tall else x
+    return x.mT if tall else x
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -46,24 +48,33 @@ class MuonAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if group["muon"]:
-                    self._muon(p, state, group)
-                else:
-                    self._adamw(p, state, group)
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["muon"]:
+                self._muon(params, group)
+            else:
+                for p in params:
+                    self._adamw(p, self.state[p], group)
 
-    @staticmethod
-    def _muon(p, state, group):
-        buf = state.setdefault("momentum", torch.zeros_like(p))
-        buf.mul_(group["momentum"]).add_(p.grad)
-        g = p.grad.add(buf, alpha=group["momentum"])            # Nesterov
-        # scaled so a tall and a wide matrix move their outputs alike (Jordan's rule)
-        scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(orthogonalize(g).to(p.dtype), alpha=-group["lr"] * scale)
+    def _muon(self, params, group):
+        """One Muon step for these matrices. Matrices of one shape (a transposed
+        one counts as the same) are orthogonalised as one stack: on a CPU the
+        small matrix products of a tiny model cost more in calls than in work."""
+        updates, by_shape = {}, {}
+        for p in params:
+            buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
+            buf.mul_(group["momentum"]).add_(p.grad)
+            g = p.grad.add(buf, alpha=group["momentum"])            # Nesterov
+            tall = p.size(0) > p.size(1)
+            by_shape.setdefault((min(p.shape), max(p.shape)), []).append((p, g.T if tall else g, tall))
+        for same in by_shape.values():
+            ortho = orthogonalize(torch.stack([g for _, g, _ in same]))
+            for (p, _, tall), o in zip(same, ortho):
+                updates[p] = o.T if tall else o
+        for p in params:
+            # scaled so a tall and a wide matrix move their outputs alike (Jordan's rule)
+            scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(updates[p].to(p.dtype), alpha=-group["lr"] * scale)
 
     @staticmethod
     def _adamw(p, state, group):
