@@ -604,14 +604,13 @@ def _advance_slist(frame, b):
     runs in a row, as far as a comma or conjunction alone joins them. Phases: 0
     before '[', 1 after it, 2 inside an item, 3 after an item, 4 after a comma;
     after: the byte offset the next item may begin at. A comma comes only when
-    an item is left to write."""
+    an item is left to write; a list holds at least one item (an empty one is
+    no run of the request's words)."""
     _, spans, phase, after, offs = frame
     if phase == 0:
         return [(("slist", spans, 1, 0, None),)] if b == 91 else []
     if phase in (1, 4):
-        if b == 34:
-            return [(("slist", spans, 2, after, None),)]
-        return [()] if phase == 1 and b == 93 else []
+        return [(("slist", spans, 2, after, None),)] if b == 34 else []
     if phase == 3:
         if b == 44 and _item_starts(spans, after) and (after in spans.glued or not spans.in_row):
             return [(("slist", spans, 4, after, None),)]
@@ -638,11 +637,9 @@ def _numbers(spans, int_only):
 def _fillable(inner, spans):
     """Can a span value of this inner node be written from these spans at all? A
     string needs a word to begin at, a number a number the request states (an
-    integer: one without a fraction); a list may be empty."""
+    integer: one without a fraction); a list, a word for its first item."""
     if inner[0] == "num":
         return bool(_numbers(spans, inner[1]))
-    if inner[0] == "arr":
-        return True
     return bool(spans.first)
 
 
