@@ -59,7 +59,7 @@ class MuonAdamW(torch.optim.Optimizer):
         """One Muon step for these matrices. Matrices of one shape (a transposed
         one counts as the same) are orthogonalised as one stack: on a CPU the
         small matrix products of a tiny model cost more in calls than in work."""
-        updates, by_shape = {}, {}
+        by_shape = {}
         for p in params:
             buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
             buf.mul_(group["momentum"]).add_(p.grad)
@@ -67,14 +67,11 @@ class MuonAdamW(torch.optim.Optimizer):
             tall = p.size(0) > p.size(1)
             by_shape.setdefault((min(p.shape), max(p.shape)), []).append((p, g.T if tall else g, tall))
         for same in by_shape.values():
-            ortho = orthogonalize(torch.stack([g for _, g, _ in same]))
-            for (p, _, tall), o in zip(same, ortho):
-                updates[p] = o.T if tall else o
-        for p in params:
-            # scaled so a tall and a wide matrix move their outputs alike (Jordan's rule)
-            scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(updates[p].to(p.dtype), alpha=-group["lr"] * scale)
+            for (p, _, tall), o in zip(same, orthogonalize(torch.stack([g for _, g, _ in same]))):
+                # scaled so a tall and a wide matrix move their outputs alike (Jordan's rule)
+                scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_((o.T if tall else o).to(p.dtype), alpha=-group["lr"] * scale)
 
     @staticmethod
     def _adamw(p, state, group):
