@@ -214,23 +214,19 @@ def compiled_splits(args, rng, pools):
             new_entries.append({**e, "requests": templates[:k], "paraphrases": []})
         if kv:
             val_entries.append({**e, "requests": templates[k:k + kv], "paraphrases": []})
-    outside = outside_entries(entries, load_catalogue(args.catalogue))
-    rng.shuffle(outside)
-    outside_test, outside = outside[:len(outside) // 3], outside[len(outside) // 3:]
     gen = Generator(train_entries, pools)
     new_gen = Generator(new_entries, pools)
     calls_only = {"single": 0.75, "multi": 0.25}
     print(f"compiled catalogue: {len(entries)} tools over {len({e['domain'] for e in entries})} domains; "
           f"{sum(len(e['requests']) for e in new_entries)} of "
-          f"{sum(len(e['requests']) for e in entries)} request templates held out for the test; "
-          f"{len(outside)} other tools' requests as \"no tool fits\" ({len(outside_test)} more for the test alone)")
+          f"{sum(len(e['requests']) for e in entries)} request templates held out for the test")
     reserved, splits = set(), {}
-    splits["test"] = generate(lambda: gen.sibling(rng, train_entries, train_entries + outside_test), None,
-                              args.n_test, reserved, "test (new values)", "new-values")
+    splits["test"] = generate(lambda: gen.sibling(rng, train_entries, train_entries), None, args.n_test, reserved,
+                              "test (new values)", "new-values")
     if new_entries:
         splits["test"] += generate(lambda: new_gen.sibling(rng, new_entries, new_entries, calls_only), None,
                                    args.n_test_unseen, reserved, "test (new phrasings)", "new-phrasing")
-    draw = lambda: gen.sibling(rng, train_entries, train_entries + outside)
+    draw = lambda: gen.sibling(rng, train_entries, train_entries)
     splits["val"] = generate(draw, None, args.n_val, reserved, "val", "new-values")
     if val_entries:
         val_gen = Generator(val_entries, pools)
@@ -239,19 +235,6 @@ def compiled_splits(args, rng, pools):
     splits["train"] = generate(draw, None, args.n_train, reserved, "train", "new-values")
     label_domains(splits, entries)
     return [e["tool"] for e in entries], splits
-
-
-def outside_entries(entries, catalogue):
-    """Tools of the hand-written catalogue that the app lacks and could not stand
-    in for: no search tool, no first name-word ("send", "set") and no argument
-    name shared with the app's tools. Their requests are the app's "no tool fits"
-    examples: real requests for things it cannot do, worded as requests are."""
-    names = {e["tool"]["name"] for e in entries}
-    verbs = {e["tool"]["name"].split("_")[0] for e in entries}
-    params = {p for e in entries for p in e["tool"].get("parameters", {}).get("properties", {})}
-    return [e for e in catalogue if e["tool"]["name"] not in names and e["domain"] != "search"
-            and e["tool"]["name"].split("_")[0] not in verbs
-            and not params & set(e["tool"].get("parameters", {}).get("properties", {}))]
 
 
 def label_domains(splits, entries):
@@ -284,11 +267,8 @@ def train_tokenizer(examples, tools, vocab_size, out_dir, compiled=False):
     as Octopus v2 does), so choosing the tool is one step."""
     import sentencepiece as spm
     texts = [] if compiled else [wire.render_tool(t) for t in tools]
-    # a compiled tokenizer is the app's own: "no tool fits" requests are about other
-    # things, and pieces spent on their words are pieces the app's words lack
     texts += [wire.render_prompt(None if compiled else ex["tools"], ex["request"])
-              + wire.render_answer(ex["calls"], ex["reason"]) for ex in examples
-              if not (compiled and ex["reason"] == wire.REASON_NO_TOOL)]
+              + wire.render_answer(ex["calls"], ex["reason"]) for ex in examples]
     symbols = wire.SPECIAL_TOKENS + ([t["name"] for t in tools] if compiled else [])
     model = io.BytesIO()
     try:

@@ -114,32 +114,6 @@ def test_paraphrases_are_trained_on_and_never_tested(tmp_path):
     assert held and not any(zebra(ex) for ex in held)
 
 
-def test_other_tools_requests_are_no_tool_fits_and_the_test_declines_tools_never_trained_on(tmp_path):
-    import data
-    cat = json.load(open(os.path.join(ROOT, "assets", "catalogue.json")))
-    app = [t for t in cat["tools"] if t["domain"] == "weather"]
-    entries = data.load_catalogue(os.path.join(ROOT, "assets", "catalogue.json"))
-    others = {e["tool"]["name"] for e in data.outside_entries([e for e in entries if e["domain"] == "weather"], entries)}
-    assert "get_forecast" not in others and "check_balance" in others
-    outside = [t for t in cat["tools"] if t["name"] in others][:6]
-    for i, t in enumerate(outside):     # a marker word for each other tool
-        for key in ("requests", "paraphrases"):
-            t[key] = [f"okapi{i} {x}" if isinstance(x, str) else {**x, "text": f"okapi{i} {x['text']}"}
-                      for x in t.get(key, [])]
-    path = tmp_path / "cat.json"
-    path.write_text(json.dumps({"version": 1, "tools": app + outside}))
-    out = str(tmp_path / "outside")
-    data.main(["--compiled", "--catalogue", str(path), "--domains", "weather", "--out_dir", out, "--n_train", "600",
-               "--n_val", "20", "--n_test", "200", "--n_test_unseen", "20", "--vocab_size", "400", "--seed", "3"])
-    read = lambda split: datadir.read_jsonl(os.path.join(out, f"{split}.jsonl"))
-    markers = lambda split: {w for ex in read(split) for w in ex["request"].lower().split() if w.startswith("okapi")}
-    assert all(not ex["calls"] and ex["reason"] == wire.REASON_NO_TOOL
-               for split in ("train", "test") for ex in read(split) if "okapi" in ex["request"].lower())
-    trained, tested = markers("train"), markers("test")
-    assert trained and tested and not trained & tested
-    assert [t["name"] for t in wire.load_tools(os.path.join(out, "tools.json"))] == [t["name"] for t in app]
-
-
 def test_the_checkpoint_carries_the_catalogue(compiled_ckpt, compiled_data):
     ckpt = torch.load(compiled_ckpt, weights_only=True)
     assert ckpt["catalogue"] == wire.load_tools(os.path.join(compiled_data, "tools.json"))
