@@ -173,7 +173,7 @@ def run(args, loss=None, name="model", ckpt_extra=None):
           + (f"; {world} processes ({dist.get_backend()}), global batch {args.batch_size} x {args.grad_accum} "
              f"x {world} examples" if world > 1 else ""))
 
-    model, optimizer, scaler, step, best_val, trained_s = build(args, meta, device, dtype, name)
+    model, optimizer, scaler, step, best_val, trained_s, seen = build(args, meta, device, dtype, name)
     # a compiled catalogue is stored with the model: it is what the model can call
     catalogue = wire.read_json(os.path.join(args.data_dir, "tools.json")) if meta.get("compiled") else None
     aux = model.tagger is not None or model.intent is not None or model.point is not None
@@ -200,7 +200,9 @@ def run(args, loss=None, name="model", ckpt_extra=None):
                 "step": step, "best_val": best_val, "args": vars(args), "data_dir": args.data_dir,
                 "tokenizer_sha256": meta["tokenizer_sha256"], "vocab_size": meta["vocab_size"],
                 "world_size": world, "catalogue": catalogue,
-                "train_seconds": trained_s + time.time() - start_time, **(ckpt_extra or {})}, path)
+                "train_seconds": trained_s + time.time() - start_time,
+                # training tokens over all processes (this one's x their number), for compute curves
+                "train_tokens": seen, **(ckpt_extra or {})}, path)
 
     def validate():
         nonlocal best_val
@@ -257,6 +259,7 @@ def run(args, loss=None, name="model", ckpt_extra=None):
                     f"({per_step * 1000:.0f} ms a step over steps {fit_at[0]}-{fit_at[1]})")
             since["steps"] += 1
             since["tokens"], since["examples"] = since["tokens"] + tokens, since["examples"] + examples
+            seen += tokens * world
             if step % args.log_interval == 0 or step == args.max_steps:
                 log(step_line(step, parts, since, lr, t0, model, device, world))
                 t0, since = time.time(), dict(tokens=0, steps=0, examples=0)
@@ -477,7 +480,7 @@ def build(args, meta, device, dtype, name="model"):
     config = model_config(args, meta)
     if (config.prefix_lm or config.copy_head) and (args.pack or args.share_prefix):
         die("--prefix_lm and --copy_head work on rows of one example: not with --pack or --share_prefix")
-    step, best_val, trained_s, ckpt = 0, float("inf"), 0.0, None
+    step, best_val, trained_s, seen, ckpt = 0, float("inf"), 0.0, 0, None
     if args.resume:
         last_path = os.path.join(args.out_dir, "last.pt")
         try:
@@ -488,6 +491,7 @@ def build(args, meta, device, dtype, name="model"):
             die(f"{last_path}: model config differs from the one asked for now; "
                 "resume with the same --preset and overrides")
         step, best_val, trained_s = ckpt["step"], ckpt["best_val"], ckpt.get("train_seconds", 0.0)
+        seen = ckpt.get("train_tokens", 0)
         if not args.max_steps:              # a schedule fitted to minutes stays as it was fitted
             args.max_steps = ckpt["args"].get("max_steps") or 0
         if ckpt.get("world_size", 1) != world_size():
@@ -507,7 +511,7 @@ def build(args, meta, device, dtype, name="model"):
         model.hidden = torch.compile(model.hidden)
     print(f"{name}: {args.preset}, {model.num_params() / 1e6:.2f}M parameters, {json.dumps(config_dict(config))}")
     print(f"config: {json.dumps(vars(args))}")
-    return model, optimizer, scaler, step, best_val, trained_s
+    return model, optimizer, scaler, step, best_val, trained_s, seen
 
 
 def load_splits(args, meta, block_size, aux=False):

@@ -76,6 +76,8 @@ def test_two_process_run_resumes_from_last_checkpoint(runs, toy_data, tmp_path):
     torchrun("train.py", "--data_dir", toy_data, "--out_dir", part, *COMMON, "--grad_accum", "2", "--resume")
     assert weights(part)["step"] == 4
     assert_same_weights(weights(two)["model"], weights(part)["model"])
+    # the tokens trained on carry over a resume (compute curves read them)
+    assert weights(part)["train_tokens"] == weights(two)["train_tokens"] > 0
     assert "resumed from" in open(os.path.join(part, "log.txt")).read()
 
 
