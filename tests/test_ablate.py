@@ -310,3 +310,32 @@ def test_two_variants_end_to_end_then_skipped(toy_data, tmp_path, capsys, monkey
     ablate.main(argv)
     text = capsys.readouterr().out
     assert "2 of 2 runs finished earlier" in text and text.count("finished earlier:") == 2
+
+
+def test_compute_curve_fits_the_runs_and_predicts_from_their_tokens(toy_ckpt, tmp_path, capsys):
+    import shutil
+
+    import torch
+
+    from utils import compute_curve
+    ckpt = torch.load(toy_ckpt, weights_only=True)
+    assert ckpt["train_tokens"] > 0          # train.py counts what it trained on
+    # three budgets, each 10x the tokens of the last, error halving each time
+    for i, (tokens, acc) in enumerate([(1e6, 0.2), (1e7, 0.6), (1e8, 0.8)]):
+        run = tmp_path / f"b{i}" / "v-s1337"
+        run.mkdir(parents=True)
+        torch.save({**ckpt, "train_tokens": int(tokens)}, run / "best.pt")
+        write(run / "result.json", {"unseen_exact": acc, "minutes": i})
+    out = str(tmp_path / "curve.png")
+    compute_curve.main([str(tmp_path / f"b{i}") for i in range(3)] + ["--predict_tflops", "1e-3",
+                       "--predict_hours", "1", "--out", out])
+    text = capsys.readouterr().out
+    runs = compute_curve.read_runs([str(tmp_path / "b0")], "unseen_exact")
+    assert runs[0]["flops"] == 6 * runs[0]["params"] * 10 ** 6 and runs[0]["params"] > 0
+    a, b = compute_curve.fit(compute_curve.read_runs([str(tmp_path / f"b{i}") for i in range(3)], "unseen_exact"))
+    assert b < 0 and compute_curve.predict(a, b, 6 * runs[0]["params"] * 1e9) > 0.8
+    assert "prediction: 1 h at 0.001 TFLOP/s" in text and open(out, "rb").read(8) == PNG_MAGIC
+    shutil.rmtree(tmp_path / "b0" / "v-s1337")
+    with pytest.raises(SystemExit):            # an empty folder is a clear error, not a traceback
+        compute_curve.main([str(tmp_path / "b0")])
+    assert "no finished run" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ import torch
 import datadir
 import runtime
 import train
-from conftest import MICRO
+from conftest import MICRO, ROOT
 from model import GPT, GPTConfig
 
 
@@ -306,3 +307,16 @@ def test_aux_targets_are_read_only_when_asked_for(toy_data):
     b, a = plain.batch([0, 1], 0), aux.batch([0, 1], 0)
     assert b.tags is None and b.intent is None and b.ptr is None and a.tags.shape == a.x.shape
     assert all(torch.equal(u, v) for u, v in zip(b[:3], a[:3])) and torch.equal(b.seg, a.seg)
+
+
+def test_the_gpu_recipe_of_the_general_router_runs_its_first_steps_on_the_cpu(tmp_path):
+    """experiments/gpu_general.sh as documented, with the CPU overrides its header names."""
+    import subprocess
+    env = {**os.environ, "PY": sys.executable, "DEVICE": "cpu", "BATCH": "4", "STOP_AT": "2", "N_TRAIN": "300",
+           "VOCAB": "600", "DATA_ARGS": "--n_val 20 --n_test 20 --n_test_unseen 20",
+           "DATA": str(tmp_path / "data"), "OUT": str(tmp_path / "out")}
+    subprocess.run(["bash", os.path.join(ROOT, "experiments", "gpu_general.sh")], env=env, check=True,
+                   capture_output=True, timeout=300)
+    ckpt = torch.load(str(tmp_path / "out" / "last.pt"), weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["args"]["preset"] == "26m" and ckpt["model_config"]["copy_head"]
+    assert ckpt["args"]["max_minutes"] == 240 and ckpt["train_tokens"] > 0
