@@ -2,7 +2,7 @@
 # The general router (catalogue in the prompt) on one GPU: the 26m preset with the
 # levers that won on the CPU (prefix LM, pointer heads, copy head, Muon), rows of at
 # most 8 tools (retrieve.py keeps 8 of a longer catalogue), 4 hours of training.
-# Not run here (no GPU): docs/results.md, "The general router: compute", has the
+# Not run here (no GPU): docs/results.md, "The general router: accuracy against compute", has the
 # number the CPU runs' trend predicts for it, and what that prediction assumes.
 #
 #   bash experiments/gpu_general.sh                     # a CUDA machine
