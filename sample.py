@@ -106,6 +106,7 @@ class Router:
             raise ValueError(f"unknown quantization {quantize!r}; the choice is int8")
         ids = self.meta["special_tokens"]
         self.end_id, self.call_id, self.nocall_id = ids[wire.END], ids[wire.CALL], ids[wire.NOCALL]
+        self.arg_id = ids[wire.ARG]
         self.vocab = grammar.Vocab(self.sp, ids)
         # Values the training data always copies from the request are held to runs of
         # its whole words (grammar.Spans): the arguments data.py lists as span keys
@@ -590,17 +591,18 @@ class _Answer:
 
     def push(self, toks):
         """Write tokens. A call is never written twice: when a call closes
-        (<|call|> or <|end|> after it) as one of the answer's earlier calls, it is
-        taken back and the answer ends there (a model that repeats a call has
-        nothing more to ask; it would otherwise repeat it to the token budget)."""
+        (<|call|> or <|end|> after it) as one of the answer's earlier calls (the
+        same tool and arguments, in any order), it is taken back and the answer
+        ends there (a model that repeats a call has nothing more to ask; it would
+        otherwise repeat it to the token budget)."""
         if toks and toks[0] == self.r.nocall_id and self.state.phase == "name":    # asks_for: a decline
             del self.out[self.calls[0][0]:]
             self.state, self.calls = self.calls[0][1], []
         for t in toks:
             if t in (self.r.call_id, self.r.end_id) and self.calls and self.state.phase in ("name", "value"):
-                at, text = self.calls[-1][0], self.r.sp.decode
-                mine = text(self.out[at:])
-                if any(text(self.out[a:b]) == mine for (a, _), (b, _) in zip(self.calls, self.calls[1:])):
+                mine = self.call_key(self.out[self.calls[-1][0]:])
+                if any(self.call_key(self.out[a:b]) == mine for (a, _), (b, _) in zip(self.calls, self.calls[1:])):
+                    at = self.calls[-1][0]
                     del self.out[at:]
                     self.state = self.r.vocab.advance(self.g, self.calls[-1][1], self.r.end_id)
                     self.out.append(self.r.end_id)
@@ -611,6 +613,18 @@ class _Answer:
             assert s is not None, "the grammar rejected a token it allowed"
             self.state = s
             self.out.append(t)
+
+    def call_key(self, toks):
+        """A call's tokens -> (its tool's text, the set of its arguments' texts): the
+        same for the same call whatever order its arguments were written in."""
+        parts = [[]]
+        for t in toks:
+            if t == self.r.arg_id:
+                parts.append([])
+            else:
+                parts[-1].append(t)
+        text = self.r.sp.decode
+        return text(parts[0]).strip(), frozenset(text(p).strip() for p in parts[1:])
 
     def asks_for(self, logits):
         """A compiled model's first call, when the tool it rates highest needs a

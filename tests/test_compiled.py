@@ -436,6 +436,13 @@ def test_a_call_is_never_written_twice(router):
     ans = _Answer(router, router.grammar(router.catalogue), "track ORD-1 and ORD-2", [])
     ans.push(router.sp.encode(one + two + wire.END))
     assert ans.done() and router.sp.decode(ans.out) == one + two + wire.END
+    # the same call with its arguments in another order is the same call
+    a = wire.render_answer([{"name": "return_order", "arguments": {"order_id": "ORD-1", "product": "lamp"}}])
+    b = wire.render_answer([{"name": "return_order", "arguments": {"product": "lamp", "order_id": "ORD-1"}}])
+    a, b = a[:-len(wire.END)], b[:-len(wire.END)]
+    ans = _Answer(router, router.grammar(router.catalogue), "return the lamp from ORD-1", [])
+    ans.push(router.sp.encode(a + b + wire.END))
+    assert ans.done() and router.sp.decode(ans.out) == a + wire.END
 
 
 def test_a_first_call_of_a_tool_the_request_cannot_fill_asks_for_the_value(router, monkeypatch):
