@@ -20,7 +20,8 @@ Ctrl-C or SIGTERM (a scheduler, or torchrun passing either on) finishes the
 current step, saves last.pt once and exits with status 130; a second one quits
 at once without saving.
 
-Writes to --out_dir: best.pt (lowest val loss), last.pt (latest, for --resume),
+Writes to --out_dir: best.pt (lowest val loss; with --keep_last the latest
+weights), last.pt (latest, with the optimizer's state, for --resume),
 log.txt (one line per step, and a val line per evaluation).
 
 One explicit loop, top to bottom: sample a batch -> forward -> loss on the answer
@@ -121,6 +122,10 @@ def arg_parser(doc=__doc__):
     p.add_argument("--beta2", type=float, default=0.95)
     p.add_argument("--grad_clip", type=float, default=1.0, help="0 disables clipping")
     # evaluation, checkpoints, logging
+    p.add_argument("--keep_last", action="store_true",
+                   help="best.pt holds the latest weights (rewritten at every evaluation and at the end), not "
+                        "those of the lowest val loss: for a schedule that ends at --min_lr 0, where the val "
+                        "loss can rise while the answers still improve")
     p.add_argument("--eval_interval", type=int, default=250)
     p.add_argument("--eval_batches", type=int, default=10)
     p.add_argument("--log_interval", type=int, default=10)
@@ -209,8 +214,8 @@ def run(args, loss=None, name="model", ckpt_extra=None):
         # every rank evaluates (the same batches, the same weights): the others
         # would only wait for rank 0 otherwise
         val_loss = evaluate_loss(model, val, args, pad_id, device, ctx)
-        if val_loss < best_val:
-            best_val = val_loss
+        better, best_val = val_loss < best_val, min(best_val, val_loss)
+        if better or args.keep_last:
             checkpoint(os.path.join(args.out_dir, "best.pt"))
         checkpoint(last_path)
         log(f"val step {step} | val_loss {val_loss:.4f} | best {best_val:.4f}")

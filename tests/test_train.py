@@ -289,6 +289,18 @@ def test_muon_trains_and_resumes_exactly(toy_data, tmp_path):
     assert [g["muon"] for g in groups] == [True, False, False] and groups[0]["lr_scale"] > 1
 
 
+@pytest.mark.parametrize("keep_last", [False, True])
+def test_best_pt_is_the_lowest_val_loss_or_with_keep_last_the_latest(toy_data, tmp_path, monkeypatch, keep_last):
+    losses = iter([1.0, 2.0, 3.0])       # the val loss rises at each of the 3 evaluations
+    monkeypatch.setattr(train, "evaluate_loss", lambda *a: next(losses))
+    out = str(tmp_path / "o")
+    _run(toy_data, out, 6, ["--keep_last"] if keep_last else [])   # evaluations at steps 3, 6 and the end
+    best = torch.load(os.path.join(out, "best.pt"), weights_only=True)
+    last = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert best["step"] == (6 if keep_last else 3) and best["best_val"] == 1.0
+    assert all(torch.equal(best["model"][k], last["model"][k]) for k in best["model"]) == keep_last
+
+
 def test_curriculum_draws_short_rows_first_then_all(toy_data):
     split = datadir.Split(toy_data, "train", 512)
     assert datadir.curriculum_share(0, 100) == pytest.approx(0.3) and datadir.curriculum_share(100, 100) == 1.0
