@@ -600,9 +600,9 @@ class _Answer:
             self.state, self.calls = self.calls[0][1], []
         for t in toks:
             if t in (self.r.call_id, self.r.end_id) and self.calls and self.state.phase in ("name", "value"):
-                mine = self.call_key(self.out[self.calls[-1][0]:])
+                at = self.calls[-1][0]
+                mine = self.call_key(self.out[at:])
                 if any(self.call_key(self.out[a:b]) == mine for (a, _), (b, _) in zip(self.calls, self.calls[1:])):
-                    at = self.calls[-1][0]
                     del self.out[at:]
                     self.state = self.r.vocab.advance(self.g, self.calls[-1][1], self.r.end_id)
                     self.out.append(self.r.end_id)
