@@ -173,42 +173,55 @@ class Spans:
     decoder held to these offsets cannot either."""
 
     def __init__(self, request):
-        text = wire.clean(request.strip())
-        self.text = text.encode("utf-8")
-        starts, ends, at = set(), set(), 0
-        for i, ch in enumerate(text):
-            prev = text[i - 1] if i else " "
-            nxt = text[i + 1] if i + 1 < len(text) else " "
-            if ch.isalnum() and not prev.isalnum():
-                starts.add(at)
-            elif ch in "#$@+" and prev.isspace() and nxt.isalnum():
-                starts.add(at)
-            at += len(ch.encode("utf-8"))
-            if ch.isalnum() and not nxt.isalnum():
-                ends.add(at)
-        for m in ABBREVIATION.finditer(text):          # "7:30 p.m." keeps its last period
-            ends.add(len(text[:m.end()].encode("utf-8")))
-        self.starts, self.ends = frozenset(starts), frozenset(ends)
-        # where a value may not run on: the clause breaks
-        self.breaks = frozenset(len(text[:m.start()].encode("utf-8")) for m in CLAUSE_BREAK.finditer(text)
-                                if not _abbreviation_at(text, m.start()))
-        self.live = self._live()
-        self.first = frozenset(self.text[a] for a in starts if a + 1 in self.live)   # bytes a value may open with
-        # numbers as written ("107", "3.5", and "-3" where the minus is no hyphen)
-        nums = set()
-        for m in re.finditer(r"\d+(?:\.\d+)?", text):
-            nums.add(m.group().encode())
-            if m.start() and text[m.start() - 1] == "-" and (m.start() < 2 or not text[m.start() - 2].isalnum()):
-                nums.add(b"-" + m.group().encode())
-        self.numbers = frozenset(nums)
-        # the numbers it states, in digits or in words ("ninety-five" -> 95): what a
-        # number argument that the data always finds in its request may be
-        self.stated = self.numbers | frozenset(str(n).encode() for n in word_numbers(text))
+        self._index(wire.clean(request.strip()), frozenset())
         self.runs = {}         # argument -> its tagged runs no value took yet, in request order (hold)
         self.in_order = False  # values take their runs in request order (hold)
         self.in_row, self.glued = False, frozenset()   # (spans held in order: see within)
         self._held = {}        # (argument, runs, list?) -> the spans held to them (for_key)
         self.blocked = {}      # grammar -> what no value can be written for here (Grammar.blocked)
+
+    def _index(self, text, taken):
+        """Where values may begin and end in text (a str) when the byte offsets in
+        taken belong to values the answer copied already: a request word is copied
+        once (the second call of "save Amy Hakimi, number 958 237 7665" cannot take
+        the first one's phone again, nor a city its contact's name)."""
+        self.text, self.taken = text.encode("utf-8"), taken
+        at_char, at = [], 0
+        for ch in text:
+            at_char.append(at)
+            at += len(ch.encode("utf-8"))
+        at_char.append(at)
+        # the text as later values see it: taken words are white space
+        seen = "".join(" " if at_char[i] in taken else ch for i, ch in enumerate(text)) if taken else text
+        self.seen = bytes(32 if i in taken else b for i, b in enumerate(self.text)) if taken else self.text
+        starts, ends = set(), set()
+        for i, ch in enumerate(seen):
+            prev = seen[i - 1] if i else " "
+            nxt = seen[i + 1] if i + 1 < len(seen) else " "
+            if ch.isalnum() and not prev.isalnum():
+                starts.add(at_char[i])
+            elif ch in "#$@+" and prev.isspace() and nxt.isalnum():
+                starts.add(at_char[i])
+            if ch.isalnum() and not nxt.isalnum():
+                ends.add(at_char[i + 1])
+        for m in ABBREVIATION.finditer(seen):          # "7:30 p.m." keeps its last period
+            ends.add(at_char[m.end()])
+        self.starts, self.ends = frozenset(starts), frozenset(ends)
+        # where a value may not run on: the clause breaks, and the words taken
+        self.breaks = frozenset(at_char[m.start()] for m in CLAUSE_BREAK.finditer(text)
+                                if not _abbreviation_at(text, m.start())) | taken
+        self.live = self._live()
+        self.first = frozenset(self.text[a] for a in starts if a + 1 in self.live)   # bytes a value may open with
+        # numbers as written ("107", "3.5", and "-3" where the minus is no hyphen)
+        nums = set()
+        for m in re.finditer(r"\d+(?:\.\d+)?", seen):
+            nums.add(m.group().encode())
+            if m.start() and seen[m.start() - 1] == "-" and (m.start() < 2 or not seen[m.start() - 2].isalnum()):
+                nums.add(b"-" + m.group().encode())
+        self.numbers = frozenset(nums)
+        # the numbers it states, in digits or in words ("ninety-five" -> 95): what a
+        # number argument that the data always finds in its request may be
+        self.stated = self.numbers | frozenset(str(n).encode() for n in word_numbers(seen))
 
     def within(self, runs, in_order=False):
         """These spans held to some runs of the request ((start, end) byte offsets,
@@ -217,14 +230,14 @@ class Spans:
         where its next run is joined on by a comma or a conjunction alone (slist)."""
         inside = {p for a, z in runs for p in range(a, z)}
         held = Spans.__new__(Spans)
-        held.text = self.text
+        held.text, held.taken, held.seen = self.text, self.taken, self.seen
         held.starts = frozenset(a for a, _ in runs)
         held.ends = frozenset(z for _, z in runs)
         held.breaks = self.breaks | frozenset(p for p in range(len(self.text)) if p not in inside)
         held.live = held._live()
         held.first = frozenset(self.text[a] for a in held.starts if a + 1 in held.live)
         held.numbers = frozenset(m.group() for a, z in runs
-                                 for m in re.finditer(rb"-?\d+(?:\.\d+)?", self.text[a:z])) & self.numbers
+                                 for m in re.finditer(rb"-?\d+(?:\.\d+)?", self.seen[a:z])) & self.numbers
         held.stated = frozenset(n for a, z in runs for n in self._stated_in(a, z))
         held.runs, held.in_order, held._held, held.in_row, held.blocked = {}, False, {}, in_order, {}
         # the runs a list goes on from: the next run follows, joined by a comma or a
@@ -237,6 +250,8 @@ class Spans:
         for it that no value took yet (hold), else any. In order, a value is the
         first of them (listed, a list: the first and the next ones in a row)."""
         runs = self.runs.get(key)
+        if runs and self.taken:                 # (a run another key's value took is gone)
+            runs = tuple((a, z) for a, z in runs if self.taken.isdisjoint(range(a, z)))
         if not runs:
             return self
         memo = (key, runs, listed)
@@ -269,34 +284,62 @@ class Spans:
     def took(self, key, value):
         """These spans after a value of key was written (its bytes as the answer
         has them, ' ["a","b"]'): the runs it took are taken (in order: with every
-        run before them), the others stay for the next value. A key whose runs
-        are all taken is free again."""
-        runs = self.runs.get(key)
-        if not runs:
-            return self
+        run before them), the others stay for the next value; a key whose runs
+        are all taken is free again. And the words the value copied are taken:
+        no later value of any key copies them again (_copied)."""
         text = value.strip()
         try:
             items = json.loads(text) if text[:1] in (b"[", b'"') else [text.decode("utf-8")]
         except ValueError:
             items = []
-        left = list(runs)
-        for item in items if isinstance(items, list) else [items]:
-            item = str(item).encode("utf-8")
-            i = next((j for j, (a, z) in enumerate(left) if self.text[a:z] == item or
-                      item in self._stated_in(a, z)), None)
-            if i is not None:
-                left = left[i + 1:] if self.in_order else left[:i] + left[i + 1:]
+        items = [str(item).encode("utf-8") for item in (items if isinstance(items, list) else [items])]
         out = copy.copy(self)
-        out.blocked = {}
-        out.runs = {k: v for k, v in self.runs.items() if k != key}
-        if left:
-            out.runs[key] = tuple(left)
+        out.blocked, out._held = {}, {}
+        runs = self.runs.get(key)
+        if runs:
+            left = list(runs)
+            for item in items:
+                i = next((j for j, (a, z) in enumerate(left) if self.text[a:z] == item or
+                          item in self._stated_in(a, z)), None)
+                if i is not None:
+                    left = left[i + 1:] if self.in_order else left[:i] + left[i + 1:]
+            out.runs = {k: v for k, v in self.runs.items() if k != key}
+            if left:
+                out.runs[key] = tuple(left)
+        taken = set()
+        for item in items:
+            taken |= self._copied(item, self.taken | taken)
+        if taken:
+            out._index(self.text.decode("utf-8"), self.taken | taken)
         return out
+
+    def _copied(self, item, taken):
+        """The byte offsets of the request words a value copied (item: its bytes),
+        none of them in taken: a string's first whole-word run of them; a number's
+        digits only where that run is certain: written once in digits, not also in
+        words, not part of a time or date ("6" of "6:15"), so "snooze it six
+        minutes" after "wake me at 6:15" takes nothing."""
+        n = len(item)
+        if not n:
+            return set()
+        if re.fullmatch(rb"-?\d+(?:\.\d+)?", item):
+            digits = item.lstrip(b"-")
+            occ = [m for m in re.finditer(rb"\d+(?:\.\d+)?", self.text)
+                   if m.group() == digits and taken.isdisjoint(range(*m.span()))]
+            if len(occ) != 1 or digits.isdigit() and int(digits) in word_numbers(self.seen.decode("utf-8")):
+                return set()
+            word = re.search(rb"\S*$", self.text[:occ[0].start()]).group() + re.match(rb"\S*", self.text[occ[0].start():]).group()
+            return set(range(*occ[0].span())) if len(re.findall(rb"\d+", word)) == 1 else set()
+        for a in sorted(self.starts):
+            if self.text.startswith(item, a) and a + n in self.ends and taken.isdisjoint(range(a, a + n)) and \
+                    self.breaks.isdisjoint(range(a, a + n)):
+                return set(range(a, a + n))
+        return set()
 
     def _stated_in(self, a, z):
         """The numbers the run text[a:z] states: in digits as the request writes
         them, or in words."""
-        run = self.text[a:z]
+        run = self.seen[a:z]
         return {m.group() for m in re.finditer(rb"-?\d+(?:\.\d+)?", run) if m.group() in self.numbers} | \
             {str(n).encode() for n in word_numbers(run.decode("utf-8"))}
 
@@ -755,7 +798,7 @@ class State(NamedTuple):
     calls: int = 0               # calls opened so far
     spans: Spans = None          # the request's (span values), if known
     key: str = None              # the argument whose value is being written
-    vtext: bytes = b""           # that value's bytes so far, when its key holds runs (Spans.took)
+    vtext: bytes = b""           # that value's bytes so far, when it is copied (Spans.took)
 
 
 class Grammar:
@@ -780,7 +823,8 @@ class Grammar:
                     for k, p in props.items() if k and ":" not in k and wire.clean(k) == k}
             if required - {k for k, _ in keys.values()}:
                 continue                       # a required key the wire format cannot write
-            self.tools[t["name"].encode()] = {"name": t["name"], "keys": keys, "required": required}
+            self.tools[t["name"].encode()] = {"name": t["name"], "keys": keys, "required": required,
+                                              "spans": frozenset(k for k, node in keys.values() if node[0] == "span")}
             arg_names.update(k for k, _ in keys.values())
         reasons = list(REASONS) + [wire.REASON_MISSING + k for k in sorted(arg_names)]
         self.reasons = tuple(r.encode() for r in reasons)
@@ -802,8 +846,8 @@ class Grammar:
             v = value_step(s.value, sym)
             if v is None:
                 return None
-            held = s.spans is not None and s.key in s.spans.runs
-            return s._replace(value=v, vtext=s.vtext + bytes([sym]) if held else b"")
+            copied = s.spans is not None and s.key in self.tools[s.tool]["spans"]
+            return s._replace(value=v, vtext=s.vtext + bytes([sym]) if copied else b"")
         if s.phase in ("name", "reason", "key"):
             text = s.text + bytes([sym])
             cands = self._candidates(s._replace(text=text))
@@ -879,7 +923,7 @@ class Grammar:
             s = s._replace(tool=s.text, used=frozenset())
         elif s.phase != "value" or not value_done(s.value):
             return None
-        elif s.spans is not None and s.key in s.spans.runs:      # the runs this value took
+        elif s.spans is not None and s.key in self.tools[s.tool]["spans"]:   # the words this value took
             s = s._replace(spans=s.spans.took(s.key, s.vtext))
         tool = self.tools[s.tool]
         if sym == wire.ARG:

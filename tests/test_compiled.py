@@ -426,10 +426,12 @@ def test_every_copied_value_is_a_run_of_whole_request_words(router, compiled_dat
 
 def test_a_call_is_never_written_twice(router):
     """_Answer.push: a call that closes as one of the answer's earlier calls is
-    taken back and the answer ends there (a repeating model stops)."""
+    taken back and the answer ends there (a repeating model stops). (A request
+    that says its values once cannot even begin the repeat: a word is copied
+    once, grammar.Spans.took; these requests say them three and two times.)"""
     from sample import _Answer
     one = wire.render_answer([{"name": "track_order", "arguments": {"order_id": "ORD-1"}}])[:-len(wire.END)]
-    ans = _Answer(router, router.grammar(router.catalogue), "track ORD-1 and ORD-2", [])
+    ans = _Answer(router, router.grammar(router.catalogue), "track ORD-1, ORD-1, ORD-1 and ORD-2", [])
     ans.push(router.sp.encode(one + one + one + wire.END))
     assert ans.done() and router.sp.decode(ans.out) == one + wire.END
     two = wire.render_answer([{"name": "track_order", "arguments": {"order_id": "ORD-2"}}])[:-len(wire.END)]
@@ -440,7 +442,7 @@ def test_a_call_is_never_written_twice(router):
     a = wire.render_answer([{"name": "return_order", "arguments": {"order_id": "ORD-1", "product": "lamp"}}])
     b = wire.render_answer([{"name": "return_order", "arguments": {"product": "lamp", "order_id": "ORD-1"}}])
     a, b = a[:-len(wire.END)], b[:-len(wire.END)]
-    ans = _Answer(router, router.grammar(router.catalogue), "return the lamp from ORD-1", [])
+    ans = _Answer(router, router.grammar(router.catalogue), "return the lamp from ORD-1, the lamp from ORD-1", [])
     ans.push(router.sp.encode(a + b + wire.END))
     assert ans.done() and router.sp.decode(ans.out) == a + wire.END
 

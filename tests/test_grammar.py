@@ -657,3 +657,47 @@ def test_held_spans_take_only_the_tagged_runs():
     for bad in ('["rain"]', '["jacket and bath mat"]', '["rain jacket and bath mat"]', '["list"]', '["mat"]'):
         assert not takes("items", bad), bad
     assert takes("other", '["list"]') and takes("other", '["rain jacket and bath"]')
+
+
+def test_a_request_word_is_copied_once():
+    """Spans.took: the words a value copied are taken, for every later value of
+    any key and any call: a phone number, a name or a number the request says
+    once is written once ("save Gloria Chevalier, number 730-329-1991" cannot
+    give a second add_contact the same phone, nor a city the contact's name). A
+    text said twice may be copied twice. A number is taken only where its words
+    are certain: "6" of "6:15" is not taken by "six minutes"."""
+    contact = {"name": "add_contact", "parameters": {"type": "object", "properties": {
+        "name": {"type": "string"}, "phone": {"type": "string"}}, "required": ["name", "phone"]}}
+    volume = {"name": "set_volume", "parameters": {"type": "object", "properties": {
+        "level": {"type": "integer"}}, "required": ["level"]}}
+    keys = {("add_contact", "name"), ("add_contact", "phone"), ("set_volume", "level")}
+    g = grammar.Grammar([wire.normalize_tool(t) for t in (contact, volume)], span_keys=keys)
+
+    def write(request, answer):
+        """Step the grammar through answer (calls as [name, [(key, value), ...]]): the
+        state, or None where it refuses."""
+        s = g.start(request)
+        for i, (name, args) in enumerate(answer):
+            s = g.step(s, wire.CALL)
+            for sym in [*name.encode()] + [x for k, v in args for x in [wire.ARG, *f" {k}: {v}".encode()]]:
+                s = s and g.step(s, sym)
+            if s is None:
+                return None
+        return g.step(s, wire.END)
+    request = "Could you save Gloria Chevalier as a contact? Number is 730-329-1991."
+    first = ("add_contact", [("name", "Gloria Chevalier"), ("phone", "730-329-1991")])
+    assert write(request, [first]) is not None
+    assert write(request, [first, ("add_contact", [("name", "Number"), ("phone", "730-329-1991")])]) is None
+    assert write(request, [first, ("add_contact", [("name", "Chevalier"), ("phone", "Number")])]) is None
+    twice = "save Bo Li at 555-0100, then save Bo Li again at 555-0199"
+    assert write(twice, [("add_contact", [("name", "Bo Li"), ("phone", "555-0100")]),
+                         ("add_contact", [("name", "Bo Li"), ("phone", "555-0199")])]) is not None
+    said = "73 percent volume, then set it to seventy-five"
+    assert write(said, [("set_volume", [("level", "73")]), ("set_volume", [("level", "75")])]) is not None
+    assert write(said, [("set_volume", [("level", "73")]), ("set_volume", [("level", "73")])]) is None
+    # where the words of a number are not certain, nothing is taken
+    spans = grammar.Spans("wake me at 6:15 and snooze it six minutes")
+    assert spans.took("minutes", b" 6").taken == frozenset()
+    assert spans.took("time", b" 6:15").taken == frozenset(range(11, 15))
+    num = grammar.spanned(grammar.value_node({"type": "integer"}))
+    assert _takes(num, spans.took("time", b" 6:15"), "6")        # "six" is still there
