@@ -824,7 +824,9 @@ class Grammar:
             if required - {k for k, _ in keys.values()}:
                 continue                       # a required key the wire format cannot write
             self.tools[t["name"].encode()] = {"name": t["name"], "keys": keys, "required": required,
-                                              "spans": frozenset(k for k, node in keys.values() if node[0] == "span")}
+                                              "spans": frozenset(k for k, node in keys.values() if node[0] == "span"),
+                                              "texts": frozenset(k for k, node in keys.values()
+                                                                 if node[0] == "span" and node[1][0] != "num")}
             arg_names.update(k for k, _ in keys.values())
         reasons = list(REASONS) + [wire.REASON_MISSING + k for k in sorted(arg_names)]
         self.reasons = tuple(r.encode() for r in reasons)

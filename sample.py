@@ -65,6 +65,7 @@ from model import KVCache, CheckpointError, check_tokenizer, load_checkpoint
 from runtime import die
 
 MIN_ANSWER_TOKENS = 16     # a prompt must leave at least this much room in the context
+DROP = -1                  # step's choice to take back the call being written and end (_Answer.push)
 
 
 def quantize_int8(model):
@@ -122,6 +123,7 @@ class Router:
         self.heads = Heads(self) if has_heads else None
         self.answer_from_heads = has_heads
         self.cover_found = True            # a call answer uses every value the heads found (_Answer.allowed)
+        self.min_value_p = 0.001           # a later call's free text value the model gives less: no call (_Answer.unwanted)
         self.hold_to_tags = True           # span values are runs the tagger marked for their key (heads.py)
         self.runs_in_order = True          # ... each run taken once, in request order (grammar.Spans.hold)
         self.choose = greedy               # the step's choice; a benchmark may follow a fixed answer
@@ -300,6 +302,8 @@ def step(ans, logits, choose=greedy):
         return ([int(allowed[0])], 1.0) if len(allowed) else None
     scores = logits()[allowed]
     j = choose(scores, allowed, ans.out)
+    if ans.unwanted(logits, int(allowed[j])):
+        return [DROP], 1.0
     return [int(allowed[j])], float(F.softmax(scores, dim=-1)[j])
 
 
@@ -339,7 +343,8 @@ def decode_reference(router, tools, request, max_new_tokens=128, tool_choice="au
         if chosen is None or len(ans.out) + len(chosen[0]) > budget:    # a dead end, out of tokens
             return ans.cut(budget)
         ans.push(chosen[0])
-        logits = router.decode(chosen[0], cache)
+        if not ans.done():
+            logits = router.decode(chosen[0], cache)
     return ans.out
 
 
@@ -595,6 +600,12 @@ class _Answer:
         same tool and arguments, in any order), it is taken back and the answer
         ends there (a model that repeats a call has nothing more to ask; it would
         otherwise repeat it to the token budget)."""
+        if toks == [DROP]:                     # step: a later call the model would not fill
+            at, before = self.calls.pop()
+            del self.out[at:]
+            self.state = self.r.vocab.advance(self.g, before, self.r.end_id)
+            self.out.append(self.r.end_id)
+            return
         if toks and toks[0] == self.r.nocall_id and self.state.phase == "name":    # asks_for: a decline
             del self.out[self.calls[0][0]:]
             self.state, self.calls = self.calls[0][1], []
@@ -613,6 +624,24 @@ class _Answer:
             assert s is not None, "the grammar rejected a token it allowed"
             self.state = s
             self.out.append(t)
+
+    def unwanted(self, logits, tok):
+        """Is tok, the step's choice inside a text value of a compiled model's
+        second or later call, one the model would not write: not its likeliest
+        token and given less than min_value_p, in a value no tagged run holds
+        (the tagger found none left for its key, so the grammar lets it copy any
+        request words not taken yet: grammar.Spans.took)? Then the call is not
+        made: step takes it back and the answer ends (push). A call the request
+        does not ask for is what it stops ("save Elena Ward, number is 691-742-9377"
+        -> a second add_contact(name="Number", phone="is") once the phone is taken);
+        numbers are left alone, being often converted from words the model spells
+        its own way."""
+        s = self.state
+        if not self.r.min_value_p or s.phase != "value" or s.calls < 2 or self.r.catalogue is None or \
+                s.spans is None or s.key in s.spans.runs or s.key not in self.g.tools[s.tool]["texts"]:
+            return False
+        p = F.softmax(logits().float(), dim=-1)
+        return float(p[tok]) < self.r.min_value_p and int(p.argmax()) != tok
 
     def call_key(self, toks):
         """A call's tokens -> (its tool's text, the set of its arguments' texts): the

@@ -447,6 +447,39 @@ def test_a_call_is_never_written_twice(router):
     assert ans.done() and router.sp.decode(ans.out) == a + wire.END
 
 
+def test_a_later_call_the_model_would_not_fill_is_taken_back(router):
+    """step and _Answer.unwanted: in a compiled model's second or later call, a
+    text value no tagged run holds is written only as the model would write it;
+    when the grammar leaves only words the model gives less than min_value_p (the
+    phone it wanted is taken), the call is taken back and the answer ends there.
+    The first call, and a choice the model likes best, are never taken back."""
+    from sample import DROP, step
+    g = router.grammar(router.catalogue)
+    assert "order_id" in g.tools[b"track_order"]["texts"]
+    request = "track ORD-1 please"
+    first = wire.render_answer([{"name": "track_order", "arguments": {"order_id": "ORD-1"}}])[:-len(wire.END)]
+    refused = torch.zeros(router.sp.get_piece_size())
+    refused[router.nocall_id] = 30.0                     # what the model wants, the grammar does not allow here
+
+    def at_second_value():
+        ans = _Answer(router, g, request, router.encode_request(request))
+        ans.push(router.sp.encode(first + wire.CALL + "track_order" + wire.ARG + " order_id:"))
+        assert ans.state.phase == "value" and ans.state.calls == 2
+        return ans
+    ans = at_second_value()
+    toks, _ = step(ans, lambda: refused)
+    assert toks == [DROP]
+    ans.push(toks)
+    assert ans.done() and router.sp.decode(ans.out) == first + wire.END
+    ans = at_second_value()                              # the model's own choice stands
+    liked = torch.zeros(router.sp.get_piece_size())
+    liked[int(ans.allowed()[0])] = 30.0
+    assert step(ans, lambda: liked)[0] != [DROP]
+    ans = _Answer(router, g, request, router.encode_request(request))   # the first call: never taken back
+    ans.push(router.sp.encode(wire.CALL + "track_order" + wire.ARG + " order_id:"))
+    assert step(ans, lambda: refused)[0] != [DROP]
+
+
 def test_a_first_call_of_a_tool_the_request_cannot_fill_asks_for_the_value(router, monkeypatch):
     """_Answer.asks_for: when the tool the model rates highest for its first call
     has a required value the request does not hold (grammar.Grammar.blocked), the
