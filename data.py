@@ -100,10 +100,6 @@ def parse_args(argv=None):
     p.add_argument("--teacher_rps", type=float, default=5.0, help="most requests started per second")
     p.add_argument("--teacher_cache", default=None, help="default: <out_dir>/teacher_cache.jsonl")
     p.add_argument("--vocab_size", type=int, default=4096)
-    p.add_argument("--sampled_rows", type=int, default=0, metavar="K",
-                   help="K more training rows of each example, its request cut into pieces another way each "
-                        "time (BPE dropout): robustness to words never seen whole")
-    p.add_argument("--sample_alpha", type=float, default=0.1, help="the dropout of --sampled_rows")
     p.add_argument("--max_len", type=int, default=512, help="drop examples longer than this (tokens)")
     p.add_argument("--group", type=int, default=1,
                    help="training examples per shared tool list (for train.py --share_prefix; 1: none)")
@@ -532,9 +528,7 @@ def write_data_dir(args, tools, splits, compiled, invented, held_names):
             "heldout_tools": sorted(held_names), "seed": args.seed, "args": vars(args), "splits": {}}
     card = None
     for split, examples in splits.items():
-        sampled = args.sampled_rows if split == "train" else 0
-        kept, n_tok, lens = write_tokens(sp, examples, args.out_dir, split, args.max_len, compiled, tags, intents,
-                                         sampled, args.sample_alpha, args.seed)
+        kept, n_tok, lens = write_tokens(sp, examples, args.out_dir, split, args.max_len, compiled, tags, intents)
         write_jsonl(os.path.join(args.out_dir, f"{split}.jsonl"), kept)
         meta["splits"][split] = {"examples": len(kept), "dropped_too_long": len(examples) - len(kept),
                                  "tokens": n_tok, "tokens_p50": pct(lens, 50),

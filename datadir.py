@@ -24,7 +24,6 @@ import os
 from typing import NamedTuple
 
 import numpy as np
-import sentencepiece as spm
 import torch
 
 import grammar
@@ -149,15 +148,14 @@ def request_words(sp, request, nbytes, ids=None):
     return ids, words, text.encode("utf-8")
 
 
-def request_tags(sp, ex, tag_index, nbytes, ids=None):
+def request_tags(sp, ex, tag_index, nbytes):
     """Each request token's tag (indices into tag_names): on the first token of
     each word, the argument whose value the word begins (B) or continues (I), else
     O; every other token "-" (no tag, no loss). A value (each item of a list) is
     placed at the first run of whole words that spells it and that no other value
     took; a value no run spells (converted, not copied) is not tagged.
-    ids: the request's token ids, if encoded already (a sampled segmentation).
     -> (tags, owners): owners[j] is (tool name, key) for a tagged token, else None."""
-    ids, words, text = request_words(sp, ex["request"], nbytes, ids)
+    ids, words, text = request_words(sp, ex["request"], nbytes)
     tags, owners, taken = [0] * len(ids), [None] * len(ids), set()
     for tok, _, _ in words:
         tags[tok] = tag_index["O"]
@@ -252,53 +250,38 @@ def catalogue_positions(sp, tools):
     return names, args
 
 
-def encode_example(sp, ex, nbytes, compiled=False, request_ids=None):
+def encode_example(sp, ex, nbytes, compiled=False):
     """-> (token ids, per-token class: 0 on the prompt, else the answer part it
     belongs to). The answer is encoded separately so the boundary falls exactly
-    on the first answer token. compiled: the prompt is the request alone.
-    request_ids: the request's tokens, if not sp.encode's (a sampled segmentation)."""
-    if request_ids is None:
-        request_ids = sp.encode(wire.render_request(ex["request"]))
-    prompt = sp.encode(wire.render_prefix(None if compiled else ex["tools"])) + request_ids
+    on the first answer token. compiled: the prompt is the request alone."""
+    prompt = sp.encode(wire.render_prompt(None if compiled else ex["tools"], ex["request"]))
     spans = wire.answer_spans(ex["calls"], ex["reason"])
     answer = sp.encode("".join(t for t, _ in spans))
     return prompt + answer, [0] * len(prompt) + token_classes(answer, spans, nbytes)
 
 
-def write_tokens(sp, examples, out_dir, split, max_len, compiled=False, tags=None, intents=None,
-                 sampled=0, alpha=0.1, seed=0):
+def write_tokens(sp, examples, out_dir, split, max_len, compiled=False, tags=None, intents=None):
     """Token files for one split; examples over max_len are dropped and counted.
-    sampled=K adds K more rows of each kept example after them all, its request
-    cut into pieces another way each time (sentencepiece's subword sampling, alpha
-    its smoothing; Kudo 2018): a word the model never saw whole is cut into
-    unusual pieces, and these rows show it known words cut that way.
     tags (tag_names) and intents (tool names + "<no call>", compiled only) add
     {split}_tag.bin (each prompt token's tag) and {split}_intent.npy (each
     example's first tool) for the aux losses; for a catalogue in the prompt the
     intent is the position of that tool's name (0: no call), and {split}_ptr.bin
     gives each tagged request token the position of its argument's name.
     -> (kept examples, number of tokens, length of each kept example)."""
-    ids, cls, tag_ids, intent_ids, ptr_ids, offsets, kept, groups = [], [], [], [], [], [0], [], []
+    ids, cls, tag_ids, intent_ids, ptr_ids, offsets, kept = [], [], [], [], [], [0], []
     nbytes = piece_lengths(sp)
     tag_index = {t: i for i, t in enumerate(tags or [])}
-    rows = [(ex, None) for ex in examples]
-    if sampled:
-        spm.set_random_generator_seed(seed + 1)
-        rows += [(ex, sp.encode(wire.render_request(ex["request"]), enable_sampling=True, alpha=alpha, nbest_size=-1))
-                 for _ in range(sampled) for ex in examples]
-    for i, (ex, request_ids) in enumerate(rows):
-        x, c = encode_example(sp, ex, nbytes, compiled, request_ids)
+    for ex in examples:
+        x, c = encode_example(sp, ex, nbytes, compiled)
         if len(x) > max_len:
             continue
         ids.extend(x)
         cls.extend(c)
         offsets.append(len(ids))
-        groups.append(ex.get("group", i % len(examples)))
-        if request_ids is None:
-            kept.append(ex)
+        kept.append(ex)
         if tags:
             n_prompt = next((i for i, k in enumerate(c) if k), len(c))
-            rt, owners = request_tags(sp, ex, tag_index, nbytes, request_ids)
+            rt, owners = request_tags(sp, ex, tag_index, nbytes)
             tag_ids.extend([0] * (n_prompt - len(rt)) + rt + [0] * (len(x) - n_prompt))
         if intents:
             name = ex["calls"][0]["name"] if ex["calls"] else intents[-1]
@@ -320,8 +303,9 @@ def write_tokens(sp, examples, out_dir, split, max_len, compiled=False, tags=Non
     (cls > 0).astype(np.uint8).tofile(os.path.join(out_dir, f"{split}_mask.bin"))
     cls.tofile(os.path.join(out_dir, f"{split}_cls.bin"))
     np.save(os.path.join(out_dir, f"{split}_idx.npy"), np.array(offsets, dtype=np.int64))
+    groups = [ex.get("group", i) for i, ex in enumerate(kept)]
     np.save(os.path.join(out_dir, f"{split}_group.npy"), np.array(groups, dtype=np.int64))
-    return kept, len(ids), np.diff(offsets)[:len(kept)]
+    return kept, len(ids), np.diff(offsets)
 
 
 # -----------------------------------------------------------------------------
