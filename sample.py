@@ -601,10 +601,7 @@ class _Answer:
         ends there (a model that repeats a call has nothing more to ask; it would
         otherwise repeat it to the token budget)."""
         if toks == [DROP]:                     # step: a later call the model would not fill
-            at, before = self.calls.pop()
-            del self.out[at:]
-            self.state = self.r.vocab.advance(self.g, before, self.r.end_id)
-            self.out.append(self.r.end_id)
+            self.end_before_last_call()
             return
         if toks and toks[0] == self.r.nocall_id and self.state.phase == "name":    # asks_for: a decline
             del self.out[self.calls[0][0]:]
@@ -614,9 +611,7 @@ class _Answer:
                 at = self.calls[-1][0]
                 mine = self.call_key(self.out[at:])
                 if any(self.call_key(self.out[a:b]) == mine for (a, _), (b, _) in zip(self.calls, self.calls[1:])):
-                    del self.out[at:]
-                    self.state = self.r.vocab.advance(self.g, self.calls[-1][1], self.r.end_id)
-                    self.out.append(self.r.end_id)
+                    self.end_before_last_call()
                     return
             if t == self.r.call_id:
                 self.calls.append([len(self.out), self.state])
@@ -624,6 +619,13 @@ class _Answer:
             assert s is not None, "the grammar rejected a token it allowed"
             self.state = s
             self.out.append(t)
+
+    def end_before_last_call(self):
+        """Take back the call being written (from its <|call|> on) and end the answer there."""
+        at, before = self.calls.pop()
+        del self.out[at:]
+        self.state = self.r.vocab.advance(self.g, before, self.r.end_id)
+        self.out.append(self.r.end_id)
 
     def unwanted(self, logits, tok):
         """Is tok, the step's choice inside a text value of a compiled model's
