@@ -46,7 +46,8 @@ silently dropped.
 
 A model that reads the catalogue from the prompt sees, as in sample.py and serve.py,
 only the --retrieve_k tools most related to the request when a catalogue is longer
-(retrieve.py). A gold tool retrieval drops cannot be called: that item counts as the
+(retrieve.py), and fewer when those would not leave room in the context for the
+answer (Router.fit). A gold tool retrieval drops cannot be called: that item counts as the
 model's error, and the report says on how many items it happened.
 
 Compare result files (no model needed; differences from the first file):

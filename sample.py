@@ -7,7 +7,7 @@ constrained so that the answer is always a valid call (or a no-call).
     python sample.py --ckpt out/demo/best.pt --tools my_tools.json --json "turn off the porch light"
     python sample.py ... --no_constrain        # the raw model, which may answer anything
     python sample.py ... --quantize int8       # int8 weights for the linear layers (CPU)
-    python sample.py ... --retrieve_k 0        # a long catalogue whole (default: the 8 tools most related to the request)
+    python sample.py ... --retrieve_k 0        # a long catalogue whole, as far as it fits (default: the 8 tools most related to the request)
 
 Prints the call(s) as JSON, or the no-call reason; --json adds the confidence and
 timing. --tools takes OpenAI function definitions or bare {name, description,
@@ -15,7 +15,8 @@ parameters} objects, as a JSON list. The tokenizer is the one in the checkpoint'
 data dir (or --data_dir), and must be the one the checkpoint was trained with.
 
 A model that reads the catalogue from the prompt gets only the --retrieve_k tools
-most related to the request when there are more (retrieve.py); a compiled model
+most related to the request when there are more (retrieve.py), and fewer when those
+would not leave room in its context for the answer (Router.fit); a compiled model
 never retrieves.
 
 Top to bottom: Router (loading, the tools a request may call, prompts, answer);
@@ -65,6 +66,7 @@ from model import KVCache, CheckpointError, check_tokenizer, load_checkpoint
 from runtime import die
 
 MIN_ANSWER_TOKENS = 16     # a prompt must leave at least this much room in the context
+FIT_ROOM = 64              # ... and a catalogue in the prompt is cut to leave this much (Router.fit)
 DROP = -1                  # step's choice to take back the call being written and end (_Answer.push)
 
 
@@ -129,7 +131,8 @@ class Router:
         self.choose = greedy               # the step's choice; a benchmark may follow a fixed answer
         self.grammars = OrderedDict()      # catalogue -> Grammar, most recent last
         # A catalogue in the prompt longer than retrieve_k: only its retrieve_k tools
-        # most related to the request reach the model (retrieve.py; 0 = all of them)
+        # most related to the request reach the model (retrieve.py; 0 = all of them),
+        # fewer when they would not fit the context (fit)
         self.retrieve_k = retrieve_k
         self.indexes = OrderedDict()       # catalogue -> retrieve.Index, most recent last
         self.prefixes = OrderedDict()      # prefix token ids -> (KVCache, its last_k, n_src)
@@ -146,15 +149,12 @@ class Router:
         catalogue; tools given must be in it with the schema it was compiled with
         (the answer is then restricted to them), else a ToolError naming the tool.
         A catalogue-in-the-prompt model takes any tools, and needs some; given the
-        request, a catalogue longer than retrieve_k is cut to the retrieve_k tools
-        most related to it (a tool tool_choice names is always kept)."""
+        request, a catalogue longer than retrieve_k, or too long for the context, is
+        cut to the tools most related to it (fit)."""
         if self.catalogue is None:
             if tools is None:
                 raise wire.ToolError("this model reads the tools from the prompt: pass the tools")
-            if request is None or not 0 < self.retrieve_k < len(tools):
-                return tools
-            index = remember(self.indexes, json.dumps(tools, sort_keys=True), lambda: retrieve.Index(tools), 32)
-            return index.top_k(request, self.retrieve_k, keep=(tool_choice,))
+            return tools if request is None else self.fit(tools, request, tool_choice)
         if tools is None or tools is self.catalogue:
             return self.catalogue
         known = {t["name"]: t for t in self.catalogue}
@@ -169,6 +169,23 @@ class Router:
                 raise wire.ToolError(f"tool '{t['name']}': {diff} than the compiled one; this model cannot "
                                      "call it as given (compile a model with the new schema)")
         return tools
+
+    def fit(self, tools, request, tool_choice="auto"):
+        """A catalogue in the prompt, cut for one request: its retrieve_k tools most
+        related to the request (retrieve.py; 0 = all), and fewer while the prompt
+        would leave less than FIT_ROOM tokens of the context for the answer, the
+        least related dropped first (a tool tool_choice names is always kept). A
+        catalogue that fits and is no longer than retrieve_k is returned as it is."""
+        k = self.retrieve_k if 0 < self.retrieve_k < len(tools) else len(tools)
+        room = self.model.config.block_size - FIT_ROOM - len(self.encode_request(request))
+        if k == len(tools) and len(self.encode_prefix(tools)) <= room:
+            return tools
+        index = remember(self.indexes, json.dumps(tools, sort_keys=True), lambda: retrieve.Index(tools), 32)
+        while True:
+            kept = index.top_k(request, k, keep=(tool_choice,))
+            if k <= 1 or len(self.encode_prefix(kept)) <= room:
+                return kept
+            k -= 1
 
     def encode_request(self, request):
         # the request follows a special token, so it is tokenized on its own either way

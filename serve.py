@@ -29,7 +29,8 @@ The chat endpoint fronts a router, not a chat model:
     then is kept: the calls before the cut, or a decline "no tool fits");
   - identical calls in one answer are sent once;
   - a catalogue in the prompt longer than --retrieve_k tools (default 8): the model sees
-    only the k most related to the request (retrieve.py), and a tool tool_choice names;
+    only the k most related to the request (retrieve.py), fewer when they would not
+    leave room for an answer in its context, and a tool tool_choice names;
     x_nanotool.retrieved lists them. A compiled model never retrieves;
   - decoding is greedy and constrained. temperature, top_p, seed, frequency_penalty and
     presence_penalty are checked (a bad value is a 400) and have no effect; logprobs /

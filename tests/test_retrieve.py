@@ -102,6 +102,27 @@ def test_router_gives_the_model_only_k_tools_of_a_long_catalogue(router, monkeyp
     assert len(router.indexes) == 1      # one index for the one long catalogue asked twice
 
 
+def test_a_catalogue_too_long_for_the_context_keeps_the_most_related_tools_that_fit(router, monkeypatch):
+    import sample
+    tools, order = wire.normalize_tools(CATALOGUE), "Where's my order ORD-1234?"
+    best2 = retrieve.Index(tools).top_k(order, 2)
+    n_two = len(router.encode_prompt(best2, order))
+    # leave exactly the room of the two most related tools: the third no longer fits
+    monkeypatch.setattr(sample, "FIT_ROOM", router.model.config.block_size - n_two)
+    assert len(router.encode_prompt(retrieve.Index(tools).top_k(order, 3), order)) > n_two
+    seen = seen_by_model(router, monkeypatch)
+    for k in (3, 0):                 # retrieval's k, and the whole catalogue asked for
+        router.retrieve_k = k
+        try:
+            res = router.answer(tools, order, max_new_tokens=8)
+        finally:
+            router.retrieve_k = 3
+        assert seen[-1] == names(best2) == res["retrieved"] and "trackOrder" in seen[-1]
+    # a catalogue that fits as it is reaches the model whole
+    monkeypatch.setattr(sample, "FIT_ROOM", 64)
+    assert router.answer(tools[:3], order, max_new_tokens=8)["retrieved"] is None and seen[-1] == names(tools[:3])
+
+
 def test_the_server_keeps_the_tool_tool_choice_names_and_says_what_the_model_saw(router):
     from fastapi.testclient import TestClient
     import serve
