@@ -813,7 +813,7 @@ def test_log_requests_is_training_data_that_imports(tmp_path):
 
 def slow_body(tag):
     """250 tools of 10 arguments (170 kB, 9,500 JSON values, within the limits): ~1-2 s
-    of schema checks on this machine; refused at the end as too long for the context."""
+    of schema checks on this machine; answered at the end with the few tools that fit the context."""
     tools = [_tool(name=f"t{i}_{tag}", parameters=_params(**{f"p{j}": {"type": "string", "description": "A value."}
                                                             for j in range(10)})) for i in range(250)]
     return json.dumps(_chat(tools=tools)).encode()
@@ -841,6 +841,7 @@ def test_health_and_the_model_answer_while_a_large_body_is_checked(router):
     finally:
         server.close()
     assert status == 200 and health["status"] == "ok" and status2 == 200 and r["choices"][0]["message"]
-    assert done["r"][0] == 400 and "context" in done["r"][1]["error"]["message"]   # checked to the end
+    # checked to the end, then answered: 8 retrieved tools of 10 arguments do not fit the context, fewer do
+    assert done["r"][0] == 200 and 0 < len(done["r"][1]["x_nanotool"]["retrieved"]) < 8
     assert overlapped, "the large body was checked before the probes ran: make it larger"
     assert t_health < 0.25 and t_both < 1.0, (t_health, t_both)
