@@ -434,12 +434,14 @@ def parse_options(body):
 
 
 def shortest_chars(tools, chars, retrieve_k):
-    """The length of the tools' prompt text (chars, from parse_tools), or when
-    retrieval will cut the catalogue to retrieve_k tools (Router.tools_for), a
-    lower bound on it: its retrieve_k shortest tools'."""
-    if not 0 < retrieve_k < len(tools):
+    """A lower bound on the length of the tools' prompt text: chars (the whole
+    catalogue's, from parse_tools) for one tool or none; else the shortest tool's,
+    as the router cuts a catalogue to its retrieve_k tools and then to the most
+    related ones that fit the context, one at the least (Router.fit; retrieve_k
+    0 = all)."""
+    if len(tools) <= 1:
         return chars
-    return sum(sorted(len(wire.render_tool(t)) for t in tools)[:retrieve_k])
+    return min(len(wire.render_tool(t)) for t in tools)
 
 
 def check_fits(tools_chars, text, context, compiled=False):
