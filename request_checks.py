@@ -433,12 +433,11 @@ def parse_options(body):
             "ignored": sorted(k for k in body if k not in USED_FIELDS and body[k] is not None)}
 
 
-def shortest_chars(tools, chars, retrieve_k):
+def shortest_chars(tools, chars):
     """A lower bound on the length of the tools' prompt text: chars (the whole
     catalogue's, from parse_tools) for one tool or none; else the shortest tool's,
-    as the router cuts a catalogue to its retrieve_k tools and then to the most
-    related ones that fit the context, one at the least (Router.fit; retrieve_k
-    0 = all)."""
+    as the router cuts a catalogue to the tools most related to the request that
+    fit the context, one at the least (sample.Router.fit)."""
     if len(tools) <= 1:
         return chars
     return min(len(wire.render_tool(t)) for t in tools)
@@ -455,10 +454,9 @@ def check_fits(tools_chars, text, context, compiled=False):
                          f"context is {context}", "messages", code="context_length_exceeded")
 
 
-def parse_chat(body, cap, context, only_model=None, compiled=False, retrieve_k=0):
+def parse_chat(body, cap, context, only_model=None, compiled=False):
     """A chat-completions body (bytes) -> the job it asks for; BadRequest if anything is wrong.
-    compiled: the model has its own catalogue (no tools: all of it); retrieve_k: the
-    router keeps that many tools of a longer catalogue (0: all)."""
+    compiled: the model has its own catalogue (no tools: all of it)."""
     data = load_json(body, "tools")
     job = parse_options(data)
     if only_model is not None and data.get("model", only_model) != only_model:
@@ -469,13 +467,13 @@ def parse_chat(body, cap, context, only_model=None, compiled=False, retrieve_k=0
     job["choice"] = parse_tool_choice(data.get("tool_choice"), job["tools"])
     job["max_tokens"] = parse_max_tokens(data, ["max_completion_tokens", "max_tokens"], cap)
     if job["tool_result"] is None:
-        check_fits(shortest_chars(job["tools"], chars, retrieve_k), job["text"], context, compiled)
+        check_fits(shortest_chars(job["tools"], chars), job["text"], context, compiled)
     return job
 
 
-def parse_flat(body, cap, context, compiled=False, retrieve_k=0):
+def parse_flat(body, cap, context, compiled=False):
     """A /tool-call body (bytes) -> its job. compiled: available_functions may be
-    left out (the model's own catalogue); retrieve_k as in parse_chat."""
+    left out (the model's own catalogue)."""
     data = load_json(body, "available_functions")
     prompt = data.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
@@ -487,6 +485,6 @@ def parse_flat(body, cap, context, compiled=False, retrieve_k=0):
                          "(an empty list means no tool can be called)", "available_functions",
                          code="missing_required_parameter")
     tools, chars = parse_tools(data["available_functions"], "available_functions")
-    check_fits(shortest_chars(tools, chars, retrieve_k), prompt, context, compiled)
+    check_fits(shortest_chars(tools, chars), prompt, context, compiled)
     return {"text": prompt, "tools": tools, "choice": parse_tool_choice(data.get("tool_choice"), tools),
             "max_tokens": parse_max_tokens(data, ["max_tokens"], cap)}

@@ -389,7 +389,6 @@ def create_app(router, model_id="nanotool", teacher=None, fallback_below=0.0,
     turn = asyncio.Lock()
     checked, log = Checker(max_request_bytes), RequestLog(log_requests) if log_requests else None
     context, compiled = router.model.config.block_size, router.catalogue is not None
-    retrieve_k = 0 if compiled else router.retrieve_k
     health_info = {"status": "ok", "model": model_id, "context": context,
                    "compiled_tools": len(router.catalogue) if compiled else None,
                    "fallback": getattr(teacher, "id", None), "fallback_below": fallback_below if teacher else None}
@@ -454,14 +453,14 @@ def create_app(router, model_id="nanotool", teacher=None, fallback_below=0.0,
     @app.post("/tool-call")
     async def tool_call(request: Request):
         job = await checked(request, functools.partial(parse_flat, cap=max_new_tokens, context=context,
-                                                       compiled=compiled, retrieve_k=retrieve_k))
+                                                       compiled=compiled))
         return JSONResponse(tool_call_response(await route(job, endpoint="tool-call")))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         job = await checked(request, functools.partial(parse_chat, cap=max_new_tokens, context=context,
                                                        only_model=model_id if strict_model else None,
-                                                       compiled=compiled, retrieve_k=retrieve_k))
+                                                       compiled=compiled))
         if job["tool_result"] is not None:
             n = await in_thread(count_prompt, job["tools"], job["tool_result"])
             ans = tool_result_answer(job["tool_result"], n, model_id)

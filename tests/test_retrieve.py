@@ -168,15 +168,14 @@ def test_the_servers_length_precheck_counts_only_what_the_router_must_keep():
     tools = [tool(f"t{i:03d}", "A tool that does one thing with a value. " * 4, x="A value.") for i in range(100)]
     chars = len(wire.render_tools(tools))
     assert chars > request_checks.CHARS_PER_TOKEN * 512                     # too long whole ...
-    for k in (0, 8):                     # ... but the router cuts it to the tools that fit (Router.fit)
-        kept = request_checks.shortest_chars(tools, chars, k)
-        assert kept == len(wire.render_tool(tools[0]))
-        request_checks.check_fits(kept, "hi", 512)
+    kept = request_checks.shortest_chars(tools, chars)     # ... but the router cuts it to the tools that fit
+    assert kept == len(wire.render_tool(tools[0]))
+    request_checks.check_fits(kept, "hi", 512)
     huge = [tool("big", "A very long description. " * 1000, x="A value."), tools[0]]
     one = len(wire.render_tools(huge[:1]))
-    assert request_checks.shortest_chars(huge[:1], one, 8) == one            # one tool: the whole of it
+    assert request_checks.shortest_chars(huge[:1], one) == one               # one tool: the whole of it
     with pytest.raises(request_checks.BadRequest, match="context"):
-        request_checks.check_fits(request_checks.shortest_chars(huge[:1], one, 8), "hi", 512)
+        request_checks.check_fits(request_checks.shortest_chars(huge[:1], one), "hi", 512)
 
 
 def test_recall_script_end_to_end(tmp_path, capsys):

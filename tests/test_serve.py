@@ -102,7 +102,7 @@ class FakeRouter:
 
     def __init__(self, result):
         self.result, self.model = result, SimpleNamespace(config=SimpleNamespace(block_size=512))
-        self.catalogue, self.retrieve_k = None, 8    # a catalogue-in-the-prompt model, as Router has it
+        self.catalogue = None                        # a catalogue-in-the-prompt model, as Router has it
 
     def answer(self, tools, request, max_new_tokens=128, constrain=True, tool_choice="auto"):
         if isinstance(self.result, Exception):
