@@ -155,6 +155,9 @@ def _abbreviation_at(text, i):
         any(m.end() == i + 1 for m in ABBREVIATION.finditer(text, max(0, i - 12), i + 1))
 
 
+LONE_NUMBER = r"(?<![^\W_])\d+(?:\.\d+)?(?![^\W\d_])"   # digits with no letter or digit glued before, no letter after
+
+
 class Spans:
     """Where a value copied from this request may begin and end: byte offsets into
     its UTF-8 text, and the numbers it writes in digits.
@@ -212,9 +215,10 @@ class Spans:
                                 if not _abbreviation_at(text, m.start())) | taken
         self.live = self._live()
         self.first = frozenset(self.text[a] for a in starts if a + 1 in self.live)   # bytes a value may open with
-        # numbers as written ("107", "3.5", and "-3" where the minus is no hyphen)
+        # numbers as written ("107", "3.5", and "-3" where the minus is no hyphen),
+        # not glued to letters: "A6736344" is an order id, not the number 6736344
         nums = set()
-        for m in re.finditer(r"\d+(?:\.\d+)?", seen):
+        for m in re.finditer(LONE_NUMBER, seen):
             nums.add(m.group().encode())
             if m.start() and seen[m.start() - 1] == "-" and (m.start() < 2 or not seen[m.start() - 2].isalnum()):
                 nums.add(b"-" + m.group().encode())
@@ -324,7 +328,7 @@ class Spans:
             return set()
         if re.fullmatch(rb"-?\d+(?:\.\d+)?", item):
             digits = item.lstrip(b"-")
-            occ = [m for m in re.finditer(rb"\d+(?:\.\d+)?", self.text)
+            occ = [m for m in re.finditer(LONE_NUMBER.encode(), self.text)
                    if m.group() == digits and taken.isdisjoint(range(*m.span()))]
             if len(occ) != 1 or digits.isdigit() and int(digits) in word_numbers(self.seen.decode("utf-8")):
                 return set()

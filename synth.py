@@ -241,7 +241,9 @@ def classify_value(request, value, prop):
         if word_span(request, text):
             return "span", "number"
         words = isinstance(value, int) and number_words(value)
-        if words and re.search(r"(?<![\w-])" + re.escape(words) + r"(?![\w-])", request.lower()):
+        # "three-minute" states 3, "twenty-five" does not state 20
+        if words and re.search(r"(?<![\w-])" + re.escape(words) + r"(?![\w]|-(?:one|two|three|four|five|six|seven|"
+                               r"eight|nine)\b)", request.lower()):
             return "converted", "number in words"
         if text in request:
             return "bad", "number glued to other characters"
@@ -321,10 +323,22 @@ def _value_texts(args):
 # -----------------------------------------------------------------------------
 # examples
 
-def vary(text, rng):
-    """Light surface variation: case of the first letter, end punctuation."""
-    if rng.random() < 0.2 and text[:1].isupper() and not text.startswith("I "):
-        text = text[0].lower() + text[1:]
+def vary(text, rng, calls=()):
+    """Light surface variation: the case of a word's first letter (people write
+    "Remove ..." and "remove ..." alike, so neither reads as the start of a name):
+    a sentence's first word one time in five, any other word not in a value of
+    `calls` one time in thirty; end punctuation. A word after "p.m." or "St." does
+    not start a sentence."""
+    keep = {w for c in calls for t in _value_texts(c["arguments"]) for w in t.split()}
+    words = text.split(" ")
+    for i, w in enumerate(words):
+        prev = words[i - 1] if i else ""
+        starts = i == 0 or (prev[-1:] in ".?!" and "." not in prev[:-1])
+        plain = w[:1].isalpha() and (w[1:].islower() or len(w) == 1) and "." not in w[:-1] \
+            and w != "I" and not w.startswith("I'")
+        if plain and rng.random() < (0.2 if starts else 0.0 if w in keep else 1 / 30):
+            words[i] = (w[0].lower() if w[0].isupper() else w[0].upper()) + w[1:]
+    text = " ".join(words)
     if rng.random() < 0.15 and text[-1:] in ".?!":
         text = text[:-1]
     return text
@@ -427,7 +441,7 @@ class Generator:
         schemas = {e["tool"]["name"]: e["tool"] for e in targets}
         if kind == "single":
             request, call = self._call(targets[0], rng)
-            text = vary(request, rng)
+            text = vary(request, rng, [call])
             # "p.m." lost its dot, or a value that begins the request lost its capital
             text = text if spans_ok(text, [call], schemas) else request
             return self._ex(kind, self._tools(fixed, rng, targets[:1], allowed), text, [call])
@@ -437,6 +451,8 @@ class Generator:
             text = join_requests(list(reqs), rng, [c["arguments"] for c in calls])
             if not spans_ok(text, list(calls), schemas):   # a value ended in "!" or "?"
                 text = " ".join(reqs)
+            varied = vary(text, rng, calls)
+            text = varied if spans_ok(varied, list(calls), schemas) else text
             return self._ex(kind, self._tools(fixed, rng, uniq, allowed), text, list(calls))
         if kind == "chitchat":
             return self._ex(kind, self._tools(fixed, rng, [], allowed), vary(rng.choice(self.pools["chitchat"]), rng),

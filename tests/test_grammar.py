@@ -429,6 +429,8 @@ def accepts_span(node, request, text):
     ({"type": "array", "items": {"type": "string"}}, "add milk and eggs to my shopping list",
      ['["milk","eggs"]', '["milk and eggs"]'], ['[]', '["c milk","cggs"]', '["mil"]', '["milk"', '["milk\\u0020"]']),
     ({"type": "integer"}, "set the volume to 90 for 107 min", ["90", "107"], ["9", "10", "5", "-90"]),
+    # digits glued to letters are part of a word (an order id), never a number of their own
+    ({"type": "integer"}, "return order A6736344 for $20, the 20-minute one", ["20"], ["6736344", "736344", "4"]),
     # a value never runs past the end of a sentence or clause; an abbreviation's period is none
     ({"type": "string"}, "free time on September 25. Then look in St. Louis; call Mr. O'Connor! ok?",
      ["September 25", "Then look in St. Louis", "call Mr. O'Connor", "ok"],

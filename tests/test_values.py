@@ -8,7 +8,7 @@ import re
 import wire
 from invent import PARAMS, invent_tools
 from synth import (Generator, classify_value, join_requests, load_catalogue, load_json, value_classes,
-                   word_span)
+                   vary, word_span)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CATALOGUE = os.path.join(ROOT, "assets", "catalogue.json")
@@ -100,6 +100,19 @@ def test_multi_call_requests_do_not_run_a_value_into_the_next_request():
         sizes[len(ex["calls"])] = sizes.get(len(ex["calls"]), 0) + 1
         assert not [c for c in value_classes(ex, [e["tool"] for e in entries]) if c[3] == "bad"], ex
     assert set(sizes) == {2, 3}
+
+
+def test_varied_case_never_touches_a_value_and_reaches_both_cases_of_a_sentence_start():
+    rng = random.Random(0)
+    call = {"name": "add_contact", "arguments": {"name": "Ann Lee", "phone": "555-0100"}}
+    text = "save Ann Lee as a contact? number is 555-0100. Also call at 5 p.m. tomorrow"
+    seen = set()
+    for _ in range(400):
+        out = vary(text, rng, [call])
+        assert word_span(out, "Ann Lee") and "555-0100" in out and "p.m. tomorrow" in out.lower(), out
+        assert out.lower().rstrip(".") == text.lower().rstrip("."), out
+        seen |= {w for w in out.split() if w.lower() in ("save", "number")}
+    assert seen == {"save", "Save", "number", "Number"}
 
 
 def _template_regexes(entry):
