@@ -46,7 +46,7 @@ from tqdm import tqdm
 import formats
 import grammar
 import wire
-from datadir import span_keys, tag_moves, tag_names, write_jsonl, write_tokens
+from datadir import SPAN_SHARE, span_keys, tag_moves, tag_names, write_jsonl, write_tokens
 from model import file_sha256
 from runtime import die
 from invent import entry_from_tool, invent_tools
@@ -485,17 +485,21 @@ def main(argv=None):
 
 
 def span_share(examples, tools):
-    """The share of plain string argument values that are runs of whole words of
-    the request (grammar.is_span). When it is all of them, the data dir says so
-    ("span_values") and decoding keeps every plain string to such runs."""
-    string_keys = {(t["name"], k) for t in tools for k, p in t["parameters"].get("properties", {}).items()
-                   if grammar.plain_string(p)}
+    """The share of the values the span rule could hold (plain strings, strings in
+    an array, numbers: grammar.spanned) that are runs of whole words of the
+    request (grammar.is_span; a number: one the request states). When nearly all
+    are (datadir.SPAN_SHARE), the data dir says so ("span_values") and a catalogue
+    in the prompt holds every such value to the request (sample.Router.spans_of).
+    An example's own tool list if it has one, else tools (a compiled catalogue)."""
+    by_name = {t["name"]: t for t in tools}
     n = ok = 0
     for ex in examples:
-        spans = grammar.Spans(ex["request"])
+        spans, schemas = grammar.Spans(ex["request"]), ({t["name"]: t for t in ex["tools"]} if ex.get("tools")
+                                                        else by_name)
         for c in ex["calls"]:
+            props = schemas.get(c["name"], {}).get("parameters", {}).get("properties", {})
             for k, v in c["arguments"].items():
-                if (c["name"], k) in string_keys:
+                if k in props and grammar.spanned(grammar.value_node(props[k]))[0] == "span":
                     n, ok = n + 1, ok + grammar.is_span(v, spans)
     return ok / n if n else 0.0
 
@@ -517,11 +521,11 @@ def write_data_dir(args, tools, splits, compiled, invented, held_names):
     for t, i in list(special_ids.items()) + [(n, sp.piece_to_id(n)) for n in names]:
         assert sp.encode(t) == [i], f"{t} is not a single piece"
 
-    spans = span_share(splits["train"], tools) if compiled else 0.0
+    spans = span_share(splits["train"], tools)
     keys = span_keys(splits["train"], tools) if compiled else []
     tags = tag_names(tools, compiled)
     intents = [t["name"] for t in tools] + ["<no call>"] if compiled else None
-    meta = {"vocab_size": sp.get_piece_size(), "special_tokens": special_ids, "span_values": spans == 1.0, "span_keys": keys,
+    meta = {"vocab_size": sp.get_piece_size(), "special_tokens": special_ids, "span_values": spans >= SPAN_SHARE, "span_keys": keys,
             "tokenizer_sha256": file_sha256(os.path.join(args.out_dir, "tok.model")),
             "compiled": compiled, "tool_tokens": {n: sp.piece_to_id(n) for n in names},
             "tags": tags, "intents": intents,

@@ -197,7 +197,10 @@ def tag_moves(out_dir, split, tags):
     return sorted([a, b] for a, b in pairs)
 
 
-def span_keys(examples, tools, share=0.99):
+SPAN_SHARE = 0.99     # data that copies this share of a kind of value from the request: the decoder always does
+
+
+def span_keys(examples, tools, share=None):
     """The arguments of a compiled catalogue whose values the data copies from the
     request (grammar.is_span) in at least `share` of its examples -> sorted [tool,
     key] pairs. The decoder holds these to runs of the request's words (grammar
@@ -205,6 +208,7 @@ def span_keys(examples, tools, share=0.99):
     anew) stay free. A (tool, key) the data never shows goes by its key over all
     tools (an intent/slot set pairs slots with new intents at test time). Only
     plain strings, lists of strings and numbers can be held so (grammar.spanned)."""
+    share = SPAN_SHARE if share is None else share
     pair, key = {}, {}
     for ex in examples:
         spans = grammar.Spans(ex["request"])

@@ -113,10 +113,11 @@ class Router:
         self.vocab = grammar.Vocab(self.sp, ids)
         # Values the training data always copies from the request are held to runs of
         # its whole words (grammar.Spans): the arguments data.py lists as span keys
-        # (a compiled catalogue), or every plain string when the data dir says all
-        # of its string values are such runs ("span_values").
+        # (a compiled catalogue), or, when the data dir says nearly all of its values
+        # are such runs ("span_values"), every value of a kind that can be (a plain
+        # string, strings in an array, a number the request states) of any catalogue.
         self.span_keys = {tuple(k) for k in self.meta.get("span_keys", [])}
-        self.span_strings = bool(self.meta.get("span_values")) and not self.span_keys
+        self.span_every = bool(self.meta.get("span_values")) and not self.span_keys
         # A model with aux heads (train.py --tagger) on a compiled catalogue, or with
         # pointer heads on a catalogue in the prompt, drafts the answer from them
         # (heads.py); the draft is the answer when it can be (answer_from_heads,
@@ -201,9 +202,9 @@ class Router:
 
     def spans_of(self, tools):
         """The (tool, key) pairs whose values are held to runs of request words."""
-        if self.span_strings:
+        if self.span_every:
             return {(t["name"], k) for t in tools for k, p in t["parameters"].get("properties", {}).items()
-                    if grammar.plain_string(p)}
+                    if grammar.spanned(grammar.value_node(p))[0] == "span"}
         return self.span_keys
 
     def budget(self, n_prompt, max_new_tokens):

@@ -249,14 +249,14 @@ def test_span_values_are_runs_of_whole_request_words(router, request_text):
     """With span values on, every string value is a run of whole words of the
     request (grammar.Spans), and the fast decoder still gives the reference
     decoder's tokens."""
-    router.span_strings = True
+    router.span_every = True
     router.grammars.clear()
     try:
         ref = router.decode_reference(None, request_text, 40, tool_choice="required")
         fast, _ = router.generate_constrained(None, request_text, 40, tool_choice="required")
         res = router.answer(None, request_text, 40, tool_choice="required")
     finally:
-        router.span_strings = False
+        router.span_every = False
         router.grammars.clear()
     assert fast == ref
     spans = grammar.Spans(request_text)

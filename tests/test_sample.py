@@ -3,6 +3,7 @@ import os
 
 import pytest
 
+import grammar
 import wire
 from sample import MIN_ANSWER_TOKENS, Router
 
@@ -55,3 +56,20 @@ def test_prompt_longer_than_context_is_refused(router):
     with pytest.raises(ValueError, match="too little room"):
         router.generate([5] * (block - MIN_ANSWER_TOKENS + 1))
     assert len(router.generate([5] * (block - MIN_ANSWER_TOKENS), 64)) <= MIN_ANSWER_TOKENS
+
+
+def test_a_catalogue_in_the_prompt_holds_numbers_to_the_ones_the_request_states(router):
+    """The general data copies nearly every string and number from its request
+    (data.py: meta span_values), so any catalogue's values are held to the request:
+    a required number the request does not state leaves that tool nothing to call
+    with, and a stated one is the only number a call can write."""
+    assert router.meta["span_values"] and router.span_every
+    tools = [{"name": "buy_tickets", "description": "Buy tickets for an event.", "parameters": {
+        "type": "object", "properties": {"count": {"type": "integer"}, "event": {"type": "string"}},
+        "required": ["count", "event"]}}]
+    res = router.answer(tools, "buy tickets for the Toto concert", 40, tool_choice="required")
+    assert res["calls"] == [] and res["valid"], res
+    res = router.answer(tools, "buy 3 tickets for the Toto concert in July", 40, tool_choice="required")
+    assert res["calls"] and all(c["arguments"]["count"] == 3 for c in res["calls"]), res
+    spans = grammar.Spans("buy 3 tickets for the Toto concert in July")
+    assert all(grammar.is_span(c["arguments"]["event"], spans) for c in res["calls"]), res
