@@ -50,7 +50,7 @@ from datadir import SPAN_SHARE, span_keys, tag_moves, tag_names, write_jsonl, wr
 from model import file_sha256
 from runtime import die
 from invent import entry_from_tool, invent_tools
-from synth import Generator, count_value_classes, load_catalogue, load_json
+from synth import KIND_SHARES, Generator, count_value_classes, load_catalogue, load_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -83,6 +83,9 @@ def parse_args(argv=None):
     p.add_argument("--val_phrasings", type=float, default=0.0,
                    help="compiled: this share of each tool's request templates held out of training for "
                    "a part of the val split (new phrasings to choose settings on, never the test's)")
+    p.add_argument("--multi_share", type=float, default=0.40,
+                   help="compiled: the share of training examples drawn as 2-3 calls (the generator's default is "
+                   "0.24; val and test keep it; demo val: 0.24 -> 0.40 +0.7 points, multi-call +3.0)")
     p.add_argument("--heldout_phrasings", type=float, default=0.2,
                    help="--compiled: share of each tool's request templates kept for the test split only")
     p.add_argument("--intent_slot", default=None, metavar="DIR",
@@ -232,7 +235,13 @@ def compiled_splits(args, rng, pools):
         val_gen = Generator(val_entries, pools)
         splits["val"] += generate(lambda: val_gen.sibling(rng, val_entries, val_entries, calls_only), None,
                                   args.n_val // 2, reserved, "val (new phrasings)", "new-phrasing")
-    splits["train"] = generate(draw, None, args.n_train, reserved, "train", "new-values")
+    # training draws more multi-call requests than val and test: they teach where one
+    # request ends and the next begins, and each part is a single request as well
+    shares = dict(KIND_SHARES)
+    shares["single"] += shares["multi"] - args.multi_share
+    shares["multi"] = args.multi_share
+    splits["train"] = generate(lambda: gen.sibling(rng, train_entries, train_entries, shares), None, args.n_train,
+                               reserved, "train", "new-values")
     label_domains(splits, entries)
     return [e["tool"] for e in entries], splits
 
@@ -440,6 +449,9 @@ def main(argv=None):
             die(f"{path}: no such file")
     if not 0 < args.vocab_size < 65536:
         die("--vocab_size must be between 1 and 65535 (tokens are stored as uint16)")
+    if not 0 <= args.multi_share <= KIND_SHARES["single"] + KIND_SHARES["multi"]:
+        die(f"--multi_share must be between 0 and {KIND_SHARES['single'] + KIND_SHARES['multi']:.2f} "
+            "(the rest of the calls are single ones; no-call kinds keep their share)")
     if not 0 <= args.p_invented <= 1 or not 0 <= args.heldout_phrasings < 1:
         die("--p_invented must be between 0 and 1, --heldout_phrasings at least 0 and below 1")
     if args.intent_slot and (args.tools or args.domains or args.teacher):

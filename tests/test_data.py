@@ -220,3 +220,21 @@ def test_a_vocabulary_too_small_for_the_alphabet_is_one_clear_line(tmp_path, cap
                    "--n_val", "4", "--n_test", "4", "--n_test_unseen", "2", "--vocab_size", "100"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--vocab_size 100" in err and "Traceback" not in err
+
+
+def test_compiled_training_draws_the_multi_call_share_and_val_keeps_its_own(tmp_path, capsys):
+    import pytest
+    calls = {}
+    for share in (0.0, 0.8):
+        out = str(tmp_path / f"m{share}")
+        data.main(["--compiled", "--domains", "weather,shopping", "--out_dir", out, "--n_train", "300",
+                   "--n_val", "40", "--n_test", "20", "--n_test_unseen", "10", "--vocab_size", "600",
+                   "--multi_share", str(share)])
+        train = [json.loads(l) for l in open(os.path.join(out, "train.jsonl"))]
+        calls[share] = sum(len(ex["calls"]) > 1 for ex in train) / len(train)
+        val = open(os.path.join(out, "val.jsonl")).read()
+        assert val == calls.setdefault("val", val)            # the same val whatever the training share
+    assert calls[0.0] < 0.05 and calls[0.8] > 0.6, calls
+    with pytest.raises(SystemExit) as e:
+        data.main(["--compiled", "--domains", "weather", "--out_dir", str(tmp_path / "bad"), "--multi_share", "0.9"])
+    assert e.value.code == 2 and "--multi_share" in capsys.readouterr().err
