@@ -506,8 +506,8 @@ def span_share(examples, tools):
     by_name = {t["name"]: t for t in tools}
     n = ok = 0
     for ex in examples:
-        spans, schemas = grammar.Spans(ex["request"]), ({t["name"]: t for t in ex["tools"]} if ex.get("tools")
-                                                        else by_name)
+        spans = grammar.Spans(ex["request"])
+        schemas = {t["name"]: t for t in ex["tools"]} if ex.get("tools") else by_name
         for c in ex["calls"]:
             props = schemas.get(c["name"], {}).get("parameters", {}).get("properties", {})
             for k, v in c["arguments"].items():

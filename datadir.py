@@ -200,7 +200,7 @@ def tag_moves(out_dir, split, tags):
 SPAN_SHARE = 0.99     # data that copies this share of a kind of value from the request: the decoder always does
 
 
-def span_keys(examples, tools, share=None):
+def span_keys(examples, tools, share=SPAN_SHARE):
     """The arguments of a compiled catalogue whose values the data copies from the
     request (grammar.is_span) in at least `share` of its examples -> sorted [tool,
     key] pairs. The decoder holds these to runs of the request's words (grammar
@@ -208,7 +208,6 @@ def span_keys(examples, tools, share=None):
     anew) stay free. A (tool, key) the data never shows goes by its key over all
     tools (an intent/slot set pairs slots with new intents at test time). Only
     plain strings, lists of strings and numbers can be held so (grammar.spanned)."""
-    share = SPAN_SHARE if share is None else share
     pair, key = {}, {}
     for ex in examples:
         spans = grammar.Spans(ex["request"])

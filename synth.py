@@ -327,8 +327,8 @@ def vary(text, rng, calls=()):
     """Light surface variation: the case of a word's first letter (people write
     "Remove ..." and "remove ..." alike, so neither reads as the start of a name):
     a sentence's first word one time in five, any other word not in a value of
-    `calls` one time in thirty; end punctuation. A word after "p.m." or "St." does
-    not start a sentence."""
+    `calls` one time in thirty; end punctuation. A word after an abbreviation with
+    inner periods ("p.m.") does not start a sentence."""
     keep = {w for c in calls for t in _value_texts(c["arguments"]) for w in t.split()}
     words = text.split(" ")
     for i, w in enumerate(words):

@@ -31,12 +31,12 @@ def router(toy_ckpt):
 def schema_only(router):
     """The router's grammar without the span rule (its data holds values to the
     request, span_values): for answers whose values the request does not hold."""
-    router.span_every = False
+    was, router.span_every = router.span_every, False
     router.grammars.clear()
     try:
         yield
     finally:
-        router.span_every = bool(router.meta.get("span_values")) and not router.span_keys
+        router.span_every = was
         router.grammars.clear()
 
 
