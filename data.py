@@ -46,7 +46,7 @@ from tqdm import tqdm
 import formats
 import grammar
 import wire
-from datadir import SPAN_SHARE, span_keys, tag_moves, tag_names, write_jsonl, write_tokens
+from datadir import NO_CALL, SPAN_SHARE, span_keys, tag_moves, tag_names, write_jsonl, write_tokens
 from model import file_sha256
 from runtime import die
 from invent import entry_from_tool, invent_tools
@@ -91,6 +91,9 @@ def parse_args(argv=None):
     p.add_argument("--intent_slot", default=None, metavar="DIR",
                    help="a compiled catalogue from an intent/slot folder in the ATIS format "
                    "({train,valid,test}.{seq.in,seq.out,label}): intents become tools, slots arguments")
+    p.add_argument("--swap_copies", type=int, default=0,
+                   help="--intent_slot: training rows added per training row with each slot's words swapped for "
+                   "another value of the same slot type from training")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="JSONL",
                    help="add training examples from a JSONL dataset ({query, tools, answers} or OpenAI chat)")
     p.add_argument("--teacher", choices=["gemini", "openai"], default=None,
@@ -454,6 +457,8 @@ def main(argv=None):
             "(the rest of the calls are single ones; no-call kinds keep their share)")
     if not 0 <= args.p_invented <= 1 or not 0 <= args.heldout_phrasings < 1:
         die("--p_invented must be between 0 and 1, --heldout_phrasings at least 0 and below 1")
+    if args.swap_copies < 0 or (args.swap_copies and not args.intent_slot):
+        die("--swap_copies is a count of at least 0, and only for --intent_slot")
     if args.intent_slot and (args.tools or args.domains or args.teacher):
         die("--intent_slot brings its own intents, slots and labels: no --tools, --domains or --teacher with it")
     compiled = args.compiled or bool(args.intent_slot)
@@ -462,7 +467,7 @@ def main(argv=None):
         pools = load_json(args.values)
         invented, held_names = [], set()
         if args.intent_slot:
-            tools, splits = formats.load_intent_slot_dir(args.intent_slot)
+            tools, splits = formats.load_intent_slot_dir(args.intent_slot, args.swap_copies, rng)
             print(f"intent/slot set {args.intent_slot}: {len(tools)} intents as tools, "
                   f"{len(tools[0]['parameters']['properties'])} slot types as arguments")
         elif compiled:
@@ -536,7 +541,7 @@ def write_data_dir(args, tools, splits, compiled, invented, held_names):
     spans = span_share(splits["train"], tools)
     keys = span_keys(splits["train"], tools) if compiled else []
     tags = tag_names(tools, compiled)
-    intents = [t["name"] for t in tools] + ["<no call>"] if compiled else None
+    intents = [t["name"] for t in tools] + [NO_CALL] if compiled else None
     meta = {"vocab_size": sp.get_piece_size(), "special_tokens": special_ids, "span_values": spans >= SPAN_SHARE, "span_keys": keys,
             "tokenizer_sha256": file_sha256(os.path.join(args.out_dir, "tok.model")),
             "compiled": compiled, "tool_tokens": {n: sp.piece_to_id(n) for n in names},

@@ -197,6 +197,7 @@ def tag_moves(out_dir, split, tags):
     return sorted([a, b] for a, b in pairs)
 
 
+NO_CALL = "<no call>"  # a compiled model's intent class for an answer that calls no tool
 SPAN_SHARE = 0.99     # data that copies this share of a kind of value from the request: the decoder always does
 
 

@@ -284,13 +284,51 @@ def intent_slot_example(words, tags, label, split):
             "slots": [list(s) for s in slot_spans(tags)], "source": "intent_slot"}
 
 
-def load_intent_slot_dir(folder):
+def swap_slot_values(rows, copies, rng, reserved=()):
+    """Training rows -> `copies` new rows per row, each slot's words replaced by
+    the words of another slot of the same type drawn from the rows (tags
+    rebuilt, B- then I-; the intent kept). A model that has seen "to <any
+    city>" as the destination tags a city by its place in the request, not by
+    the city: the values of a test set are often ones training never paired
+    with that context, or never had. A new row equal to one in `reserved` (the
+    val and test utterances) or to a training row is dropped."""
+    pools = {}
+    for words, tags, _ in rows:
+        for typ, a, b in slot_spans(tags):
+            pools.setdefault(typ, []).append(words[a:b])
+    seen = {" ".join(w) for w, _, _ in rows} | set(reserved)
+    out = []
+    for _ in range(copies):
+        for words, tags, label in rows:
+            spans = slot_spans(tags)
+            if not spans:
+                continue
+            new_w, new_t, at = [], [], 0
+            for typ, a, b in spans:
+                fill = rng.choice(pools[typ])
+                new_w += words[at:a] + fill
+                new_t += tags[at:a] + [f"B-{typ}"] + [f"I-{typ}"] * (len(fill) - 1)
+                at = b
+            new_w, new_t = new_w + words[at:], new_t + tags[at:]
+            text = " ".join(new_w)
+            if text not in seen:
+                seen.add(text)
+                out.append((new_w, new_t, label))
+    return out
+
+
+def load_intent_slot_dir(folder, swap_copies=0, rng=None):
     """An ATIS-format folder -> (tools from train, {train, val, test: examples}).
     Every utterance of valid and test is kept, even when its intent or a slot is
-    not in the catalogue (it is then scored as wrong, never dropped)."""
+    not in the catalogue (it is then scored as wrong, never dropped). swap_copies:
+    training rows added per training row with their slot values swapped
+    (swap_slot_values)."""
     if not os.path.isdir(folder):
         raise FormatError(f"{folder}: no such folder")
     rows = {split: read_intent_slot_split(folder, name) for split, name in INTENT_SLOT_SPLITS.items()}
     tools = intent_slot_catalogue(rows["train"])
+    if swap_copies:
+        reserved = {" ".join(w) for split in ("val", "test") for w, _, _ in rows[split]}
+        rows["train"] = rows["train"] + swap_slot_values(rows["train"], swap_copies, rng, reserved)
     out = {split: [intent_slot_example(*r, split="seen") for r in rs] for split, rs in rows.items()}
     return tools, out

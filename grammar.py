@@ -257,20 +257,20 @@ class Spans:
         if runs and self.taken:                 # (a run another key's value took is gone)
             runs = tuple((a, z) for a, z in runs if self.taken.isdisjoint(range(a, z)))
         if not runs:
-            return self
+            return self.within(()) if key in getattr(self, "strict", ()) else self
         memo = (key, runs, listed)
         if memo not in self._held:
             self._held[memo] = self.within(runs if listed or not self.in_order else runs[:1], self.in_order)
         return self._held[memo]
 
-    def hold(self, runs_by_key, in_order=False):
+    def hold(self, runs_by_key, in_order=False, strict=()):
         """Hold each argument's values to the runs the tagger marked for it:
         {key: [(start, end), ...]} byte offsets (a key with no run stays free).
         Each run is taken once (took); in_order: in request order, as the data
         writes them ("sixty-four ... 103 minutes": the first call's duration is 64)."""
         self.runs = {k: tuple(sorted(p for r in runs for p in self._clauses(*r))) for k, runs in runs_by_key.items()}
         self.runs = {k: runs for k, runs in self.runs.items() if runs}
-        self.in_order = in_order
+        self.in_order, self.strict = in_order, frozenset(strict)
 
     def _clauses(self, a, z):
         """A run cut at the clause breaks inside it, each piece from a word's start

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import grammar
 import wire
-from datadir import catalogue_positions, piece_lengths, request_words
+from datadir import NO_CALL, catalogue_positions, piece_lengths, request_words
 
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
@@ -58,11 +58,18 @@ class Heads:
         pushed onto ans and confidence is a float when it stands as the answer;
         otherwise confidence is None and the draft (maybe []) is only a guess to verify."""
         draft, whole, ans.found, held = self.draft(aux, ans, tools)
-        if held and ans.state.spans is not None:
+        if ans.must_call:           # the tags outvote the intent head's "no call" (draft)
+            ans.g = self.r.grammar(tools, "required")
+            ans.state = ans.g.start(ans.request)
+        strict = ()
+        if self.r.model.point is not None and self.r.hold_general:
+            strict = {k for t in tools for k in t["parameters"].get("required", [])}
+        if (held or strict) and ans.state.spans is not None:
             text = ans.state.spans.text
-            ans.found_keys = [(k, text[a:z].decode("utf-8")) for k, runs in held.items() for a, z in runs]
+            if self.r.model.point is None:
+                ans.found_keys = [(k, text[a:z].decode("utf-8")) for k, runs in held.items() for a, z in runs]
             if self.r.hold_to_tags:
-                ans.state.spans.hold(held, in_order=self.r.runs_in_order)
+                ans.state.spans.hold(held, in_order=self.r.runs_in_order, strict=strict)
         if draft and whole and self.r.answer_from_heads and len(draft) <= budget and \
                 self.may_answer(draft, ans, tools):
             ans.push(draft)
@@ -152,6 +159,24 @@ class Heads:
         if self.r.model.point is None:
             for tag, a, b in runs:
                 held.setdefault(key_of(tag, 0), []).append((words[a][1] - 1, words[b][2] - 1))
+        elif self.r.hold_general and runs:
+            _, every = self.catalogue_positions(tools)
+            ps = list(every.values())
+            for tag, a, b in runs:
+                n, k = list(every)[int(arg_logits[words[a][0], ps].argmax())]
+                held.setdefault(k, []).append((words[a][1] - 1, words[b][2] - 1))
+        # No call, says the intent head; but the tagger marked values (training tags
+        # no word of a no-call request) and they fill every required argument of the
+        # tool the intent head rates next, taking no key it lacks: the request is a
+        # call of that tool ("Send Marilyn a text that says just got to the
+        # restaurant"), and the answer must be a call (ans.must_call)
+        if name == NO_CALL and runs and self.r.tags_call and g.choice == "auto":
+            alt = next(n for n in (meta["intents"][int(i)] for i in intent_logits.argsort(descending=True))
+                       if n != NO_CALL)
+            t = g.tools.get(alt.encode())
+            tagged = {key_of(tag, 0) for tag, _, _ in runs}
+            if t and tagged <= {k for k, _ in t["keys"].values()} and t["required"] <= tagged:
+                name, ans.must_call = alt, True
         tool = g.tools.get(name.encode()) if name else None
         if tool is None:
             return [], False, found, held

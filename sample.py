@@ -128,6 +128,8 @@ class Router:
         self.cover_found = True            # a call answer uses every value the heads found (_Answer.allowed)
         self.min_value_p = 0.001           # a later call's free text value the model gives less: no call (_Answer.unwanted)
         self.hold_to_tags = True           # span values are runs the tagger marked for their key (heads.py)
+        self.tags_call = True              # tags that fill a tool's required arguments outvote a no-call intent (heads.py)
+        self.hold_general = False          # a catalogue in the prompt: required values are runs tagged for them (heads.py)
         self.runs_in_order = True          # ... each run taken once, in request order (grammar.Spans.hold)
         self.choose = greedy               # the step's choice; a benchmark may follow a fixed answer
         self.grammars = OrderedDict()      # catalogue -> Grammar, most recent last
@@ -603,6 +605,7 @@ class _Answer:
         self.found = []        # the values the heads tagged in the request (heads.py)
         self.found_keys = []   # the same as (argument, value) (a compiled model's)
         self.blocked = (0, -1)   # (how many were unused, answer length) when last kept from ending
+        self.must_call = False   # the heads say the request is a call (heads.Heads.draft)
 
     def done(self):
         return self.state.phase == "done"

@@ -4,6 +4,7 @@ the README's your-tools path end to end."""
 
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -193,6 +194,26 @@ def test_bio_chunks_as_conlleval_reads_them():
                                                                               ("a", 5, 6)]
 
 
+def test_swapped_slot_values_keep_the_slot_types_and_never_copy_a_val_or_test_utterance():
+    rows = [(w.split(), t.split(), l) for w, t, l in ROWS + [
+        ("cheap flights to san francisco", "B-cost O O B-to I-to", "flight")]]
+    reserved = {"fare from boston"}
+    assert "fare from boston" in [" ".join(w) for w, _, _ in formats.swap_slot_values(rows, 20, random.Random(0))]
+    new = formats.swap_slot_values(rows, 20, random.Random(0), reserved)
+    texts = [" ".join(w) for w, _, _ in new]
+    assert len(texts) == len(set(texts)) and not set(texts) & (reserved | {" ".join(w) for w, _, _ in rows})
+    values = {typ: {" ".join(w[a:b]) for w, t, _ in rows for typ2, a, b in formats.slot_spans(t) if typ2 == typ}
+              for typ in ("from", "to", "cost")}
+    for words, tags, label in new:
+        assert len(words) == len(tags)
+        chunks = formats.slot_spans(tags)
+        assert all(" ".join(words[a:b]) in values[typ] for typ, a, b in chunks)   # a value of its own type
+        outside = [w for w, t in zip(words, tags) if t == "O"]
+        assert outside in [[w for w, t in zip(r[0], r[1]) if t == "O"] for r in rows if r[2] == label]
+    # a two-word value reached a request that had a one-word one
+    assert any("to san francisco" in t for t in texts if t.startswith("flights from"))
+
+
 def test_a_bad_intent_slot_folder_is_one_clear_error(tmp_path, capsys):
     import data
     _write_folder(str(tmp_path / "set"), ROWS)
@@ -313,6 +334,41 @@ def test_the_draft_is_built_from_the_tags_and_the_intent(router):
     assert found == ["where", "12345"]
     assert not whole and router.sp.decode(draft) == wire.render_answer(
         [{"name": "track_order", "arguments": {"order_id": "12345"}}])
+
+
+def test_tags_that_fill_the_next_tools_required_arguments_outvote_a_no_call_intent(router):
+    """The intent head says no call, but the tagger marked the order number: the
+    draft is the call of the tool the intent head rates next, and the answer must
+    be a call. Tags that leave a required argument of that tool empty, or that
+    name a key it lacks, or the rule switched off, leave the no call standing."""
+    request = "where is my order 12345"
+    g = router.grammar(router.catalogue)
+    req = router.encode_request(request)
+    tags, intents = router.meta["tags"], router.meta["intents"]
+    _, words, text = datadir.request_words(router.sp, request, router.heads.nbytes)
+    at = {text[a:z]: tok for tok, a, z in words}
+
+    def heads_turn(tagged, on=True):
+        tag_logits = torch.full((len(req), len(tags)), -9.0)
+        tag_logits[:, tags.index("O")] = 0.0
+        for word, tag in tagged:
+            tag_logits[at[word], tags.index(tag)] = 9.0
+        intent = torch.full((len(intents),), -9.0)
+        intent[intents.index(datadir.NO_CALL)], intent[intents.index("track_order")] = 9.0, 5.0
+        ans = _Answer(router, g, request, req)
+        router.tags_call, router.answer_from_heads = on, False     # the draft only drafts: see the grammar
+        try:
+            drafted, _ = router.heads.answer((tag_logits, intent, None), ans, router.catalogue, 64)
+        finally:
+            router.tags_call = router.answer_from_heads = True
+        declines = bool((router.vocab.allowed(ans.g, ans.state) == router.nocall_id).any())
+        return router.sp.decode(drafted), ans.must_call, declines
+
+    call = wire.render_answer([{"name": "track_order", "arguments": {"order_id": "12345"}}])
+    assert heads_turn([(b"12345", "B-order_id")]) == (call, True, False)     # a call, and no decline offered
+    assert heads_turn([(b"12345", "B-order_id")], on=False) == ("", False, True)
+    assert heads_turn([]) == ("", False, True)                                 # nothing tagged
+    assert heads_turn([(b"12345", "B-order_id"), (b"where", "B-city")]) == ("", False, True)   # a key it lacks
 
 
 def test_a_drafted_list_goes_on_only_where_a_comma_or_conjunction_joins_its_items(router):
