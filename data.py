@@ -53,6 +53,7 @@ from invent import entry_from_tool, invent_tools
 from synth import KIND_SHARES, Generator, count_value_classes, load_catalogue, load_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SWAP_COPIES = 10       # an intent/slot set's training rows again with other values of their slots (formats.swap_slot_values)
 
 
 def parse_args(argv=None):
@@ -91,9 +92,10 @@ def parse_args(argv=None):
     p.add_argument("--intent_slot", default=None, metavar="DIR",
                    help="a compiled catalogue from an intent/slot folder in the ATIS format "
                    "({train,valid,test}.{seq.in,seq.out,label}): intents become tools, slots arguments")
-    p.add_argument("--swap_copies", type=int, default=0,
+    p.add_argument("--swap_copies", type=int, default=None,
                    help="--intent_slot: training rows added per training row with each slot's words swapped for "
-                   "another value of the same slot type from training")
+                   "another value of the same slot type from training (default 10; ATIS valid at 7 min: "
+                   "0 -> 4 -> 10 copies, sentence 87.4 -> 88.2 -> 88.6%%)")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="JSONL",
                    help="add training examples from a JSONL dataset ({query, tools, answers} or OpenAI chat)")
     p.add_argument("--teacher", choices=["gemini", "openai"], default=None,
@@ -457,8 +459,10 @@ def main(argv=None):
             "(the rest of the calls are single ones; no-call kinds keep their share)")
     if not 0 <= args.p_invented <= 1 or not 0 <= args.heldout_phrasings < 1:
         die("--p_invented must be between 0 and 1, --heldout_phrasings at least 0 and below 1")
-    if args.swap_copies < 0 or (args.swap_copies and not args.intent_slot):
+    if args.swap_copies is not None and (args.swap_copies < 0 or not args.intent_slot):
         die("--swap_copies is a count of at least 0, and only for --intent_slot")
+    if args.intent_slot and args.swap_copies is None:
+        args.swap_copies = SWAP_COPIES
     if args.intent_slot and (args.tools or args.domains or args.teacher):
         die("--intent_slot brings its own intents, slots and labels: no --tools, --domains or --teacher with it")
     compiled = args.compiled or bool(args.intent_slot)

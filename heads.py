@@ -61,6 +61,10 @@ class Heads:
         if ans.must_call:           # the tags outvote the intent head's "no call" (draft)
             ans.g = self.r.grammar(tools, "required")
             ans.state = ans.g.start(ans.request)
+        # a catalogue in the prompt (hold_general): a required argument's value must be
+        # a run the pointer heads tagged for it; a tool with a required span value
+        # and no such run is not offered (grammar.Grammar.blocked), and with no tool
+        # left the answer declines ("date" = "you", a flight's origin = "there")
         strict = ()
         if self.r.model.point is not None and self.r.hold_general:
             strict = {k for t in tools for k in t["parameters"].get("required", [])}
@@ -153,18 +157,19 @@ class Heads:
                 elif tag[0] in "BI":
                     runs.append([tag, w, w])
         found = [text[words[a][1]:words[b][2]].decode("utf-8") for _, a, b in runs]
-        # a compiled model's tags name the argument: its values are held to its runs
-        # (byte offsets in the request as grammar.Spans reads it: without the leading space)
+        # a compiled model's tags name the argument, a pointer model's arg head points
+        # at it (among every argument of the catalogue: a second call's tool too):
+        # its values are held to its runs (byte offsets in the request as
+        # grammar.Spans reads it: without the leading space)
         held = {}
         if self.r.model.point is None:
             for tag, a, b in runs:
                 held.setdefault(key_of(tag, 0), []).append((words[a][1] - 1, words[b][2] - 1))
         elif self.r.hold_general and runs:
-            _, every = self.catalogue_positions(tools)
-            ps = list(every.values())
-            for tag, a, b in runs:
-                n, k = list(every)[int(arg_logits[words[a][0], ps].argmax())]
-                held.setdefault(k, []).append((words[a][1] - 1, words[b][2] - 1))
+            every = list(self.catalogue_positions(tools)[1].items())     # [((tool, key), position)]
+            for tag, a, b in runs if every else []:
+                at = int(arg_logits[words[a][0], [p for _, p in every]].argmax())
+                held.setdefault(every[at][0][1], []).append((words[a][1] - 1, words[b][2] - 1))
         # No call, says the intent head; but the tagger marked values (training tags
         # no word of a no-call request) and they fill every required argument of the
         # tool the intent head rates next, taking no key it lacks: the request is a

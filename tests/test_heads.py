@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import datadir
+import grammar
 import wire
 from conftest import ROOT
 from sample import Router, _Answer
+from test_grammar import _takes
 
 TOOLS = wire.load_tools(os.path.join(ROOT, "examples", "tools.json"))
 
@@ -77,7 +79,47 @@ def test_a_draft_from_pointers_names_the_pointed_tool_and_argument(router):
         [{"name": "get_current_weather", "arguments": {"city": "Oslo"}}])
     assert found == ["Oslo"]                           # read a word at a time: the whole word
     intent[0] = 99.0                                   # pointing at <|tools|>: no call, no draft
-    assert router.heads.draft((tag_logits, intent, arg), ans, TOOLS) == ([], False, ["Oslo"], {})
+    oslo = (text.index(b"Oslo") - 1, text.index(b"Oslo") + 3)       # (grammar.Spans' offsets: no leading space)
+    assert router.heads.draft((tag_logits, intent, arg), ans, TOOLS) == ([], False, ["Oslo"], {"city": [oslo]})
+
+
+def test_a_required_value_of_a_catalogue_in_the_prompt_is_a_run_tagged_for_it(router):
+    """hold_general: get_current_weather's city must be a run the arg head points at
+    "city" for. Tagged: the city is that run, whatever else the request holds; not
+    tagged: no tool that needs a city is offered. Off: any request words."""
+    request = "weather in Oslo or Paris please"
+    req = router.encode_request(request)
+    names, args = router.heads.catalogue_positions(TOOLS)
+    n_cat = len(router.encode_prefix(TOOLS))
+    tags = router.meta["tags"]
+    _, words, text = datadir.request_words(router.sp, request, router.heads.nbytes)
+    intent = torch.zeros(n_cat)
+    intent[names["get_current_weather"]] = 9.0
+    arg = torch.zeros(len(req), n_cat)
+    arg[:, args[("get_current_weather", "city")]] = 9.0
+
+    def spans_after_heads(tagged, on=True):
+        tag_logits = torch.full((len(req), len(tags)), -9.0)
+        tag_logits[:, tags.index("O")] = 0.0
+        for word in tagged:
+            tag_logits[next(tok for tok, a, z in words if text[a:z] == word), tags.index("B")] = 9.0
+        ans = _Answer(router, router.grammar(TOOLS), request, req)
+        router.hold_general, router.answer_from_heads = on, False
+        try:
+            router.heads.answer((tag_logits, intent, arg), ans, TOOLS, 64)
+        finally:
+            router.hold_general = router.answer_from_heads = True
+        return ans.g, ans.state.spans
+
+    city = grammar.spanned(grammar.value_node({"type": "string"}))
+    g, spans = spans_after_heads([b"Paris"])
+    assert _takes(city, spans.for_key("city"), "Paris") and not _takes(city, spans.for_key("city"), "Oslo")
+    assert "get_current_weather" not in {n.decode() for n in g.blocked(spans)[0]}
+    g, spans = spans_after_heads([])
+    assert "get_current_weather" in {n.decode() for n in g.blocked(spans)[0]}
+    g, spans = spans_after_heads([], on=False)
+    assert _takes(city, spans.for_key("city"), "Oslo")
+    assert "get_current_weather" not in {n.decode() for n in g.blocked(spans)[0]}
 
 
 def test_decoders_agree_with_pointer_heads_drafting(router, toy_data):
