@@ -66,11 +66,11 @@ class Heads:
         # and no such run is not offered (grammar.Grammar.blocked), and with no tool
         # left the answer declines ("date" = "you", a flight's origin = "there")
         strict = ()
-        if self.r.model.point is not None and self.r.hold_general:
+        if self.r.catalogue is None and self.r.hold_general:
             strict = {k for t in tools for k in t["parameters"].get("required", [])}
         if (held or strict) and ans.state.spans is not None:
             text = ans.state.spans.text
-            if self.r.model.point is None:
+            if self.r.catalogue is not None:
                 ans.found_keys = [(k, text[a:z].decode("utf-8")) for k, runs in held.items() for a, z in runs]
             if self.r.hold_to_tags:
                 ans.state.spans.hold(held, in_order=self.r.runs_in_order, strict=strict)

@@ -685,8 +685,8 @@ class _Answer:
         write that call, so the answer asks for the value instead, as the data
         answers such requests -> the tokens of that decline, or None."""
         s, names = self.state, self.r.meta.get("tool_tokens")
-        if not names or s.phase != "name" or s.text or s.calls != 1:
-            return None
+        if not names or s.phase != "name" or s.text or s.calls != 1 or self.g.choice != "auto":
+            return None                    # (a call the client or the heads require does not ask)
         blocked, dead = self.g.blocked(s.spans)
         if not blocked:
             return None

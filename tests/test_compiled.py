@@ -553,6 +553,13 @@ def test_a_first_call_of_a_tool_the_request_cannot_fill_asks_for_the_value(route
     toks = ans.asks_for(lambda: logits)
     ans.push(toks)
     assert ans.done() and router.sp.decode(ans.out) == wire.NOCALL + wire.REASON_MISSING + "order_id" + wire.END
+    # a call the client requires (tool_choice="required") never asks: the grammar
+    # would not take the decline while another tool is open
+    logits[names["track_order"]] = 9.0
+    ans = _Answer(router, router.grammar(router.catalogue, "required"), "where is my order",
+                  router.encode_request("where is my order"))
+    ans.push([router.call_id])
+    assert ans.asks_for(lambda: logits) is None
     logits[names["track_order"]] = -9.0                             # its best tool is open: no decline
     ans = _Answer(router, g, "where is my order", router.encode_request("where is my order"))
     ans.push([router.call_id])
