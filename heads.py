@@ -61,13 +61,13 @@ class Heads:
         if ans.must_call:           # the tags outvote the intent head's "no call" (draft)
             ans.g = self.r.grammar(tools, "required")
             ans.state = ans.g.start(ans.request)
-        # a catalogue in the prompt (hold_general): a required argument's value must be
-        # a run the pointer heads tagged for it; a tool with a required span value
-        # and no such run is not offered (grammar.Grammar.blocked), and with no tool
-        # left the answer declines ("date" = "you", a flight's origin = "there")
+        # a catalogue in the prompt (hold_general): a value must be a run the pointer
+        # heads tagged for its argument; an argument with no such run is not written,
+        # a tool that needs one is not offered (grammar.Grammar.blocked), and with no
+        # tool left the answer declines ("date" = "you", a flight's origin = "there")
         strict = ()
         if self.r.catalogue is None and self.r.hold_general:
-            strict = {k for t in tools for k in t["parameters"].get("required", [])}
+            strict = {k for t in tools for k in t["parameters"].get("properties", {})}
         if (held or strict) and ans.state.spans is not None:
             text = ans.state.spans.text
             if self.r.catalogue is not None:

@@ -129,7 +129,7 @@ class Router:
         self.min_value_p = 0.001           # a later call's free text value the model gives less: no call (_Answer.unwanted)
         self.hold_to_tags = True           # span values are runs the tagger marked for their key (heads.py)
         self.tags_call = True              # tags that fill a tool's required arguments outvote a no-call intent (heads.py)
-        self.hold_general = True           # a catalogue in the prompt: a required value is a run tagged for its key (heads.py)
+        self.hold_general = True           # a catalogue in the prompt: a value is a run tagged for its key (heads.py)
         self.runs_in_order = True          # ... each run taken once, in request order (grammar.Spans.hold)
         self.choose = greedy               # the step's choice; a benchmark may follow a fixed answer
         self.grammars = OrderedDict()      # catalogue -> Grammar, most recent last

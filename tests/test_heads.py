@@ -83,10 +83,11 @@ def test_a_draft_from_pointers_names_the_pointed_tool_and_argument(router):
     assert router.heads.draft((tag_logits, intent, arg), ans, TOOLS) == ([], False, ["Oslo"], {"city": [oslo]})
 
 
-def test_a_required_value_of_a_catalogue_in_the_prompt_is_a_run_tagged_for_it(router):
+def test_a_value_of_a_catalogue_in_the_prompt_is_a_run_tagged_for_its_argument(router):
     """hold_general: get_current_weather's city must be a run the arg head points at
     "city" for. Tagged: the city is that run, whatever else the request holds; not
-    tagged: no tool that needs a city is offered. Off: any request words."""
+    tagged: no tool that needs a city is offered, and an optional argument with no
+    run is not written at all. Off: any request words."""
     request = "weather in Oslo or Paris please"
     req = router.encode_request(request)
     names, args = router.heads.catalogue_positions(TOOLS)
@@ -117,6 +118,9 @@ def test_a_required_value_of_a_catalogue_in_the_prompt_is_a_run_tagged_for_it(ro
     assert "get_current_weather" not in {n.decode() for n in g.blocked(spans)[0]}
     g, spans = spans_after_heads([])
     assert "get_current_weather" in {n.decode() for n in g.blocked(spans)[0]}
+    optional = {(t["name"], k) for t in TOOLS for k, p in t["parameters"]["properties"].items()
+                if k not in t["parameters"].get("required", []) and (t["name"], k) in router.spans_of(TOOLS)}
+    assert optional and all(k in g.blocked(spans)[1].get(n.encode(), ()) for n, k in optional)
     g, spans = spans_after_heads([], on=False)
     assert _takes(city, spans.for_key("city"), "Oslo")
     assert "get_current_weather" not in {n.decode() for n in g.blocked(spans)[0]}
