@@ -181,6 +181,7 @@ class Spans:
         self.in_order = False  # values take their runs in request order (hold)
         self.in_row, self.glued = False, frozenset()   # (spans held in order: see within)
         self._held = {}        # (argument, runs, list?) -> the spans held to them (for_key)
+        self.strict = frozenset()   # arguments that may take their runs only, none when they have none (hold)
         self.blocked = {}      # grammar -> what no value can be written for here (Grammar.blocked)
 
     def _index(self, text, taken):
@@ -244,6 +245,7 @@ class Spans:
                                  for m in re.finditer(rb"-?\d+(?:\.\d+)?", self.seen[a:z])) & self.numbers
         held.stated = frozenset(n for a, z in runs for n in self._stated_in(a, z))
         held.runs, held.in_order, held._held, held.in_row, held.blocked = {}, False, {}, in_order, {}
+        held.strict = frozenset()
         # the runs a list goes on from: the next run follows, joined by a comma or a
         # conjunction alone ("rain jacket and bath mat")
         held.glued = frozenset(z for (_, z), (a, _) in zip(runs, runs[1:]) if in_order and joined(self.text[z:a]))
@@ -257,7 +259,7 @@ class Spans:
         if runs and self.taken:                 # (a run another key's value took is gone)
             runs = tuple((a, z) for a, z in runs if self.taken.isdisjoint(range(a, z)))
         if not runs:
-            return self.within(()) if key in getattr(self, "strict", ()) else self
+            return self.within(()) if key in self.strict else self
         memo = (key, runs, listed)
         if memo not in self._held:
             self._held[memo] = self.within(runs if listed or not self.in_order else runs[:1], self.in_order)
@@ -265,7 +267,8 @@ class Spans:
 
     def hold(self, runs_by_key, in_order=False, strict=()):
         """Hold each argument's values to the runs the tagger marked for it:
-        {key: [(start, end), ...]} byte offsets (a key with no run stays free).
+        {key: [(start, end), ...]} byte offsets (a key with no run stays free,
+        unless it is in strict: then it has nothing to copy).
         Each run is taken once (took); in_order: in request order, as the data
         writes them ("sixty-four ... 103 minutes": the first call's duration is 64)."""
         self.runs = {k: tuple(sorted(p for r in runs for p in self._clauses(*r))) for k, runs in runs_by_key.items()}
