@@ -78,6 +78,11 @@ class Heads:
                 self.may_answer(draft, ans, tools):
             ans.push(draft)
             return draft, self.confidence(aux)
+        if not draft and not ans.must_call:
+            # no call, say the heads: guess the commonest decline whole, for the decoder to
+            # verify in one pass instead of writing its reason a token at a time
+            # (test p50 5.7 -> 5.4 ms, the same answers)
+            draft = [self.r.nocall_id] + self.r.sp.encode(wire.REASON_NO_TOOL) + [self.r.end_id]
         return draft, None
 
     def may_answer(self, draft, ans, tools):

@@ -365,10 +365,11 @@ def test_tags_that_fill_the_next_tools_required_arguments_outvote_a_no_call_inte
         return router.sp.decode(drafted), ans.must_call, declines
 
     call = wire.render_answer([{"name": "track_order", "arguments": {"order_id": "12345"}}])
+    decline = wire.NOCALL + wire.REASON_NO_TOOL + wire.END    # (a guess for the decoder to verify)
     assert heads_turn([(b"12345", "B-order_id")]) == (call, True, False)     # a call, and no decline offered
-    assert heads_turn([(b"12345", "B-order_id")], on=False) == ("", False, True)
-    assert heads_turn([]) == ("", False, True)                                 # nothing tagged
-    assert heads_turn([(b"12345", "B-order_id"), (b"where", "B-city")]) == ("", False, True)   # a key it lacks
+    assert heads_turn([(b"12345", "B-order_id")], on=False) == (decline, False, True)
+    assert heads_turn([]) == (decline, False, True)                            # nothing tagged
+    assert heads_turn([(b"12345", "B-order_id"), (b"where", "B-city")]) == (decline, False, True)   # a key it lacks
 
 
 def test_a_drafted_list_goes_on_only_where_a_comma_or_conjunction_joins_its_items(router):
