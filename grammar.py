@@ -181,7 +181,7 @@ class Spans:
         self.in_order = False  # values take their runs in request order (hold)
         self.in_row, self.glued = False, frozenset()   # (spans held in order: see within)
         self._held = {}        # (argument, runs, list?) -> the spans held to them (for_key)
-        self.strict = frozenset()   # arguments that may take their runs only, none when they have none (hold)
+        self.only_runs = False  # an argument takes its runs only, nothing when it has none (hold)
         self.blocked = {}      # grammar -> what no value can be written for here (Grammar.blocked)
 
     def _index(self, text, taken):
@@ -245,7 +245,7 @@ class Spans:
                                  for m in re.finditer(rb"-?\d+(?:\.\d+)?", self.seen[a:z])) & self.numbers
         held.stated = frozenset(n for a, z in runs for n in self._stated_in(a, z))
         held.runs, held.in_order, held._held, held.in_row, held.blocked = {}, False, {}, in_order, {}
-        held.strict = frozenset()
+        held.only_runs = False
         # the runs a list goes on from: the next run follows, joined by a comma or a
         # conjunction alone ("rain jacket and bath mat")
         held.glued = frozenset(z for (_, z), (a, _) in zip(runs, runs[1:]) if in_order and joined(self.text[z:a]))
@@ -255,25 +255,25 @@ class Spans:
         """The spans a value of this argument may take: the runs the tagger marked
         for it that no value took yet (hold), else any. In order, a value is the
         first of them (listed, a list: the first and the next ones in a row)."""
-        runs = self.runs.get(key)
+        runs = self.runs.get(key, ())
         if runs and self.taken:                 # (a run another key's value took is gone)
             runs = tuple((a, z) for a, z in runs if self.taken.isdisjoint(range(a, z)))
-        if not runs:
-            return self.within(()) if key in self.strict else self
-        memo = (key, runs, listed)
+        if not runs and not self.only_runs:
+            return self
+        memo = (key, runs, listed)             # (no runs and only_runs: nothing to copy)
         if memo not in self._held:
             self._held[memo] = self.within(runs if listed or not self.in_order else runs[:1], self.in_order)
         return self._held[memo]
 
-    def hold(self, runs_by_key, in_order=False, strict=()):
+    def hold(self, runs_by_key, in_order=False, only_runs=False):
         """Hold each argument's values to the runs the tagger marked for it:
         {key: [(start, end), ...]} byte offsets (a key with no run stays free,
-        unless it is in strict: then it has nothing to copy).
+        unless only_runs: then it has nothing to copy).
         Each run is taken once (took); in_order: in request order, as the data
         writes them ("sixty-four ... 103 minutes": the first call's duration is 64)."""
         self.runs = {k: tuple(sorted(p for r in runs for p in self._clauses(*r))) for k, runs in runs_by_key.items()}
         self.runs = {k: runs for k, runs in self.runs.items() if runs}
-        self.in_order, self.strict = in_order, frozenset(strict)
+        self.in_order, self.only_runs = in_order, only_runs
 
     def _clauses(self, a, z):
         """A run cut at the clause breaks inside it, each piece from a word's start

@@ -65,15 +65,13 @@ class Heads:
         # heads tagged for its argument; an argument with no such run is not written,
         # a tool that needs one is not offered (grammar.Grammar.blocked), and with no
         # tool left the answer declines ("date" = "you", a flight's origin = "there")
-        strict = ()
-        if self.r.catalogue is None and self.r.hold_general:
-            strict = {k for t in tools for k in t["parameters"].get("properties", {})}
-        if (held or strict) and ans.state.spans is not None:
+        only_runs = self.r.catalogue is None and self.r.hold_general
+        if (held or only_runs) and ans.state.spans is not None:
             text = ans.state.spans.text
             if self.r.catalogue is not None:
                 ans.found_keys = [(k, text[a:z].decode("utf-8")) for k, runs in held.items() for a, z in runs]
             if self.r.hold_to_tags:
-                ans.state.spans.hold(held, in_order=self.r.runs_in_order, strict=strict)
+                ans.state.spans.hold(held, in_order=self.r.runs_in_order, only_runs=only_runs)
         if draft and whole and self.r.answer_from_heads and len(draft) <= budget and \
                 self.may_answer(draft, ans, tools):
             ans.push(draft)
@@ -82,7 +80,7 @@ class Heads:
             # no call, say the heads: guess the commonest decline whole, for the decoder to
             # verify in one pass instead of writing its reason a token at a time
             # (test p50 5.7 -> 5.4 ms, the same answers)
-            draft = [self.r.nocall_id] + self.r.sp.encode(wire.REASON_NO_TOOL) + [self.r.end_id]
+            draft = list(self.r.decline_ids)
         return draft, None
 
     def may_answer(self, draft, ans, tools):

@@ -110,6 +110,8 @@ class Router:
         ids = self.meta["special_tokens"]
         self.end_id, self.call_id, self.nocall_id = ids[wire.END], ids[wire.CALL], ids[wire.NOCALL]
         self.arg_id = ids[wire.ARG]
+        # the commonest decline, whole: the answer when tokens run out (cut), the heads' guess for a no call
+        self.decline_ids = [self.nocall_id] + self.sp.encode(wire.REASON_NO_TOOL) + [self.end_id]
         self.vocab = grammar.Vocab(self.sp, ids)
         # Values the training data always copies from the request are held to runs of
         # its whole words (grammar.Spans): the arguments data.py lists as span keys
@@ -705,7 +707,7 @@ class _Answer:
         fits = [e for e in self.ends if e < budget]
         if fits:
             return self.out[:fits[-1]] + [self.r.end_id]
-        return [self.r.nocall_id] + self.r.sp.encode(wire.REASON_NO_TOOL) + [self.r.end_id]
+        return list(self.r.decline_ids)
 
     def forced(self):
         """Token ids for the text the grammar determines next, or None."""
