@@ -395,6 +395,77 @@ def test_a_drafted_list_goes_on_only_where_a_comma_or_conjunction_joins_its_item
     assert [text[a + 1:z + 1] for a, z in held["items"]] == [b"milk", b"eggs", b"bread"]
 
 
+def test_the_intent_head_read_at_a_runs_words_names_the_tool_of_its_call(router, compiled_data):
+    """tool_tags: data.py gives each tagged request token the tool of its call; the
+    intent head read at a run's words names it, so runs of one key make calls of
+    two tools, each value held to its own tool's call; a list's items joined by a
+    conjunction alone are read together."""
+    # the training target: each tagged token of a two-call request names its call's tool
+    d = datadir.load_data_dir(compiled_data)
+    split = datadir.Split(compiled_data, "train", 512)
+    assert split.ptr is not None
+    intents, checked = d.meta["intents"], 0
+    for k, ex in enumerate(datadir.read_jsonl(os.path.join(compiled_data, "train.jsonl"))):
+        names = {c["name"] for c in ex["calls"]}
+        s, n = int(split.starts[k]), int(split.lens[k])
+        tagged = np.asarray(split.tags[s:s + n]) > 1                      # B-/I- tokens ("-" 0, "O" 1)
+        tools = {intents[i] for i in np.asarray(split.ptr[s:s + n])[tagged]}
+        assert (np.asarray(split.ptr[s:s + n])[~tagged] == -1).all() and tools <= names
+        checked += len(names) > 1 and len(tools) > 1
+    assert checked
+    # decoding: order 12345 is track_order's, order 678 cancel_order's
+    request = "where is my order 12345 and cancel order 678"
+    g = router.grammar(router.catalogue)
+    req = router.encode_request(request)
+    tags = router.meta["tags"]
+    _, words, text = datadir.request_words(router.sp, request, router.heads.nbytes)
+    at = {text[a:z]: tok for tok, a, z in words}
+    tag_logits = torch.full((len(req), len(tags)), -9.0)
+    tag_logits[:, tags.index("O")] = 0.0
+    tool_logits = torch.zeros((len(req), len(intents)))
+    for word, tool in ((b"12345", "track_order"), (b"678", "cancel_order")):
+        tag_logits[at[word], tags.index("B-order_id")] = 9.0
+        tool_logits[at[word], intents.index(tool)] = 9.0
+    intent = torch.full((len(intents),), -9.0)
+    intent[intents.index("track_order")] = 9.0
+    ans = _Answer(router, g, request, req)
+    draft, whole, _, held = router.heads.draft((tag_logits, intent, tool_logits), ans, router.catalogue)
+    assert whole and router.sp.decode(draft) == wire.render_answer(
+        [{"name": "track_order", "arguments": {"order_id": "12345"}},
+         {"name": "cancel_order", "arguments": {"order_id": "678"}}])
+    assert {k: [text[a + 1:z + 1] for a, z in v] for k, v in held.items()} == {
+        ("track_order", "order_id"): [b"12345"], ("cancel_order", "order_id"): [b"678"]}
+    # a draft of two tools' calls is a guess for the decoder to verify, never the answer
+    # itself (a call with no tagged value, "... and lamp off", would be lost)
+    ans = _Answer(router, g, request, req)
+    guess, confidence = router.heads.answer((tag_logits, intent, tool_logits), ans, router.catalogue, 64)
+    assert guess == draft and confidence is None and not ans.out
+    spans = grammar.Spans(request)
+    spans.hold(held, in_order=True)
+    for tool, word in (("track_order", b"12345"), ("cancel_order", b"678")):
+        assert spans.for_key("order_id", tool=tool).starts == frozenset([text.index(word) - 1])
+    assert spans.for_key("order_id", tool="return_order") is spans           # no run of its own: free
+    # runs of one key joined by a conjunction alone (a list's items, or the same
+    # call twice) are read together: "12345" says track_order loudly, "678"
+    # cancel_order softly -> both are track_order's
+    request = "where are orders 12345 and 678"
+    req = router.encode_request(request)
+    _, words, text = datadir.request_words(router.sp, request, router.heads.nbytes)
+    at = {text[a:z]: tok for tok, a, z in words}
+    tag_logits = torch.full((len(req), len(tags)), -9.0)
+    tag_logits[:, tags.index("O")] = 0.0
+    tool_logits = torch.zeros((len(req), len(intents)))
+    for word, tool, score in ((b"12345", "track_order", 9.0), (b"678", "cancel_order", 2.0)):
+        tag_logits[at[word], tags.index("B-order_id")] = 9.0
+        tool_logits[at[word], intents.index(tool)] = score
+    ans = _Answer(router, g, request, req)
+    draft, whole, _, held = router.heads.draft((tag_logits, intent, tool_logits), ans, router.catalogue)
+    assert whole and router.sp.decode(draft) == wire.render_answer(
+        [{"name": "track_order", "arguments": {"order_id": "12345"}},
+         {"name": "track_order", "arguments": {"order_id": "678"}}])
+    assert list(held) == [("track_order", "order_id")]
+
+
 def test_the_heads_answer_when_their_tool_takes_strings_only(router, monkeypatch):
     """answer_from_heads: the draft is the answer (one pass), if its tool takes plain
     strings only and the grammar takes it; otherwise the decoder answers."""
