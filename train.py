@@ -86,9 +86,10 @@ def arg_parser(doc=__doc__):
     p.add_argument("--tagger", action="store_true",
                    help="aux heads on the prompt: each request token's tag and the first tool (data.py "
                    "writes their targets), trained with weight --aux_weight; a compiled router drafts from them")
-    p.add_argument("--tool_tags", action="store_true",
-                   help="--tagger, compiled: the intent head also names the tool of each tagged request "
-                   "token's call (which call a value belongs to: a request of several calls)")
+    p.add_argument("--tool_tags", action="store_const", const=True, default=True,
+                   help="--tagger, compiled (the default): the intent head also names the tool of each "
+                   "tagged request token's call (which call a value belongs to: a request of several calls)")
+    p.add_argument("--no_tool_tags", dest="tool_tags", action="store_const", const=False)
     p.add_argument("--aux_weight", type=float, default=0.5, help="weight of the aux losses (--tagger)")
     # what a row holds
     p.add_argument("--share_prefix", action="store_true",
@@ -194,6 +195,9 @@ def run(args, loss=None, name="model", ckpt_extra=None):
         log.restart()
     if aux and (train.tags is None or ((model.point is not None or model.config.tool_tags) and train.ptr is None)):
         die(f"--tagger: {args.data_dir} has no tag (or pointer) files; build it again with this data.py")
+    if model.intent is not None and model.point is None and args.tool_tags and not model.config.tool_tags:
+        print(f"note: {args.data_dir} has no train_ptr.bin (an older data.py): the intent head is not trained "
+              "on each value's call; build the data again for it")
     if model.point is None and not model.config.tool_tags:
         train.ptr = None                   # (compiled without --tool_tags: the calls' tools not trained)
     # what the step calls: under torchrun, DDP averages the gradients over the
@@ -485,7 +489,8 @@ def model_config(args, meta):
                                   n_tags=len(meta.get("tags") or []) if args.tagger else 0,
                                   n_intents=len(meta.get("intents") or []) if args.tagger else 0,
                                   pointer_heads=bool(args.tagger and not meta.get("compiled")),
-                                  tool_tags=bool(args.tagger and args.tool_tags and meta.get("compiled")))
+                                  tool_tags=bool(args.tagger and args.tool_tags and meta.get("compiled") and
+                                                 os.path.isfile(os.path.join(args.data_dir, "train_ptr.bin"))))
     except ValueError as e:
         die(str(e))
 
