@@ -44,8 +44,7 @@ class Batch(NamedTuple):
     tags: object = None        # (B, L) tag of each x token (0: none), for the aux tagger
     intent: object = None      # (B,) the first tool (-1: unknown), for the aux intent head
     intent_at: object = None   # (B,) where it is read: the last prompt token
-    ptr: object = None         # (B, L) a tagged request token's argument-name position (compiled: its
-                               # call's tool, an intent class; -1: none)
+    ptr: object = None         # (B, L) a tagged request token's argument-name position (-1: none)
 
     def to(self, device):
         move = lambda t: t.to(device, non_blocking=True) if t is not None else None
@@ -271,8 +270,7 @@ def write_tokens(sp, examples, out_dir, split, max_len, compiled=False, tags=Non
     {split}_tag.bin (each prompt token's tag) and {split}_intent.npy (each
     example's first tool) for the aux losses; for a catalogue in the prompt the
     intent is the position of that tool's name (0: no call), and {split}_ptr.bin
-    gives each tagged request token the position of its argument's name (compiled:
-    the tool of the call its value is in, as an intent class).
+    gives each tagged request token the position of its argument's name.
     -> (kept examples, number of tokens, length of each kept example)."""
     ids, cls, tag_ids, intent_ids, ptr_ids, offsets, kept = [], [], [], [], [], [0], []
     nbytes = piece_lengths(sp)
@@ -292,10 +290,6 @@ def write_tokens(sp, examples, out_dir, split, max_len, compiled=False, tags=Non
         if intents:
             name = ex["calls"][0]["name"] if ex["calls"] else intents[-1]
             intent_ids.append(intents.index(name) if name in intents else -1)   # -1: not a known tool
-            # each tagged request token: the tool of the call its value is in (the
-            # intent head read at every token: which call a value belongs to)
-            ptr = [intents.index(o[0]) if o and o[0] in intents else -1 for o in owners]
-            ptr_ids.extend([-1] * (n_prompt - len(rt)) + ptr + [-1] * (len(x) - n_prompt))
         elif tags:     # a catalogue in the prompt: point at the tool's and the arguments' names
             names, args = catalogue_positions(sp, ex["tools"])
             intent_ids.append(names[ex["calls"][0]["name"]] if ex["calls"] and ex["calls"][0]["name"] in names
@@ -305,6 +299,7 @@ def write_tokens(sp, examples, out_dir, split, max_len, compiled=False, tags=Non
     if tags:
         np.array(tag_ids, dtype=np.uint16).tofile(os.path.join(out_dir, f"{split}_tag.bin"))
         np.save(os.path.join(out_dir, f"{split}_intent.npy"), np.array(intent_ids, dtype=np.int64))
+    if tags and not intents:
         np.array(ptr_ids, dtype=np.int16).tofile(os.path.join(out_dir, f"{split}_ptr.bin"))
     assert sp.get_piece_size() < 65536, "token ids are stored as uint16"
     cls = np.array(cls, dtype=np.uint8)

@@ -182,7 +182,6 @@ class Spans:
         self.in_row, self.glued = False, frozenset()   # (spans held in order: see within)
         self._held = {}        # (argument, runs, list?) -> the spans held to them (for_key)
         self.only_runs = False  # an argument takes its runs only, nothing when it has none (hold)
-        self.by_tool = False   # runs held per (tool, key) (hold)
         self.blocked = {}      # grammar -> what no value can be written for here (Grammar.blocked)
 
     def _index(self, text, taken):
@@ -246,18 +245,17 @@ class Spans:
                                  for m in re.finditer(rb"-?\d+(?:\.\d+)?", self.seen[a:z])) & self.numbers
         held.stated = frozenset(n for a, z in runs for n in self._stated_in(a, z))
         held.runs, held.in_order, held._held, held.in_row, held.blocked = {}, False, {}, in_order, {}
-        held.only_runs = held.by_tool = False
+        held.only_runs = False
         # the runs a list goes on from: the next run follows, joined by a comma or a
         # conjunction alone ("rain jacket and bath mat")
         held.glued = frozenset(z for (_, z), (a, _) in zip(runs, runs[1:]) if in_order and joined(self.text[z:a]))
         return held
 
-    def for_key(self, key, listed=False, tool=None):
-        """The spans a value of this argument (of this tool) may take: the runs the
-        tagger marked for it that no value took yet (hold), else any. In order, a
-        value is the first of them (listed, a list: the first and the next ones in a
-        row). Held by tool, runs of another tool's call are not this tool's."""
-        runs = self.runs.get((tool, key) if self.by_tool else key, ())
+    def for_key(self, key, listed=False):
+        """The spans a value of this argument may take: the runs the tagger marked
+        for it that no value took yet (hold), else any. In order, a value is the
+        first of them (listed, a list: the first and the next ones in a row)."""
+        runs = self.runs.get(key, ())
         if runs and self.taken:                 # (a run another key's value took is gone)
             runs = tuple((a, z) for a, z in runs if self.taken.isdisjoint(range(a, z)))
         if not runs and not self.only_runs:
@@ -267,21 +265,15 @@ class Spans:
             self._held[memo] = self.within(runs if listed or not self.in_order else runs[:1], self.in_order)
         return self._held[memo]
 
-    def has_runs(self, key, tool=None):
-        """Are runs of the request held for this argument (of this tool), left to copy?"""
-        return ((tool, key) if self.by_tool else key) in self.runs
-
     def hold(self, runs_by_key, in_order=False, only_runs=False):
         """Hold each argument's values to the runs the tagger marked for it:
         {key: [(start, end), ...]} byte offsets (a key with no run stays free,
-        unless only_runs: then it has nothing to copy); keyed by (tool, key) when
-        the heads name each run's tool (heads.Heads.call_tool).
+        unless only_runs: then it has nothing to copy).
         Each run is taken once (took); in_order: in request order, as the data
         writes them ("sixty-four ... 103 minutes": the first call's duration is 64)."""
         self.runs = {k: tuple(sorted(p for r in runs for p in self._clauses(*r))) for k, runs in runs_by_key.items()}
         self.runs = {k: runs for k, runs in self.runs.items() if runs}
         self.in_order, self.only_runs = in_order, only_runs
-        self.by_tool = any(isinstance(k, tuple) for k in self.runs)
 
     def _clauses(self, a, z):
         """A run cut at the clause breaks inside it, each piece from a word's start
@@ -296,7 +288,7 @@ class Spans:
                 out.append((min(starts), max(ends)))
         return out
 
-    def took(self, key, value, tool=None):
+    def took(self, key, value):
         """These spans after a value of key was written (its bytes as the answer
         has them, ' ["a","b"]'): the runs it took are taken (in order: with every
         run before them), the others stay for the next value; a key whose runs
@@ -310,7 +302,6 @@ class Spans:
         items = [str(item).encode("utf-8") for item in (items if isinstance(items, list) else [items])]
         out = copy.copy(self)
         out.blocked, out._held = {}, {}
-        key = (tool, key) if self.by_tool else key
         runs = self.runs.get(key)
         if runs:
             left = list(runs)
@@ -873,8 +864,7 @@ class Grammar:
                 return None
             if s.phase == "key" and text in cands:          # " key:" complete: its value next
                 key, node = self.tools[s.tool]["keys"][text]
-                spans = s.spans.for_key(key, node[0] == "span" and node[1][0] == "arr", s.tool.decode()) \
-                    if s.spans is not None else None
+                spans = s.spans.for_key(key, node[0] == "span" and node[1][0] == "arr") if s.spans is not None else None
                 return s._replace(phase="value", text=b"", used=s.used | {key}, key=key, vtext=b"",
                                   value=value_start(node, spans))
             return s._replace(text=text)
@@ -915,7 +905,7 @@ class Grammar:
             dead = {}
             for name, t in self.tools.items():
                 keys = frozenset(k for k, node in t["keys"].values() if node[0] == "span" and
-                                 not _fillable(node[1], spans.for_key(k, node[1][0] == "arr", name.decode())))
+                                 not _fillable(node[1], spans.for_key(k, node[1][0] == "arr")))
                 if keys:
                     dead[name] = keys
             spans.blocked[id(self)] = (frozenset(n for n, keys in dead.items() if keys & self.tools[n]["required"]),
@@ -943,7 +933,7 @@ class Grammar:
         elif s.phase != "value" or not value_done(s.value):
             return None
         elif s.spans is not None and s.key in self.tools[s.tool]["spans"]:   # the words this value took
-            s = s._replace(spans=s.spans.took(s.key, s.vtext, s.tool.decode()))
+            s = s._replace(spans=s.spans.took(s.key, s.vtext))
         tool = self.tools[s.tool]
         if sym == wire.ARG:
             dead = self.blocked(s.spans)[1].get(s.tool, ())

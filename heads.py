@@ -49,7 +49,6 @@ class Heads:
         self.r = router
         self.positions = OrderedDict()     # catalogue -> where its names are (pointer heads)
         self.nbytes = piece_lengths(router.sp)
-        self.tool_ids = frozenset(router.meta.get("tool_tokens", {}).values())
         # which word tag may follow which (the training data's, else BIO's rule)
         self.rules = tag_rules(router.meta["tags"], router.meta.get("tag_moves"))
 
@@ -74,7 +73,6 @@ class Heads:
             if self.r.hold_to_tags:
                 ans.state.spans.hold(held, in_order=self.r.runs_in_order, only_runs=only_runs)
         if draft and whole and self.r.answer_from_heads and len(draft) <= budget and \
-                len(set(draft) & self.tool_ids) <= 1 and \
                 self.may_answer(draft, ans, tools):
             ans.push(draft)
             return draft, self.confidence(aux)
@@ -166,25 +164,10 @@ class Heads:
         # at it (among every argument of the catalogue: a second call's tool too):
         # its values are held to its runs (byte offsets in the request as
         # grammar.Spans reads it: without the leading space)
-        held, tool_of = {}, {}
+        held = {}
         if self.r.model.point is None:
-            if arg_logits is not None and self.r.call_tools:
-                # tool_tags: the intent head read at a run's words names the tool of its
-                # call (among the tools here that take its key); runs of one key joined
-                # by a comma or conjunction alone (a list's items) are read together
-                group = []
-                for i, (tag, a, b) in enumerate(runs + [(None, 0, 0)]):
-                    prev = runs[i - 1] if i else None
-                    if group and (tag is None or key_of(tag, 0) != key_of(prev[0], 0) or
-                                  not grammar.joined(text[words[prev[2]][2]:words[a][1]])):
-                        at = [words[w][0] for _, x, y in group for w in range(x, y + 1)]
-                        tool = self.call_tool(arg_logits, at, key_of(group[0][0], 0), g)
-                        tool_of.update((x, tool) for _, x, _ in group)
-                        group = []
-                    group.append((tag, a, b))
             for tag, a, b in runs:
-                key = (tool_of[a], key_of(tag, 0)) if tool_of else key_of(tag, 0)
-                held.setdefault(key, []).append((words[a][1] - 1, words[b][2] - 1))
+                held.setdefault(key_of(tag, 0), []).append((words[a][1] - 1, words[b][2] - 1))
         elif self.r.hold_general and runs:
             every = list(self.catalogue_positions(tools)[1].items())     # [((tool, key), position)]
             for tag, a, b in runs if every else []:
@@ -205,26 +188,27 @@ class Heads:
         tool = g.tools.get(name.encode()) if name else None
         if tool is None:
             return [], False, found, held
-        runs = [[key_of(tag, words[a][0]), a, b, tool_of.get(a, name)] for tag, a, b in runs]
-        props_of = {t["name"]: t["parameters"].get("properties", {}) for t in tools}
+        runs = [[key_of(tag, words[a][0]), a, b] for tag, a, b in runs]
+        known = {k for k, _ in tool["keys"].values()}
+        props = next(t for t in tools if t["name"] == name)["parameters"].get("properties", {})
         calls, whole, last = [], True, (None, 0)
-        for key, a, b, tname in runs:
-            if tname is None or key not in props_of.get(tname, {}):
+        for key, a, b in runs:
+            if key not in known:
                 whole = False
                 continue
             value = text[words[a][1]:words[b][2]].decode("utf-8")
-            kind = (props_of[tname].get(key) or {}).get("type")
+            kind = (props.get(key) or {}).get("type")
             # calls are segmented in request order: a run belongs to the call being
             # filled unless that call has its key already (a list: unless the run
-            # follows its last item joined by a comma or conjunction alone) or is of
-            # another tool (tool_tags), then it opens the next call
+            # follows its last item joined by a comma or conjunction alone), then it
+            # opens the next call
             call = calls[-1] if calls else None
             listed = kind == "array" and last[0] == key and grammar.joined(text[last[1]:words[a][1]])
-            if call is not None and ((key in call["arguments"] and not listed) or call["name"] != tname):
+            if call is not None and key in call["arguments"] and not listed:
                 call = None
             last = (key, words[b][2])
             if call is None:
-                call = {"name": tname, "arguments": {}}
+                call = {"name": name, "arguments": {}}
                 calls.append(call)
             if kind == "array":
                 call["arguments"].setdefault(key, []).append(value)
@@ -233,18 +217,6 @@ class Heads:
             else:
                 call["arguments"][key] = value
         return self.r.sp.encode(wire.render_answer(calls or [{"name": name, "arguments": {}}])), whole, found, held
-
-    def call_tool(self, logits, at, key, g):
-        """tool_tags: the tool of the call a run is in, by the intent head read at
-        its words (positions at; summed log-probabilities), among the tools the
-        grammar allows that take its key -> the tool's name, or None."""
-        intents = self.r.meta["intents"]
-        cands = [i for i, n in enumerate(intents) if (t := g.tools.get(n.encode())) and
-                 any(k == key for k, _ in t["keys"].values())]
-        if not cands:
-            return None
-        score = F.log_softmax(logits[at].float(), -1).sum(0)
-        return intents[max(cands, key=lambda i: float(score[i]))]
 
     def catalogue_positions(self, tools):
         """datadir.catalogue_positions of a catalogue, kept for the last 32."""

@@ -61,7 +61,6 @@ class GPTConfig:
     n_tags: int = 0           # aux tagger: each request token's tag (which argument's value it is in)
     n_intents: int = 0        # aux intent head: the first tool, read at the last prompt token
     pointer_heads: bool = False  # aux heads for a catalogue in the prompt: point at the tool's / argument's name
-    tool_tags: bool = False   # compiled: the intent head also names, at each tagged request token, its call's tool
 
     def __post_init__(self):
         # refuse bad combinations here, with the reason, rather than as a shape
@@ -539,8 +538,7 @@ class GPT(nn.Module):
         request) for a prompt block, which a prefix LM reads both ways and a copy
         head copies from. Training's seg gives the same blocks (a test checks).
         aux=True -> (that, tag logits of every position (T, n_tags), intent logits
-        of the last position (n_intents), with tool_tags those of every position
-        (T, n_intents), else None); with pointer heads the last two
+        of the last position (n_intents), None); with pointer heads the last two
         are the intent's and each position's argument pointer scores over the
         catalogue block ((n_catalogue), (T, n_catalogue)); None for a head the model lacks."""
         T = idx.size(1)
@@ -554,11 +552,8 @@ class GPT(nn.Module):
             if self.point is not None:
                 cat = cache.catalogue_h                  # (n_catalogue, C)
                 heads = (tags, self.point.intent(h[-1:], cat)[0], self.point.arg(h, cat))
-            elif self.intent is not None:
-                # compiled: the tool of each request token's call (tool_tags), else None
-                heads = (tags, self.intent(h[-1]), self.intent(h) if self.config.tool_tags else None)
             else:
-                heads = (tags, None, None)
+                heads = (tags, self.intent(h[-1]) if self.intent is not None else None, None)
         if self.copy is not None and prompt:
             n = cache.n_src
             cache.src_keys[n:n + T] = self.copy.k(h)

@@ -133,7 +133,6 @@ class Router:
         self.tags_call = True              # tags that fill a tool's required arguments outvote a no-call intent (heads.py)
         self.hold_general = True           # a catalogue in the prompt: a value is a run tagged for its key (heads.py)
         self.runs_in_order = True          # ... each run taken once, in request order (grammar.Spans.hold)
-        self.call_tools = True             # tool_tags: each run held to the tool the heads name for its call
         self.choose = greedy               # the step's choice; a benchmark may follow a fixed answer
         self.grammars = OrderedDict()      # catalogue -> Grammar, most recent last
         # A catalogue in the prompt longer than retrieve_k: only its retrieve_k tools
@@ -664,7 +663,7 @@ class _Answer:
         its own way."""
         s = self.state
         if not self.r.min_value_p or s.phase != "value" or s.calls < 2 or self.r.catalogue is None or \
-                s.spans is None or s.spans.has_runs(s.key, s.tool.decode()) or s.key not in self.g.tools[s.tool]["texts"]:
+                s.spans is None or s.key in s.spans.runs or s.key not in self.g.tools[s.tool]["texts"]:
             return False
         p = F.softmax(logits().float(), dim=-1)
         return float(p[tok]) < self.r.min_value_p and int(p.argmax()) != tok
@@ -738,8 +737,8 @@ class _Answer:
             text = self.r.sp.decode(self.out)
             waiting = {k for k, v in self.found_keys if v not in text}
             names = self.r.meta.get("tool_tokens", {})
-            ids = [names[t["name"]] for t in self.g.tools.values()      # (a key, or (tool, key): tool_tags)
-                   if t["name"] in names and waiting & {x for k, _ in t["keys"].values() for x in (k, (t["name"], k))}]
+            ids = [names[t["name"]] for t in self.g.tools.values()
+                   if t["name"] in names and waiting & {k for k, _ in t["keys"].values()}]
             keep = torch.isin(allowed, torch.tensor(ids, dtype=allowed.dtype))
             if keep.any():
                 allowed = allowed[keep]

@@ -86,10 +86,6 @@ def arg_parser(doc=__doc__):
     p.add_argument("--tagger", action="store_true",
                    help="aux heads on the prompt: each request token's tag and the first tool (data.py "
                    "writes their targets), trained with weight --aux_weight; a compiled router drafts from them")
-    p.add_argument("--tool_tags", action="store_const", const=True, default=True,
-                   help="--tagger, compiled (the default): the intent head also names the tool of each "
-                   "tagged request token's call (which call a value belongs to: a request of several calls)")
-    p.add_argument("--no_tool_tags", dest="tool_tags", action="store_const", const=False)
     p.add_argument("--aux_weight", type=float, default=0.5, help="weight of the aux losses (--tagger)")
     # what a row holds
     p.add_argument("--share_prefix", action="store_true",
@@ -193,13 +189,8 @@ def run(args, loss=None, name="model", ckpt_extra=None):
         log(f"resumed from {last_path} at step {step}")
     else:
         log.restart()
-    if aux and (train.tags is None or ((model.point is not None or model.config.tool_tags) and train.ptr is None)):
+    if aux and (train.tags is None or (model.point is not None and train.ptr is None)):
         die(f"--tagger: {args.data_dir} has no tag (or pointer) files; build it again with this data.py")
-    if model.intent is not None and model.point is None and args.tool_tags and not model.config.tool_tags:
-        print(f"note: {args.data_dir} has no train_ptr.bin (an older data.py): the intent head is not trained "
-              "on each value's call; build the data again for it")
-    if model.point is None and not model.config.tool_tags:
-        train.ptr = None                   # (compiled without --tool_tags: the calls' tools not trained)
     # what the step calls: under torchrun, DDP averages the gradients over the
     # processes in backward (the checkpoint stores the bare model: no "module.")
     net = DDP(model, device_ids=[device] if device.startswith("cuda") else None) if world > 1 else model
@@ -381,11 +372,6 @@ def aux_loss(tag_logits, intent_logits, arg_logits, batch):
                 logits = logits.masked_fill(~catalogue[rows, 0], float("-inf"))
             ce = F.cross_entropy(logits, batch.intent[rows])
             total, parts["intent"] = total + ce, ce.item()
-    if arg_logits is None and intent_logits is not None and batch.ptr is not None:
-        on = batch.ptr >= 0            # compiled --tool_tags: each tagged token's call's tool
-        if on.any():
-            ce = F.cross_entropy(intent_logits[on].float(), batch.ptr[on])
-            total, parts["tool"] = total + ce, ce.item()
     if arg_logits is not None:
         on = batch.ptr >= 0
         if on.any():
@@ -488,9 +474,7 @@ def model_config(args, meta):
                                   prefix_lm=args.prefix_lm, copy_head=args.copy_head,
                                   n_tags=len(meta.get("tags") or []) if args.tagger else 0,
                                   n_intents=len(meta.get("intents") or []) if args.tagger else 0,
-                                  pointer_heads=bool(args.tagger and not meta.get("compiled")),
-                                  tool_tags=bool(args.tagger and args.tool_tags and meta.get("compiled") and
-                                                 os.path.isfile(os.path.join(args.data_dir, "train_ptr.bin"))))
+                                  pointer_heads=bool(args.tagger and not meta.get("compiled")))
     except ValueError as e:
         die(str(e))
 
