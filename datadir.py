@@ -197,6 +197,23 @@ def tag_moves(out_dir, split, tags):
     return sorted([a, b] for a, b in pairs)
 
 
+def glued_moves(sp, examples, tags):
+    """The word-tag transitions the data shows between two words with nothing but
+    white space between them ("our last aurora", not "Paris, Lyon") -> sorted
+    [previous, next] pairs. A value that continues into the next word is read as
+    one run there unless the data has two values side by side like that (an
+    intent/slot set's "monday tuesday"): the heads never split "Dar es Salaam"
+    into two values, each opening a call (heads.best_tags)."""
+    nbytes, tag_index, pairs = piece_lengths(sp), {t: i for i, t in enumerate(tags)}, set()
+    for ex in examples:
+        rt, _ = request_tags(sp, ex, tag_index, nbytes)
+        _, words, text = request_words(sp, ex["request"], nbytes)
+        for (t0, _, z), (t1, a, _) in zip(words, words[1:]):
+            if not text[z:a].strip():
+                pairs.add((tags[rt[t0]], tags[rt[t1]]))
+    return sorted([a, b] for a, b in pairs)
+
+
 NO_CALL = "<no call>"  # a compiled model's intent class for an answer that calls no tool
 SPAN_SHARE = 0.99     # data that copies this share of a kind of value from the request: the decoder always does
 
