@@ -197,7 +197,7 @@ def tag_moves(out_dir, split, tags):
     return sorted([a, b] for a, b in pairs)
 
 
-def glued_moves(sp, examples, tags):
+def adjacent_moves(sp, examples, tags):
     """The word-tag transitions the data shows between two words with nothing but
     white space between them ("our last aurora", not "Paris, Lyon") -> sorted
     [previous, next] pairs. A value that continues into the next word is read as

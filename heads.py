@@ -50,7 +50,7 @@ class Heads:
         self.positions = OrderedDict()     # catalogue -> where its names are (pointer heads)
         self.nbytes = piece_lengths(router.sp)
         # which word tag may follow which (the training data's, else BIO's rule)
-        self.rules = tag_rules(router.meta["tags"], router.meta.get("tag_moves"), router.meta.get("glued_moves"))
+        self.rules = tag_rules(router.meta["tags"], router.meta.get("tag_moves"), router.meta.get("adjacent_moves"))
 
     def answer(self, aux, ans, tools, budget):
         """The heads' turn, after the prompt pass: aux = the heads' logits of the
@@ -153,8 +153,8 @@ class Heads:
         runs = []
         if words:
             logp = F.log_softmax(tag_logits[[w[0] for w in words], 1:].float(), dim=-1)
-            glued = [not text[z:a].strip() for (_, _, z), (_, a, _) in zip(words, words[1:])]
-            for w, t in enumerate(best_tags(logp, *self.rules, glued)):      # never "-" for a word
+            adjacent = [not text[z:a].strip() for (_, _, z), (_, a, _) in zip(words, words[1:])]
+            for w, t in enumerate(best_tags(logp, *self.rules, adjacent)):      # never "-" for a word
                 tag = meta["tags"][t + 1]
                 if tag[0] == "I" and runs and runs[-1][2] == w - 1:
                     runs[-1][2] = w
@@ -225,13 +225,13 @@ class Heads:
         return remember(self.positions, key, lambda: catalogue_positions(self.r.sp, tools), 32)
 
 
-def tag_rules(names, moves=None, glued=None):
+def tag_rules(names, moves=None, adjacent=None):
     """Which word tag may follow which -> (allowed (n, n) bool, start (n,) bool,
     allowed between two words with only white space between them (n, n) bool, or
     None) over names[1:] (the tags a request word can have: "-" is none). moves:
     the data dir's [previous, next] pairs seen in training ("^": before the first
     word; datadir.tag_moves); without them, BIO's own rule: I-k only right after
-    B-k or I-k. glued: the pairs seen between such words (datadir.glued_moves),
+    B-k or I-k. adjacent: the pairs seen between such words (datadir.adjacent_moves),
     each also in moves. O may always follow, and begin."""
     tags = names[1:]
     n = len(tags)
@@ -250,9 +250,9 @@ def tag_rules(names, moves=None, glued=None):
                                 for i in range(n)])
         start = ~torch.tensor(inside)
     tight = None
-    if glued:
+    if adjacent:
         tight = torch.zeros(n, n, dtype=torch.bool)
-        for a, b in glued:
+        for a, b in adjacent:
             if a in index and b in index:
                 tight[index[a], index[b]] = True
         tight &= allowed
@@ -264,19 +264,19 @@ def tag_rules(names, moves=None, glued=None):
     return allowed, start, tight
 
 
-def best_tags(logp, allowed, start, tight=None, glued=()):
+def best_tags(logp, allowed, start, tight=None, adjacent=()):
     """The likeliest sequence of word tags that keeps the rules (Viterbi):
     logp (n_words, n) log-probabilities -> n_words tag indices. Read one word at a
     time, a value can come out in two pieces (B B where B I was meant), which then
     opens a call of its own; read as a sequence, only as the data has them.
-    glued[t - 1]: word t follows word t - 1 with only white space between them;
+    adjacent[t - 1]: word t follows word t - 1 with only white space between them;
     there the moves are tight's (tag_rules), when given."""
     ban = torch.zeros(allowed.shape).masked_fill(~allowed, -1e9)
     ban_tight = None if tight is None else torch.zeros(tight.shape).masked_fill(~tight, -1e9)
     score = logp[0].masked_fill(~start, -1e9)
     back = []
     for t in range(1, len(logp)):
-        rule = ban_tight if ban_tight is not None and glued and glued[t - 1] else ban
+        rule = ban_tight if ban_tight is not None and adjacent and adjacent[t - 1] else ban
         best, arg = (score[:, None] + rule).max(0)          # the best previous tag for each tag
         back.append(arg)
         score = best + logp[t]

@@ -71,17 +71,17 @@ def test_every_copied_value_of_the_training_data_is_tagged(compiled_data):
 
 
 def test_a_value_is_never_split_where_the_data_has_no_two_values_side_by_side(compiled_data):
-    """datadir.glued_moves keeps the tag moves seen between words with only white
+    """datadir.adjacent_moves keeps the tag moves seen between words with only white
     space between them; heads.best_tags keeps to them there. Two items of a list
     follow each other across a comma ("eggs, milk"), never across a space, so a
     tagger that leans to B-items B-items on "maple syrup" reads one item."""
     import heads
     d = datadir.load_data_dir(compiled_data)
     tags = d.meta["tags"]
-    moves, glued = d.meta["tag_moves"], d.meta["glued_moves"]
-    assert ["B-items", "B-items"] in moves and ["B-items", "B-items"] not in glued
-    assert ["B-items", "I-items"] in glued and ["O", "B-items"] in glued
-    loose, start, tight = heads.tag_rules(tags, moves, glued)
+    moves, adjacent = d.meta["tag_moves"], d.meta["adjacent_moves"]
+    assert ["B-items", "B-items"] in moves and ["B-items", "B-items"] not in adjacent
+    assert ["B-items", "I-items"] in adjacent and ["O", "B-items"] in adjacent
+    loose, start, tight = heads.tag_rules(tags, moves, adjacent)
     b, i, o = (tags.index(t) - 1 for t in ("B-items", "I-items", "O"))
     logp = torch.full((3, len(tags) - 1), -9.0)             # "add maple syrup"
     logp[0, o] = -0.1
@@ -89,7 +89,7 @@ def test_a_value_is_never_split_where_the_data_has_no_two_values_side_by_side(co
     logp[2, i] = -0.5
     assert heads.best_tags(logp, loose, start, tight, [True, False]) == [o, b, b]    # "maple, syrup": two items
     assert heads.best_tags(logp, loose, start, tight, [True, True]) == [o, b, i]     # "maple syrup": one
-    assert heads.best_tags(logp, loose, start, None, [True, True]) == [o, b, b]      # no glued moves: as before
+    assert heads.best_tags(logp, loose, start, None, [True, True]) == [o, b, b]      # no adjacent moves: as before
     logp[2, i] = -20.0                                      # where the next word cannot continue it: O
     assert heads.best_tags(logp, loose, start, tight, [True, True]) == [o, b, o]
 
