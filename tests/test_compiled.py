@@ -627,3 +627,25 @@ def test_a_further_call_is_of_a_tool_that_takes_a_waiting_value(router):
         assert allowed < free and "track_order" in free
     finally:
         router.cover_found = True
+
+
+def test_a_waiting_value_keeps_the_answer_open_unless_the_model_is_sure_it_ends(router):
+    """_Answer.allowed: with a tagged value no call took, the answer may not end
+    (another call is written for it), unless the model gives <|end|> at least
+    Router.end_sure: a stray tagged word ("randomize and play my X playlist" ->
+    cancel_event(title="randomize")) then opens no call."""
+    from sample import _Answer
+    ans = _Answer(router, router.grammar(router.catalogue), "track ORD-1 and the weather in Oslo", [])
+    ans.found, ans.found_keys = ["ORD-1", "Oslo"], [("order_id", "ORD-1"), ("city", "Oslo")]
+    first = wire.render_answer([{"name": "track_order", "arguments": {"order_id": "ORD-1"}}])[:-len(wire.END)]
+    ans.push(router.sp.encode(first))
+    assert router.call_id in ans.r.vocab.allowed(ans.g, ans.state).tolist()
+    logits = torch.zeros(router.model.config.vocab_size)
+
+    def may_end(end_logit):
+        logits[router.end_id] = end_logit
+        return router.end_id in ans.allowed(lambda: logits).tolist()
+    assert not may_end(0.0) and not may_end(2.0)          # the model unsure: a call for "Oslo" is written
+    assert may_end(30.0)                                   # sure (p > 0.99): it may end
+    assert router.end_sure == 0.99
+    assert router.end_id not in ans.allowed().tolist()     # no logits, no exception
