@@ -128,7 +128,7 @@ class Router:
         self.heads = Heads(self) if has_heads else None
         self.answer_from_heads = has_heads
         self.cover_found = True            # a call answer uses every value the heads found (_Answer.allowed)
-        self.end_sure = 0.99               # ... unless the model ends it with at least this probability
+        self.end_sure = 0.99               # ... unless a compiled model ends it with at least this probability
         self.min_value_p = 0.001           # a later call's free text value the model gives less: no call (_Answer.unwanted)
         self.hold_to_tags = True           # span values are runs the tagger marked for their key (heads.py)
         self.tags_call = True              # tags that fill a tool's required arguments outvote a no-call intent (heads.py)
@@ -729,10 +729,12 @@ class _Answer:
         """Token ids the step may take: the grammar's (span values included). A
         call answer may not end while a value the heads tagged in the request is
         in none of its calls (every call found: a second or third call is not
-        dropped while its values wait in the request), unless the model gives
-        <|end|> at least Router.end_sure among those ids (logits(): the step's
-        logits), so that a stray tagged word opens no call of its own ("randomize
-        and play my Blood Window playlist" -> cancel_event(title="randomize")).
+        dropped while its values wait in the request), unless a compiled model
+        gives <|end|> at least Router.end_sure among those ids (logits(): the
+        step's logits), so that a stray tagged word opens no call of its own
+        ("randomize and play my Blood Window playlist" -> cancel_event(title=
+        "randomize")). (With a catalogue in the prompt the same rule lost: its ends
+        cut calls short of optional values the pointer heads found, docs/results.md.)
         A second or third call of a compiled model is of a tool that takes one
         of the values still waiting, when some are."""
         allowed = self.r.vocab.allowed(self.g, self.state)
@@ -754,7 +756,7 @@ class _Answer:
                 # ... unless the calls since the last such moment placed none of them
                 # (a tagged value no call takes would otherwise run on to the budget)
                 if left and (left != self.blocked[0] or len(self.out) == self.blocked[1]) and not (
-                        logits is not None and self.r.end_sure < 1 and
+                        logits is not None and self.r.end_sure < 1 and self.r.catalogue is not None and
                         float(F.softmax(logits()[allowed].float(), -1)[end]) >= self.r.end_sure):
                     self.blocked = (left, len(self.out))
                     allowed = allowed[~end]
