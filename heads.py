@@ -61,6 +61,9 @@ class Heads:
         if ans.must_call:           # the tags outvote the intent head's "no call" (draft)
             ans.g = self.r.grammar(tools, "required")
             ans.state = ans.g.start(ans.request)
+        elif ans.must_decline and self.r.untagged_declines:    # ... and stand when nothing is tagged
+            ans.g = self.r.grammar(tools, "none")
+            ans.state = ans.g.start(ans.request)
         # a catalogue in the prompt (hold_general): a value must be a run the pointer
         # heads tagged for its argument; an argument with no such run is not written,
         # a tool that needs one is not offered (grammar.Grammar.blocked), and with no
@@ -174,6 +177,11 @@ class Heads:
             for tag, a, b in runs if every else []:
                 at = int(arg_logits[words[a][0], [p for _, p in every]].argmax())
                 held.setdefault(every[at][0][1], []).append((words[a][1] - 1, words[b][2] - 1))
+        # No call, says the intent head, and the tagger marked nothing: a compiled model's
+        # answer is no call (ans.must_decline); the decoder only writes its reason, and
+        # a call the language model would make of a stray word cannot be written
+        # ("Happy Friday!" -> list_events(date="Friday"))
+        ans.must_decline = self.r.model.point is None and name == NO_CALL and not runs and g.choice == "auto"
         # No call, says the intent head; but the tagger marked values (training tags
         # no word of a no-call request) and they fill every required argument of the
         # tool the intent head rates next, taking no key it lacks: the request is a

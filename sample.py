@@ -132,6 +132,7 @@ class Router:
         self.min_value_p = 0.001           # a later call's free text value the model gives less: no call (_Answer.unwanted)
         self.hold_to_tags = True           # span values are runs the tagger marked for their key (heads.py)
         self.tags_call = True              # tags that fill a tool's required arguments outvote a no-call intent (heads.py)
+        self.untagged_declines = True      # a compiled no-call intent with nothing tagged is the answer (heads.py)
         self.hold_general = True           # a catalogue in the prompt: a value is a run tagged for its key (heads.py)
         self.runs_in_order = True          # ... each run taken once, in request order (grammar.Spans.hold)
         self.choose = greedy               # the step's choice; a benchmark may follow a fixed answer
@@ -609,6 +610,7 @@ class _Answer:
         self.found_keys = []   # the same as (argument, value) (a compiled model's)
         self.blocked = (0, -1)   # (how many were unused, answer length) when last kept from ending
         self.must_call = False   # the heads say the request is a call (heads.Heads.draft)
+        self.must_decline = False   # ... or that it is no call
 
     def done(self):
         return self.state.phase == "done"

@@ -364,7 +364,8 @@ def test_tags_that_fill_the_next_tools_required_arguments_outvote_a_no_call_inte
     """The intent head says no call, but the tagger marked the order number: the
     draft is the call of the tool the intent head rates next, and the answer must
     be a call. Tags that leave a required argument of that tool empty, or that
-    name a key it lacks, or the rule switched off, leave the no call standing."""
+    name a key it lacks, or the rule switched off, leave the no call standing (a
+    guess the decoder may overrule); with nothing tagged the no call is the answer."""
     request = "where is my order 12345"
     g = router.grammar(router.catalogue)
     req = router.encode_request(request)
@@ -385,15 +386,22 @@ def test_tags_that_fill_the_next_tools_required_arguments_outvote_a_no_call_inte
             drafted, _ = router.heads.answer((tag_logits, intent, None), ans, router.catalogue, 64)
         finally:
             router.tags_call = router.answer_from_heads = True
-        declines = bool((router.vocab.allowed(ans.g, ans.state) == router.nocall_id).any())
-        return router.sp.decode(drafted), ans.must_call, declines
+        first = router.vocab.allowed(ans.g, ans.state)
+        declines, calls = bool((first == router.nocall_id).any()), bool((first == router.call_id).any())
+        return router.sp.decode(drafted), ans.must_call, declines, calls
 
     call = wire.render_answer([{"name": "track_order", "arguments": {"order_id": "12345"}}])
     decline = wire.NOCALL + wire.REASON_NO_TOOL + wire.END    # (a guess for the decoder to verify)
-    assert heads_turn([(b"12345", "B-order_id")]) == (call, True, False)     # a call, and no decline offered
-    assert heads_turn([(b"12345", "B-order_id")], on=False) == (decline, False, True)
-    assert heads_turn([]) == (decline, False, True)                            # nothing tagged
-    assert heads_turn([(b"12345", "B-order_id"), (b"where", "B-city")]) == (decline, False, True)   # a key it lacks
+    assert heads_turn([(b"12345", "B-order_id")]) == (call, True, False, True)     # a call, no decline offered
+    assert heads_turn([(b"12345", "B-order_id")], on=False) == (decline, False, True, True)
+    assert heads_turn([(b"12345", "B-order_id"), (b"where", "B-city")]) == (decline, False, True, True)   # a key it lacks
+    # nothing tagged: the no call stands, the decoder may only write its reason
+    assert heads_turn([]) == (decline, False, True, False)
+    router.untagged_declines = False
+    try:
+        assert heads_turn([]) == (decline, False, True, True)
+    finally:
+        router.untagged_declines = True
 
 
 def test_a_drafted_list_goes_on_only_where_a_comma_or_conjunction_joins_its_items(router):
