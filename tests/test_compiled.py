@@ -404,6 +404,36 @@ def test_tags_that_fill_the_next_tools_required_arguments_outvote_a_no_call_inte
         router.untagged_declines = True
 
 
+def test_tags_the_intents_tool_lacks_pick_a_tool_rated_next_that_takes_them_all(router):
+    """Heads.draft: the intent head names a tool without the tagged key (a call
+    of a contact for "Text Ann: ..."); a tool it rates at least 5% that takes
+    every tagged key, its required ones filled, is drafted instead. Rated lower,
+    or with the rule off, the intent head's tool stays."""
+    request = "where is my order 12345"
+    g = router.grammar(router.catalogue)
+    req = router.encode_request(request)
+    tags, intents = router.meta["tags"], router.meta["intents"]
+    _, words, text = datadir.request_words(router.sp, request, router.heads.nbytes)
+    tag_logits = torch.full((len(req), len(tags)), -9.0)
+    tag_logits[:, tags.index("O")] = 0.0
+    tag_logits[next(tok for tok, a, z in words if text[a:z] == b"12345"), tags.index("B-order_id")] = 9.0
+    lacks = next(t["name"] for t in router.catalogue if "order_id" not in t["parameters"]["properties"])
+
+    def drafted(second, on=True):
+        intent = torch.full((len(intents),), -20.0)
+        intent[intents.index(lacks)], intent[intents.index("track_order")] = 0.0, second
+        router.tags_pick = on
+        try:
+            draft, *_ = router.heads.draft((tag_logits, intent, None), _Answer(router, g, request, req),
+                                           router.catalogue)
+        finally:
+            router.tags_pick = True
+        return wire.parse_answer(router.sp.decode(draft), router.catalogue)["calls"][0]["name"]
+    assert drafted(-1.0) == "track_order"            # rated 27%
+    assert drafted(-5.0) == lacks                    # rated 0.7%
+    assert drafted(-1.0, on=False) == lacks
+
+
 def test_a_drafted_list_goes_on_only_where_a_comma_or_conjunction_joins_its_items(router):
     """Heads.draft: runs of a list's key joined by "and" (or a comma) alone are one
     list; a run after other words opens the next call."""
