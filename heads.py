@@ -183,6 +183,8 @@ class Heads:
         # a call the language model would make of a stray word cannot be written
         # ("Happy Friday!" -> list_events(date="Friday"))
         ans.must_decline = self.r.model.point is None and name == NO_CALL and not runs and g.choice == "auto"
+        tagged = {key_of(tag, 0) for tag, _, _ in runs} if self.r.model.point is None else set()
+        arg_names = lambda t: {k for k, _ in t["keys"].values()}      # a grammar tool's argument names
         # No call, says the intent head; but the tagger marked values (training tags
         # no word of a no-call request) and they fill every required argument of the
         # tool the intent head rates next, taking no key it lacks: the request is a
@@ -192,8 +194,7 @@ class Heads:
             alt = next(n for n in (meta["intents"][int(i)] for i in intent_logits.argsort(descending=True))
                        if n != NO_CALL)
             t = g.tools.get(alt.encode())
-            tagged = {key_of(tag, 0) for tag, _, _ in runs}
-            if t and tagged <= {k for k, _ in t["keys"].values()} and t["required"] <= tagged:
+            if t and tagged <= arg_names(t) and t["required"] <= tagged:
                 name, ans.must_call = alt, True
         # The intent head's tool lacks a key the tagger marked, and a tool it rates
         # lower but at least PICK_FLOOR takes every tagged key and has its required
@@ -201,23 +202,22 @@ class Heads:
         # call_contact). (Lower rated, it is a second call's tool far more often:
         # "... and erase choir practice" is not create_event.)
         if self.r.tags_pick and self.r.model.point is None and name != NO_CALL and runs and g.choice == "auto":
-            tagged = {key_of(tag, 0) for tag, _, _ in runs}
             t = g.tools.get(name.encode())
-            if t and not tagged <= {k for k, _ in t["keys"].values()}:
+            if t and not tagged <= arg_names(t):
                 p = F.softmax(intent_logits.float(), -1)
                 for i in intent_logits.argsort(descending=True):
                     alt = meta["intents"][int(i)]
                     u = g.tools.get(alt.encode()) if alt != NO_CALL else None
                     if float(p[i]) < PICK_FLOOR:
                         break
-                    if u and tagged <= {k for k, _ in u["keys"].values()} and u["required"] <= tagged:
+                    if u and tagged <= arg_names(u) and u["required"] <= tagged:
                         name = alt
                         break
         tool = g.tools.get(name.encode()) if name else None
         if tool is None:
             return [], False, found, held
         runs = [[key_of(tag, words[a][0]), a, b] for tag, a, b in runs]
-        known = {k for k, _ in tool["keys"].values()}
+        known = arg_names(tool)
         props = next(t for t in tools if t["name"] == name)["parameters"].get("properties", {})
         calls, whole, last = [], True, (None, 0)
         for key, a, b in runs:
