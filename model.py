@@ -60,6 +60,7 @@ class GPTConfig:
     copy_head: bool = False   # pointer-generator output: copy a token from the prompt or generate one
     n_tags: int = 0           # aux tagger: each request token's tag (which argument's value it is in)
     n_intents: int = 0        # aux intent head: the first tool, read at the last prompt token
+    intent_vote: bool = False  # ... or at every request token, their log-probabilities averaged
     pointer_heads: bool = False  # aux heads for a catalogue in the prompt: point at the tool's / argument's name
 
     def __post_init__(self):
@@ -69,6 +70,8 @@ class GPTConfig:
             raise ValueError(f"unknown ffn {self.ffn!r}; choose from {', '.join(FFN_KINDS)}")
         if self.attn_impl not in ("sdpa", "explicit"):
             raise ValueError(f"unknown attn_impl {self.attn_impl!r}; choose sdpa or explicit")
+        if self.intent_vote and not (self.n_intents and self.prefix_lm and not self.pointer_heads):
+            raise ValueError("intent_vote needs a compiled model's intent head (--tagger) read both ways (--prefix_lm)")
         if self.n_head < 1 or self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if (self.n_embd // self.n_head) % 2:
@@ -553,7 +556,7 @@ class GPT(nn.Module):
                 cat = cache.catalogue_h                  # (n_catalogue, C)
                 heads = (tags, self.point.intent(h[-1:], cat)[0], self.point.arg(h, cat))
             else:
-                heads = (tags, self.intent(h[-1]) if self.intent is not None else None, None)
+                heads = (tags, self.intent_of(h, prompt) if self.intent is not None else None, None)
         if self.copy is not None and prompt:
             n = cache.n_src
             cache.src_keys[n:n + T] = self.copy.k(h)
@@ -568,6 +571,14 @@ class GPT(nn.Module):
                                 torch.ones(len(h), cache.n_src, dtype=torch.bool, device=h.device))
         out = out[0] if first == -1 else out
         return (out, *heads) if aux else out
+
+    def intent_of(self, h, prompt):
+        """The intent head's scores of a request block's hidden states h (T, C):
+        those of its last token, or with intent_vote the mean of every token's
+        log-probabilities (each token has read the whole request, prefix LM)."""
+        if self.config.intent_vote and prompt == 2:
+            return F.log_softmax(self.intent(h).float(), -1).mean(0)
+        return self.intent(h[-1])
 
     def hidden(self, idx, cache=None, layout=None, seg=None):
         """idx: (B, T) -> final normalised hidden states (B, T, C).

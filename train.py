@@ -87,6 +87,9 @@ def arg_parser(doc=__doc__):
                    help="aux heads on the prompt: each request token's tag and the first tool (data.py "
                    "writes their targets), trained with weight --aux_weight; a compiled router drafts from them")
     p.add_argument("--aux_weight", type=float, default=0.5, help="weight of the aux losses (--tagger)")
+    p.add_argument("--intent_vote", action="store_true",
+                   help="the intent head trained at every request token and read as their mean "
+                   "log-probability, not at the last one (compiled, with --prefix_lm)")
     # what a row holds
     p.add_argument("--share_prefix", action="store_true",
                    help="rows of examples that share one tool list, the list run once (data.py --group N)")
@@ -300,7 +303,7 @@ def train_step(net, model, optimizer, scaler, batches, loss, args, ctx, world, a
         # DDP: all-reduce the gradients once, after the last micro-batch
         with net.no_sync() if world > 1 and micro < args.grad_accum - 1 else nullcontext():
             with ctx:
-                value, logged = batch_loss(net, batch, loss, aux, args.aux_weight)
+                value, logged = batch_loss(net, batch, loss, aux, args.aux_weight, model.config.intent_vote)
                 value = value / args.grad_accum
             scaler.scale(value).backward()
         parts["loss"] += value.item()
@@ -316,15 +319,16 @@ def train_step(net, model, optimizer, scaler, batches, loss, args, ctx, world, a
     return parts, tokens, examples
 
 
-def batch_loss(net, batch, loss, aux, aux_weight):
+def batch_loss(net, batch, loss, aux, aux_weight, vote=False):
     """One micro-batch's forward pass -> (loss, {name: value to log}): `loss` on the
-    answer tokens, plus aux_weight times the aux heads' losses when the model has them."""
+    answer tokens, plus aux_weight times the aux heads' losses when the model has them
+    (vote: the intent at every request token, GPTConfig.intent_vote)."""
     x, y, m, layout, seg = batch[:5]
     sel = m > 0
     out = net(x, layout=layout, sel=sel, seg=seg, aux=aux)
     value, logged = loss(out[0] if aux else out, y, m, x, sel, layout, seg)
     if aux:
-        extra, extra_logged = aux_loss(*out[1:], batch)
+        extra, extra_logged = aux_loss(*out[1:], batch, vote)
         value, logged = value + aux_weight * extra, {**logged, **extra_logged}
     return value, logged
 
@@ -352,11 +356,11 @@ def gold_loss(logits, y, m, x=None, sel=None, layout=None, seg=None):
     return weighted_ce(logits, y[sel], m[sel]), {}
 
 
-def aux_loss(tag_logits, intent_logits, arg_logits, batch):
+def aux_loss(tag_logits, intent_logits, arg_logits, batch, vote=False):
     """The aux heads' cross-entropies: each request token's tag (positions with a
     tag); the first tool at the last prompt token (rows whose tool is known), as a
     class (compiled) or as the position of its name in the catalogue (pointer
-    heads); and, pointer heads, each tagged request token's argument-name position
+    heads), with vote at every request token (seg 2) instead; and, pointer heads, each tagged request token's argument-name position
     -> (their sum, {"tag": ..., "intent": ..., "arg": ...} to log)."""
     total, parts = 0.0, {}
     catalogue = (batch.seg == 1)[:, None, :] if arg_logits is not None else None   # (B, 1, T) pointable
@@ -366,7 +370,12 @@ def aux_loss(tag_logits, intent_logits, arg_logits, batch):
         total, parts["tag"] = total + ce, ce.item()
     if intent_logits is not None:
         rows = torch.nonzero(batch.intent >= 0).squeeze(1)
-        if len(rows):
+        if len(rows) and vote:
+            on = batch.seg[rows] == 2                                    # (R, T) request tokens
+            ce = F.cross_entropy(intent_logits[rows][on].float(),
+                                 batch.intent[rows, None].expand_as(on)[on])
+            total, parts["intent"] = total + ce, ce.item()
+        elif len(rows):
             logits = intent_logits[rows, batch.intent_at[rows]].float()
             if catalogue is not None:
                 logits = logits.masked_fill(~catalogue[rows, 0], float("-inf"))
@@ -474,7 +483,8 @@ def model_config(args, meta):
                                   prefix_lm=args.prefix_lm, copy_head=args.copy_head,
                                   n_tags=len(meta.get("tags") or []) if args.tagger else 0,
                                   n_intents=len(meta.get("intents") or []) if args.tagger else 0,
-                                  pointer_heads=bool(args.tagger and not meta.get("compiled")))
+                                  pointer_heads=bool(args.tagger and not meta.get("compiled")),
+                                  intent_vote=args.intent_vote or None)
     except ValueError as e:
         die(str(e))
 

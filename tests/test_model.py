@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import (GPT, MLP, GPTConfig, KVCache, Layout, PRESETS, CheckpointError, SwiGLU, config_dict,
                    config_from_dict, config_from_preset, load_checkpoint, save_checkpoint)
@@ -416,3 +417,29 @@ def test_copy_head_needs_the_prompt_blocks():
     m = _prompt_model(copy_head=True)
     with pytest.raises(ValueError, match="seg"):
         m(torch.randint(1, 50, (1, 12)))
+
+
+def test_intent_vote_reads_the_mean_of_every_request_tokens_intent_as_training_does():
+    """With intent_vote, decode's intent scores are the mean log-probability of the
+    intent head over the request block's tokens, as training's forward gives them
+    (train.aux_loss trains every request token, seg 2); without it, the last token's."""
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=50, n_layer=2, n_head=2, n_embd=32, n_hidden=64, block_size=32,
+               prefix_lm=True, n_tags=5, n_intents=7)
+    x = torch.randint(1, 50, (1, 12))
+    for vote in (False, True):
+        torch.manual_seed(0)
+        m = GPT(GPTConfig(**cfg, intent_vote=vote)).eval()
+        with torch.no_grad():
+            _, _, intents, _ = m(x, seg=SEG, aux=True)              # (1, 12, 7)
+            cache = KVCache(m.config, 1, 32, "cpu")
+            m.decode(x[:, :3], cache, prompt=1)
+            _, _, got, _ = m.decode(x[:, 3:7], cache, prompt=2, aux=True)
+        want = F.log_softmax(intents[0, 3:7], -1).mean(0) if vote else intents[0, 6]
+        assert torch.allclose(got, want, atol=1e-5), vote
+    # the two differ: a vote is not the last token's reading
+    assert not torch.allclose(F.log_softmax(intents[0, 3:7], -1).mean(0), F.log_softmax(intents[0, 6], -1), atol=1e-3)
+    with pytest.raises(ValueError, match="intent_vote needs"):
+        GPTConfig(**{**cfg, "prefix_lm": False}, intent_vote=True)
+    with pytest.raises(ValueError, match="intent_vote needs"):
+        GPTConfig(**{**cfg, "n_intents": 0}, intent_vote=True)

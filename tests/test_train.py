@@ -332,3 +332,21 @@ def test_the_gpu_recipe_of_the_general_router_runs_its_first_steps_on_the_cpu(tm
     ckpt = torch.load(str(tmp_path / "out" / "last.pt"), weights_only=True)
     assert ckpt["step"] == 2 and ckpt["args"]["preset"] == "26m" and ckpt["model_config"]["copy_head"]
     assert ckpt["args"]["max_minutes"] == 240 and ckpt["train_tokens"] > 0
+
+
+def test_intent_vote_trains_the_intent_at_every_request_token():
+    """aux_loss with vote: the intent's cross-entropy at each request token (seg 2)
+    of the rows whose tool is known, averaged; without: at intent_at alone."""
+    torch.manual_seed(0)
+    B, T, K = 3, 6, 4
+    logits = torch.randn(B, T, K)
+    seg = torch.tensor([[1, 2, 2, 2, 0, 0], [1, 2, 2, 0, 0, 0], [1, 2, 2, 2, 2, 0]])
+    intent, at = torch.tensor([2, -1, 1]), torch.tensor([3, 2, 4])
+    batch = datadir.Batch(None, None, None, None, seg, torch.zeros(B, T, dtype=torch.long), intent, at)
+    F = torch.nn.functional
+    _, last = train.aux_loss(None, logits, None, batch)
+    _, vote = train.aux_loss(None, logits, None, batch, vote=True)
+    want_last = F.cross_entropy(logits[[0, 2], [3, 4]], torch.tensor([2, 1]))
+    want_vote = F.cross_entropy(torch.cat([logits[0, 1:4], logits[2, 1:5]]), torch.tensor([2] * 3 + [1] * 4))
+    assert abs(last["intent"] - want_last.item()) < 1e-5
+    assert abs(vote["intent"] - want_vote.item()) < 1e-5
