@@ -219,37 +219,65 @@ class Heads:
         runs = [[key_of(tag, words[a][0]), a, b] for tag, a, b in runs]
         known = arg_names(tool)
         props = next(t for t in tools if t["name"] == name)["parameters"].get("properties", {})
-        calls, whole, last = [], True, (None, 0)
-        for key, a, b in runs:
-            if key not in known:
-                whole = False
-                continue
-            value = text[words[a][1]:words[b][2]].decode("utf-8")
-            kind = (props.get(key) or {}).get("type")
-            # calls are segmented in request order: a run belongs to the call being
-            # filled unless that call has its key already (a list: unless the run
-            # follows its last item joined by a comma or conjunction alone), then it
-            # opens the next call
-            call = calls[-1] if calls else None
-            listed = kind == "array" and last[0] == key and grammar.joined(text[last[1]:words[a][1]])
-            if call is not None and key in call["arguments"] and not listed:
-                call = None
-            last = (key, words[b][2])
-            if call is None:
-                call = {"name": name, "arguments": {}}
-                calls.append(call)
-            if kind == "array":
-                call["arguments"].setdefault(key, []).append(value)
-            elif kind in ("integer", "number") and NUMBER.fullmatch(value):
-                call["arguments"][key] = json.loads(value)
-            else:
-                call["arguments"][key] = value
+        whole = all(key in known for key, _, _ in runs)     # else: a second tool's value
+        runs = [(key, words[a][1], words[b][2]) for key, a, b in runs if key in known]
+        calls = []
+        for group in segment(runs, text, {k for k, p in props.items() if p.get("type") == "array"},
+                             self.r.split_at_clauses):
+            call = {"name": name, "arguments": {}}
+            for key, a, b in group:
+                value, kind = text[a:b].decode("utf-8"), (props.get(key) or {}).get("type")
+                if kind == "array":
+                    call["arguments"].setdefault(key, []).append(value)
+                elif kind in ("integer", "number") and NUMBER.fullmatch(value):
+                    call["arguments"][key] = json.loads(value)
+                else:
+                    call["arguments"][key] = value
+            calls.append(call)
         return self.r.sp.encode(wire.render_answer(calls or [{"name": name, "arguments": {}}])), whole, found, held
 
     def catalogue_positions(self, tools):
         """datadir.catalogue_positions of a catalogue, kept for the last 32."""
         key = json.dumps([t["name"] for t in tools] + [wire.render_prefix(tools)])
         return remember(self.positions, key, lambda: catalogue_positions(self.r.sp, tools), 32)
+
+
+CLAUSE = re.compile(r"[.;!?]|\b(?:then|also)\b", re.I)
+
+
+def segment(runs, text, lists=(), at_clauses=True):
+    """A tool's tagged runs [(key, start, end)] (byte offsets in text, request
+    order) -> the calls they are, each a list of runs. A run belongs to the call
+    being filled unless that call has its key already (a list's key: unless the
+    run follows its last item joined by a comma or conjunction alone); then a
+    call ends. Where it ends (at_clauses): at the strongest break between the
+    call's run of that key and the new run (a sentence end, ";", "then" or
+    "also" over a comma over none), the latest of equals: "play starlit palace,
+    then start the Sable & Rye record rusty skyline" -> the artist goes with
+    the second album, not the first."""
+    calls = []
+    for run in runs:
+        key, a, _ = run
+        call = calls[-1] if calls else None
+        if call is not None and any(k == key for k, _, _ in call):
+            if key in lists and call[-1][0] == key and grammar.joined(text[call[-1][2]:a]):
+                call.append(run)
+                continue
+            j = max(i for i, (k, _, _) in enumerate(call) if k == key)
+            cut = len(call)
+            if at_clauses:
+                starts = [r[1] for r in call[j + 1:]] + [a]
+                ends = [r[2] for r in call[j:]]
+                strength = lambda i: (lambda gap: 2 if CLAUSE.search(gap) else 1 if "," in gap else 0)(
+                    text[ends[i]:starts[i]].decode("utf-8", "replace"))
+                cut = j + 1 + max(range(len(starts)), key=lambda i: (strength(i), i))
+            calls.append(call[cut:])
+            del call[cut:]
+            call = calls[-1]
+        elif call is None:
+            calls.append(call := [])
+        call.append(run)
+    return calls
 
 
 def tag_rules(names, moves=None, adjacent=None):

@@ -134,6 +134,7 @@ class Router:
         self.tags_call = True              # tags that fill a tool's required arguments outvote a no-call intent (heads.py)
         self.untagged_declines = True      # a compiled no-call intent with nothing tagged is the answer (heads.py)
         self.tags_pick = True              # tagged keys the intent's tool lacks pick a tool rated next (heads.py)
+        self.split_at_clauses = True       # a repeated key ends the call at the strongest clause break (heads.segment)
         self.hold_general = True           # a catalogue in the prompt: a value is a run tagged for its key (heads.py)
         self.runs_in_order = True          # ... each run taken once, in request order (grammar.Spans.hold)
         self.choose = greedy               # the step's choice; a benchmark may follow a fixed answer

@@ -70,6 +70,44 @@ def test_every_copied_value_of_the_training_data_is_tagged(compiled_data):
     assert checked > 100
 
 
+def test_a_repeated_key_ends_the_call_at_the_strongest_clause_break():
+    """heads.segment: runs of one tool become calls in request order; a key met
+    again ends the call, at the strongest break between the call's run of that
+    key and the new one (sentence end, ";", then/also > comma > none), the latest
+    of equals; a list's items joined by a comma or "and" stay one call."""
+    from heads import segment
+
+    def calls(text, keys, at_clauses=True, lists=()):
+        runs, at = [], 0
+        for key, value in keys:              # each value's first place after the last
+            a = text.index(value, at)
+            runs.append((key, a, a + len(value)))
+            at = a + len(value)
+        return [[(k, text[a:b]) for k, a, b in c]
+                for c in segment(runs, text.encode(), lists, at_clauses)]
+
+    text = "play starlit palace, then start the Sable & Rye record rusty skyline"
+    keys = [("album", "starlit palace"), ("artist", "Sable & Rye"), ("album", "rusty skyline")]
+    assert calls(text, keys) == [[("album", "starlit palace")],
+                                 [("artist", "Sable & Rye"), ("album", "rusty skyline")]]
+    # without the rule the call ends right before the repeated key, as it used to
+    assert calls(text, keys, at_clauses=False) == [[("album", "starlit palace"), ("artist", "Sable & Rye")],
+                                                   [("album", "rusty skyline")]]
+    text = "return order ORD-1. Then sleeping bag return, order ORD-2"
+    keys = [("order_id", "ORD-1"), ("product", "sleeping bag"), ("order_id", "ORD-2")]
+    assert calls(text, keys) == [[("order_id", "ORD-1")], [("product", "sleeping bag"), ("order_id", "ORD-2")]]
+    # equal breaks: the latest ("Text Ann: running late. Also text Bob: on my way")
+    text = "Text Ann. running late. Also text Bob: on my way"
+    keys = [("to", "Ann"), ("msg", "running late"), ("to", "Bob"), ("msg", "on my way")]
+    assert calls(text, keys) == [[("to", "Ann"), ("msg", "running late")], [("to", "Bob"), ("msg", "on my way")]]
+    # a list's items stay together; a list met again after a clause break is a new call
+    text = "add eggs, milk and bread; then add soap"
+    keys = [("items", "eggs"), ("items", "milk"), ("items", "bread"), ("items", "soap")]
+    assert calls(text, keys, lists={"items"}) == [[("items", "eggs"), ("items", "milk"), ("items", "bread")],
+                                                  [("items", "soap")]]
+    assert calls("nothing", []) == []
+
+
 def test_a_value_is_never_split_where_the_data_has_no_two_values_side_by_side(compiled_data):
     """datadir.adjacent_moves keeps the tag moves seen between words with only white
     space between them; heads.best_tags keeps to them there. Two items of a list
