@@ -16,7 +16,7 @@ OUT    := out/demo
 # the demo app: eight domains of the hand-written catalogue, 38 tools
 DOMAINS := timers_alarms,messaging,calendar,weather,smart_home,music,notes_reminders,shopping
 # the compiled router's recipe (README, "Your tools, compiled in")
-ROUTER := --preset tiny --prefix_lm --copy_head --tagger --optimizer muon --min_lr 0 --keep_last --batch_size 32 --length_window 64 \
+ROUTER := --preset tiny --prefix_lm --copy_head --tagger --intent_vote --optimizer muon --min_lr 0 --keep_last --batch_size 32 --length_window 64 \
           --warmup_steps 100 --eval_interval 500 --log_interval 100
 # training budgets in minutes: the schedule is fitted to them (train.py --max_minutes),
 # so a run uses its budget the same way on any machine

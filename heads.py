@@ -245,6 +245,13 @@ class Heads:
 CLAUSE = re.compile(r"[.;!?]|\b(?:then|also)\b", re.I)
 
 
+def clause_break(gap):
+    """How strongly the bytes between two runs part them: 2 a sentence end, ";",
+    "then" or "also"; 1 a comma; 0 none."""
+    gap = gap.decode("utf-8", "replace")
+    return 2 if CLAUSE.search(gap) else 1 if "," in gap else 0
+
+
 def segment(runs, text, lists=(), at_clauses=True):
     """A tool's tagged runs [(key, start, end)] (byte offsets in text, request
     order) -> the calls they are, each a list of runs. A run belongs to the call
@@ -264,13 +271,10 @@ def segment(runs, text, lists=(), at_clauses=True):
                 call.append(run)
                 continue
             j = max(i for i, (k, _, _) in enumerate(call) if k == key)
-            cut = len(call)
+            cut = len(call)       # the gaps: before each run after the key's, and before this one
             if at_clauses:
-                starts = [r[1] for r in call[j + 1:]] + [a]
-                ends = [r[2] for r in call[j:]]
-                strength = lambda i: (lambda gap: 2 if CLAUSE.search(gap) else 1 if "," in gap else 0)(
-                    text[ends[i]:starts[i]].decode("utf-8", "replace"))
-                cut = j + 1 + max(range(len(starts)), key=lambda i: (strength(i), i))
+                gaps = [text[r[2]:nxt[1]] for r, nxt in zip(call[j:], call[j + 1:] + [run])]
+                cut = j + 1 + max(range(len(gaps)), key=lambda i: (clause_break(gaps[i]), i))
             calls.append(call[cut:])
             del call[cut:]
             call = calls[-1]
