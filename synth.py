@@ -330,8 +330,8 @@ def vary(text, rng, calls=(), inner=INNER_CASE):
     """Light surface variation: the case of a word's first letter (people write
     "Remove ..." and "remove ..." alike, so neither reads as the start of a name):
     a sentence's first word one time in five, any other word not in a value of
-    `calls` with probability `inner` (one time in thirty); end punctuation. A word after an abbreviation with
-    inner periods ("p.m.") does not start a sentence."""
+    `calls` with probability `inner` (one time in thirty); end punctuation. A
+    word after an abbreviation with inner periods ("p.m.") does not start a sentence."""
     keep = {w for c in calls for t in _value_texts(c["arguments"]) for w in t.split()}
     words = text.split(" ")
     for i, w in enumerate(words):
@@ -389,6 +389,10 @@ class Generator:
         self.noise = noise
         self.inner_case = INNER_CASE    # vary's case flips inside a sentence (data.py --case_flips: training's)
 
+    def _vary(self, text, rng, calls=()):
+        """vary at this generator's rate of case flips inside a sentence."""
+        return vary(text, rng, calls, self.inner_case)
+
     def _toolset(self, rng, targets, allowed, exclude_domains=()):
         """targets + distractors, shuffled; min_tools..max_tools in total.
         A third of the time the distractors come from the targets' own domains
@@ -445,7 +449,7 @@ class Generator:
         schemas = {e["tool"]["name"]: e["tool"] for e in targets}
         if kind == "single":
             request, call = self._call(targets[0], rng)
-            text = vary(request, rng, [call], self.inner_case)
+            text = self._vary(request, rng, [call])
             # "p.m." lost its dot, or a value that begins the request lost its capital
             text = text if spans_ok(text, [call], schemas) else request
             return self._ex(kind, self._tools(fixed, rng, targets[:1], allowed), text, [call])
@@ -455,21 +459,21 @@ class Generator:
             text = join_requests(list(reqs), rng, [c["arguments"] for c in calls])
             if not spans_ok(text, list(calls), schemas):   # a value ended in "!" or "?"
                 text = " ".join(reqs)
-            varied = vary(text, rng, calls, self.inner_case)
+            varied = self._vary(text, rng, calls)
             text = varied if spans_ok(varied, list(calls), schemas) else text
             return self._ex(kind, self._tools(fixed, rng, uniq, allowed), text, list(calls))
         if kind == "chitchat":
-            return self._ex(kind, self._tools(fixed, rng, [], allowed), vary(rng.choice(self.pools["chitchat"]), rng, inner=self.inner_case),
+            return self._ex(kind, self._tools(fixed, rng, [], allowed), self._vary(rng.choice(self.pools["chitchat"]), rng),
                             [], REASON_CHITCHAT)
         if kind == "info":
             # a search tool could answer a general question, so none is offered
             tools = self._tools(fixed, rng, [], allowed, exclude_domains={"search"})
-            return self._ex(kind, tools, vary(rng.choice(self.pools["info_requests"]), rng, inner=self.inner_case), [], REASON_INFO)
+            return self._ex(kind, tools, self._vary(rng.choice(self.pools["info_requests"]), rng), [], REASON_INFO)
         if kind == "missing":
             e = targets[0]
             arg = rng.choice(sorted(e["missing"]))
             request, _ = fill(self._template(e["missing"][arg], rng), e, self.maker, rng)
-            return self._ex(kind, self._tools(fixed, rng, [e], allowed), vary(request, rng, inner=self.inner_case), [],
+            return self._ex(kind, self._tools(fixed, rng, [e], allowed), self._vary(request, rng), [],
                             REASON_MISSING + arg)
         if kind == "notool":
             # either an action no catalogue tool does, or a catalogue request whose
@@ -480,7 +484,7 @@ class Generator:
             e = targets[0]
             request, _ = self._call(e, rng)
             tools = self._tools(fixed, rng, [], allowed, exclude_domains={e["domain"], "search"})
-            return self._ex(kind, tools, vary(request, rng, inner=self.inner_case), [], REASON_NO_TOOL)
+            return self._ex(kind, tools, self._vary(request, rng), [], REASON_NO_TOOL)
         raise ValueError(f"unknown example kind {kind!r}")
 
     def _out_of_scope(self, rng, entries):
@@ -495,7 +499,7 @@ class Generator:
         ok = [r for r in self.pools["out_of_scope"]
               if not names & set(fits.get(r, ())) and not any(names_object(e, r) for e in entries)]
         if not ok:     # every one could be served: chit-chat instead
-            return self._ex("chitchat", entries, vary(rng.choice(self.pools["chitchat"]), rng, inner=self.inner_case), [], REASON_CHITCHAT)
+            return self._ex("chitchat", entries, self._vary(rng.choice(self.pools["chitchat"]), rng), [], REASON_CHITCHAT)
         return self._ex("notool", entries, rng.choice(ok), [], REASON_NO_TOOL)
 
     def _tools(self, fixed, rng, *args, **kw):
@@ -511,7 +515,7 @@ class Generator:
         """Another example over exactly the same tool list (train.py can then run
         the shared tool prefix once for several requests, see --share_prefix)."""
         if not entries:    # every tool was excluded from the first example's list: only chit-chat fits
-            return self._ex("chitchat", [], vary(rng.choice(self.pools["chitchat"]), rng, inner=self.inner_case), [], REASON_CHITCHAT)
+            return self._ex("chitchat", [], self._vary(rng.choice(self.pools["chitchat"]), rng), [], REASON_CHITCHAT)
         kind = rng.choices(list(shares), weights=list(shares.values()))[0]
         domains = {e["domain"] for e in entries}
         if kind == "missing":
@@ -535,7 +539,7 @@ class Generator:
             if others and rng.random() < 0.5:
                 e = rng.choice(others)
                 request, _ = self._call(e, rng)
-                return self._ex(kind, entries, vary(request, rng, inner=self.inner_case), [], REASON_NO_TOOL)
+                return self._ex(kind, entries, self._vary(request, rng), [], REASON_NO_TOOL)
             return self._out_of_scope(rng, entries)
         return self.make(rng, kind, [], allowed, entries)
 

@@ -360,8 +360,9 @@ def aux_loss(tag_logits, intent_logits, arg_logits, batch, vote=False):
     """The aux heads' cross-entropies: each request token's tag (positions with a
     tag); the first tool at the last prompt token (rows whose tool is known), as a
     class (compiled) or as the position of its name in the catalogue (pointer
-    heads), with vote at every request token (seg 2) instead; and, pointer heads, each tagged request token's argument-name position
-    -> (their sum, {"tag": ..., "intent": ..., "arg": ...} to log)."""
+    heads), with vote at every request token (seg 2) instead; and, pointer heads,
+    each tagged request token's argument-name position -> (their sum, {"tag": ...,
+    "intent": ..., "arg": ...} to log)."""
     total, parts = 0.0, {}
     catalogue = (batch.seg == 1)[:, None, :] if arg_logits is not None else None   # (B, 1, T) pointable
     if tag_logits is not None:
