@@ -45,6 +45,7 @@ class Batch(NamedTuple):
     intent: object = None      # (B,) the first tool (-1: unknown), for the aux intent head
     intent_at: object = None   # (B,) where it is read: the last prompt token
     ptr: object = None         # (B, L) a tagged request token's argument-name position (-1: none)
+    tool: object = None        # (B, L) the tool of the call a tagged request token's value is in (-1: none)
 
     def to(self, device):
         move = lambda t: t.to(device, non_blocking=True) if t is not None else None
@@ -284,12 +285,13 @@ def encode_example(sp, ex, nbytes, compiled=False):
 def write_tokens(sp, examples, out_dir, split, max_len, compiled=False, tags=None, intents=None):
     """Token files for one split; examples over max_len are dropped and counted.
     tags (tag_names) and intents (tool names + "<no call>", compiled only) add
-    {split}_tag.bin (each prompt token's tag) and {split}_intent.npy (each
-    example's first tool) for the aux losses; for a catalogue in the prompt the
+    {split}_tag.bin (each prompt token's tag), {split}_intent.npy (each
+    example's first tool) and, compiled, {split}_tool.bin (each tagged token's
+    call's tool, -1 elsewhere) for the aux losses; for a catalogue in the prompt the
     intent is the position of that tool's name (0: no call), and {split}_ptr.bin
     gives each tagged request token the position of its argument's name.
     -> (kept examples, number of tokens, length of each kept example)."""
-    ids, cls, tag_ids, intent_ids, ptr_ids, offsets, kept = [], [], [], [], [], [0], []
+    ids, cls, tag_ids, intent_ids, ptr_ids, tool_ids, offsets, kept = [], [], [], [], [], [], [0], []
     nbytes = piece_lengths(sp)
     tag_index = {t: i for i, t in enumerate(tags or [])}
     for ex in examples:
@@ -307,6 +309,8 @@ def write_tokens(sp, examples, out_dir, split, max_len, compiled=False, tags=Non
         if intents:
             name = ex["calls"][0]["name"] if ex["calls"] else intents[-1]
             intent_ids.append(intents.index(name) if name in intents else -1)   # -1: not a known tool
+            tool = [intents.index(o[0]) if o and o[0] in intents else -1 for o in owners]
+            tool_ids.extend([-1] * (n_prompt - len(rt)) + tool + [-1] * (len(x) - n_prompt))
         elif tags:     # a catalogue in the prompt: point at the tool's and the arguments' names
             names, args = catalogue_positions(sp, ex["tools"])
             intent_ids.append(names[ex["calls"][0]["name"]] if ex["calls"] and ex["calls"][0]["name"] in names
@@ -316,6 +320,8 @@ def write_tokens(sp, examples, out_dir, split, max_len, compiled=False, tags=Non
     if tags:
         np.array(tag_ids, dtype=np.uint16).tofile(os.path.join(out_dir, f"{split}_tag.bin"))
         np.save(os.path.join(out_dir, f"{split}_intent.npy"), np.array(intent_ids, dtype=np.int64))
+    if tags and intents:
+        np.array(tool_ids, dtype=np.int16).tofile(os.path.join(out_dir, f"{split}_tool.bin"))
     if tags and not intents:
         np.array(ptr_ids, dtype=np.int16).tofile(os.path.join(out_dir, f"{split}_ptr.bin"))
     assert sp.get_piece_size() < 65536, "token ids are stored as uint16"
@@ -350,13 +356,15 @@ class Split:
         self.mask = np.memmap(self._file("_mask.bin", f"run data.py --out_dir {data_dir}"), dtype=np.uint8, mode="r")
         offsets = np.load(self._file("_idx.npy", f"run data.py --out_dir {data_dir}"))
         # aux: the aux heads' targets (train.py --tagger), where data.py wrote them
-        self.tags = self.intents = self.ptr = None
+        self.tags = self.intents = self.ptr = self.tool = None
         if aux:
             self.tags = np.memmap(base + "_tag.bin", dtype=np.uint16, mode="r") if os.path.isfile(base + "_tag.bin") \
                 else None
             self.intents = np.load(base + "_intent.npy") if os.path.isfile(base + "_intent.npy") else None
             self.ptr = np.memmap(base + "_ptr.bin", dtype=np.int16, mode="r") if os.path.isfile(base + "_ptr.bin") \
                 else None
+            self.tool = np.memmap(base + "_tool.bin", dtype=np.int16, mode="r") \
+                if os.path.isfile(base + "_tool.bin") else None
         # per-token loss weight by class (prompt 0, struct, name, key, value, reason)
         self.weights = None
         if class_weights is not None:
@@ -462,23 +470,27 @@ class Split:
             seg[b, :user + 1], seg[b, user + 1:answer] = 1, 2
             if aux is not None:
                 self._fill_aux(aux, b, k, s, n, answer)
-        aux = () if aux is None else \
-            (*(torch.from_numpy(a) for a in aux[:3]), torch.from_numpy(aux[3]) if self.ptr is not None else None)
+        aux = () if aux is None else (*(torch.from_numpy(a) for a in aux[:3]),
+                                      *(torch.from_numpy(a) if f is not None else None
+                                        for a, f in zip(aux[3:], (self.ptr, self.tool))))
         return Batch(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(m), None, torch.from_numpy(seg), *aux)
 
     def _aux_arrays(self, B, L):
-        """Empty aux targets for a batch: tags (B, L) 0, intent (B,) -1, intent_at (B,), ptr (B, L) -1."""
+        """Empty aux targets for a batch: tags (B, L) 0, intent (B,) -1, intent_at (B,),
+        ptr (B, L) -1, tool (B, L) -1."""
         return (np.zeros((B, L), dtype=np.int64), np.full(B, -1, dtype=np.int64), np.zeros(B, dtype=np.int64),
-                np.full((B, L), -1, dtype=np.int64))
+                np.full((B, L), -1, dtype=np.int64), np.full((B, L), -1, dtype=np.int64))
 
     def _fill_aux(self, aux, b, k, s, n, answer):
         """Row b's aux targets: example k, tokens s..s+n, its first answer token at `answer`."""
-        tags, intent, intent_at, ptr = aux
+        tags, intent, intent_at, ptr, tool = aux
         tags[b, :n - 1] = self.tags[s:s + n - 1]
         if self.intents is not None:
             intent[b], intent_at[b] = self.intents[k], answer - 1
         if self.ptr is not None:
             ptr[b, :n - 1] = self.ptr[s:s + n - 1]
+        if self.tool is not None:
+            tool[b, :n - 1] = self.tool[s:s + n - 1]
 
     def _layout_batch(self, idx, pad_id):
         """Rows holding a shared prefix and/or several examples: the tokens as in

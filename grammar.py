@@ -178,6 +178,7 @@ class Spans:
     def __init__(self, request):
         self._index(wire.clean(request.strip()), frozenset())
         self.runs = {}         # argument -> its tagged runs no value took yet, in request order (hold)
+        self.by_tool = False   # runs held per (tool, argument): a run is one call's value (hold)
         self.in_order = False  # values take their runs in request order (hold)
         self.in_row, self.glued = False, frozenset()   # (spans held in order: see within)
         self._held = {}        # (argument, runs, list?) -> the spans held to them (for_key)
@@ -245,20 +246,36 @@ class Spans:
                                  for m in re.finditer(rb"-?\d+(?:\.\d+)?", self.seen[a:z])) & self.numbers
         held.stated = frozenset(n for a, z in runs for n in self._stated_in(a, z))
         held.runs, held.in_order, held._held, held.in_row, held.blocked = {}, False, {}, in_order, {}
-        held.only_runs = False
+        held.only_runs, held.by_tool = False, False
         # the runs a list goes on from: the next run follows, joined by a comma or a
         # conjunction alone ("rain jacket and bath mat")
         held.glued = frozenset(z for (_, z), (a, _) in zip(runs, runs[1:]) if in_order and joined(self.text[z:a]))
         return held
 
-    def for_key(self, key, listed=False):
-        """The spans a value of this argument may take: the runs the tagger marked
-        for it that no value took yet (hold), else any. In order, a value is the
-        first of them (listed, a list: the first and the next ones in a row)."""
-        runs = self.runs.get(key, ())
+    def at(self, key, tool=None):
+        """Where hold keeps an argument's runs: (tool, key) when they are held per
+        tool (by_tool), else key."""
+        return (tool, key) if self.by_tool else key
+
+    def left(self, at):
+        """The runs held at `at` that no value took yet."""
+        runs = self.runs.get(at, ())
         if runs and self.taken:                 # (a run another key's value took is gone)
             runs = tuple((a, z) for a, z in runs if self.taken.isdisjoint(range(a, z)))
-        if not runs and not self.only_runs:
+        return runs
+
+    def for_key(self, key, listed=False, tool=None, required=False):
+        """The spans a value of this argument (of this tool's call) may take: the
+        runs the tagger marked for it that no value took yet (hold), else any.
+        Held per tool (by_tool), a tool with no run of the key while other tools'
+        runs of it wait: nothing for an optional argument (it is theirs), those
+        runs for a required one (the call stays possible). In order, a value is
+        the first of them (listed, a list: the first and the next ones in a row)."""
+        runs, elsewhere = self.left(self.at(key, tool)), False
+        if self.by_tool and not runs:
+            others = tuple(sorted(r for t, k in self.runs if k == key for r in self.left((t, k))))
+            runs, elsewhere = (others, False) if required else ((), bool(others))
+        if not runs and not self.only_runs and not elsewhere:
             return self
         memo = (key, runs, listed)             # (no runs and only_runs: nothing to copy)
         if memo not in self._held:
@@ -267,13 +284,15 @@ class Spans:
 
     def hold(self, runs_by_key, in_order=False, only_runs=False):
         """Hold each argument's values to the runs the tagger marked for it:
-        {key: [(start, end), ...]} byte offsets (a key with no run stays free,
-        unless only_runs: then it has nothing to copy).
+        {key: [(start, end), ...]} byte offsets, or {(tool, key): ...} (by_tool:
+        each run is one tool's call's value; the tool a grammar name, bytes) (a
+        key with no run stays free, unless only_runs: then it has nothing to copy).
         Each run is taken once (took); in_order: in request order, as the data
         writes them ("sixty-four ... 103 minutes": the first call's duration is 64)."""
         self.runs = {k: tuple(sorted(p for r in runs for p in self._clauses(*r))) for k, runs in runs_by_key.items()}
         self.runs = {k: runs for k, runs in self.runs.items() if runs}
         self.in_order, self.only_runs = in_order, only_runs
+        self.by_tool = any(isinstance(k, tuple) for k in self.runs)
 
     def _clauses(self, a, z):
         """A run cut at the clause breaks inside it, each piece from a word's start
@@ -288,7 +307,7 @@ class Spans:
                 out.append((min(starts), max(ends)))
         return out
 
-    def took(self, key, value):
+    def took(self, key, value, tool=None):
         """These spans after a value of key was written (its bytes as the answer
         has them, ' ["a","b"]'): the runs it took are taken (in order: with every
         run before them), the others stay for the next value; a key whose runs
@@ -302,7 +321,8 @@ class Spans:
         items = [str(item).encode("utf-8") for item in (items if isinstance(items, list) else [items])]
         out = copy.copy(self)
         out.blocked, out._held = {}, {}
-        runs = self.runs.get(key)
+        at = self.at(key, tool)
+        runs = self.runs.get(at)
         if runs:
             left = list(runs)
             for item in items:
@@ -310,9 +330,9 @@ class Spans:
                           item in self._stated_in(a, z)), None)
                 if i is not None:
                     left = left[i + 1:] if self.in_order else left[:i] + left[i + 1:]
-            out.runs = {k: v for k, v in self.runs.items() if k != key}
+            out.runs = {k: v for k, v in self.runs.items() if k != at}
             if left:
-                out.runs[key] = tuple(left)
+                out.runs[at] = tuple(left)
         taken = set()
         for item in items:
             taken |= self._copied(item, self.taken | taken)
@@ -864,7 +884,8 @@ class Grammar:
                 return None
             if s.phase == "key" and text in cands:          # " key:" complete: its value next
                 key, node = self.tools[s.tool]["keys"][text]
-                spans = s.spans.for_key(key, node[0] == "span" and node[1][0] == "arr") if s.spans is not None else None
+                spans = s.spans.for_key(key, node[0] == "span" and node[1][0] == "arr", s.tool,
+                                        key in self.tools[s.tool]["required"]) if s.spans is not None else None
                 return s._replace(phase="value", text=b"", used=s.used | {key}, key=key, vtext=b"",
                                   value=value_start(node, spans))
             return s._replace(text=text)
@@ -905,7 +926,8 @@ class Grammar:
             dead = {}
             for name, t in self.tools.items():
                 keys = frozenset(k for k, node in t["keys"].values() if node[0] == "span" and
-                                 not _fillable(node[1], spans.for_key(k, node[1][0] == "arr")))
+                                 not _fillable(node[1], spans.for_key(k, node[1][0] == "arr", name,
+                                                                      k in t["required"])))
                 if keys:
                     dead[name] = keys
             spans.blocked[id(self)] = (frozenset(n for n, keys in dead.items() if keys & self.tools[n]["required"]),
@@ -933,7 +955,7 @@ class Grammar:
         elif s.phase != "value" or not value_done(s.value):
             return None
         elif s.spans is not None and s.key in self.tools[s.tool]["spans"]:   # the words this value took
-            s = s._replace(spans=s.spans.took(s.key, s.vtext))
+            s = s._replace(spans=s.spans.took(s.key, s.vtext, s.tool))
         tool = self.tools[s.tool]
         if sym == wire.ARG:
             dead = self.blocked(s.spans)[1].get(s.tool, ())

@@ -16,6 +16,7 @@ still a guess of the whole answer that the fast decoder verifies in one pass
 (sample.verify), which never changes a token.
 """
 
+import itertools
 import json
 import re
 from collections import OrderedDict
@@ -72,8 +73,10 @@ class Heads:
         only_runs = self.r.catalogue is None and self.r.hold_general
         if (held or only_runs) and ans.state.spans is not None:
             text = ans.state.spans.text
-            if self.r.catalogue is not None:
-                ans.found_keys = [(k, text[a:z].decode("utf-8")) for k, runs in held.items() for a, z in runs]
+            if self.r.catalogue is not None:        # (key, value, its call's tool or None), in request order
+                found = sorted((a, z, *(k if isinstance(k, tuple) else (None, k))) for k, runs in held.items()
+                               for a, z in runs)
+                ans.found_keys = [(k, text[a:z].decode("utf-8"), t and t.decode()) for a, z, t, k in found]
             if self.r.hold_to_tags:
                 ans.state.spans.hold(held, in_order=self.r.runs_in_order, only_runs=only_runs)
         if draft and whole and self.r.answer_from_heads and len(draft) <= budget and \
@@ -170,9 +173,12 @@ class Heads:
         # its values are held to its runs (byte offsets in the request as
         # grammar.Spans reads it: without the leading space)
         held = {}
+        tools_of = self.run_tools(arg_logits, words, runs, key_of, g) if self.r.model.point is None else None
         if self.r.model.point is None:
-            for tag, a, b in runs:
-                held.setdefault(key_of(tag, 0), []).append((words[a][1] - 1, words[b][2] - 1))
+            for i, (tag, a, b) in enumerate(runs):
+                key = key_of(tag, 0)
+                for at in [(t.encode(), key) for t in tools_of[i]] if tools_of else [key]:
+                    held.setdefault(at, []).append((words[a][1] - 1, words[b][2] - 1))
         elif self.r.hold_general and runs:
             every = list(self.catalogue_positions(tools)[1].items())     # [((tool, key), position)]
             for tag, a, b in runs if every else []:
@@ -216,25 +222,55 @@ class Heads:
         tool = g.tools.get(name.encode()) if name else None
         if tool is None:
             return [], False, found, held
+        # each run's call's tool: the intent head's own tool, or with run tools each
+        # run's (a request of two tools: "beep at me in 72 minutes; snooze for 6")
+        owner = [ts[0] if len(ts) == 1 else name if name in ts else ts[0] for ts in tools_of] if tools_of \
+            else [name] * len(runs)
         runs = [[key_of(tag, words[a][0]), a, b] for tag, a, b in runs]
-        known = arg_names(tool)
-        props = next(t for t in tools if t["name"] == name)["parameters"].get("properties", {})
-        whole = all(key in known for key, _, _ in runs)     # else: a second tool's value
-        runs = [(key, words[a][1], words[b][2]) for key, a, b in runs if key in known]
+        whole = all(key in arg_names(g.tools[t.encode()]) for (key, _, _), t in zip(runs, owner)) and \
+            len(set(owner)) <= 1     # else: a second tool's value (a call of a tool with no tagged
+        # value, "... lamp off" with "lamp" untagged, is the decoder's to write: a draft of two tools is verified only)
+        runs = [(t, (key, words[a][1], words[b][2])) for (key, a, b), t in zip(runs, owner)
+                if key in arg_names(g.tools[t.encode()])]
         calls = []
-        for group in segment(runs, text, {k for k, p in props.items() if p.get("type") == "array"},
-                             self.r.split_at_clauses):
-            call = {"name": name, "arguments": {}}
-            for key, a, b in group:
-                value, kind = text[a:b].decode("utf-8"), (props.get(key) or {}).get("type")
-                if kind == "array":
-                    call["arguments"].setdefault(key, []).append(value)
-                elif kind in ("integer", "number") and NUMBER.fullmatch(value):
-                    call["arguments"][key] = json.loads(value)
-                else:
-                    call["arguments"][key] = value
-            calls.append(call)
+        for t, group in itertools.groupby(runs, key=lambda r: r[0]):
+            props = next(u for u in tools if u["name"] == t)["parameters"].get("properties", {})
+            for part in segment([r for _, r in group], text, {k for k, p in props.items() if p.get("type") == "array"},
+                                self.r.split_at_clauses):
+                call = {"name": t, "arguments": {}}
+                for key, a, b in part:
+                    value, kind = text[a:b].decode("utf-8"), (props.get(key) or {}).get("type")
+                    if kind == "array":
+                        call["arguments"].setdefault(key, []).append(value)
+                    elif kind in ("integer", "number") and NUMBER.fullmatch(value):
+                        call["arguments"][key] = json.loads(value)
+                    else:
+                        call["arguments"][key] = value
+                calls.append(call)
         return self.r.sp.encode(wire.render_answer(calls or [{"name": name, "arguments": {}}])), whole, found, held
+
+    def run_tools(self, each, words, runs, key_of, g):
+        """A compiled model's tools for each tagged run (Router.tools_per_run; the
+        intent head read at every request token, GPTConfig.intent_vote): among
+        the tools the grammar allows that take the run's key, the one its words
+        rate highest (each: (T, n_intents) log-probabilities; a word read on its
+        first token, as its tag), when its words give it at least
+        Router.run_tool_sure of those tools' probability on average; otherwise
+        all of them (any may take the run) -> [[tool name, ...] best first] per
+        run, or None."""
+        if each is None or not runs or not self.r.tools_per_run:
+            return None
+        intents, out = self.r.meta["intents"], []
+        for tag, a, b in runs:
+            key = key_of(tag, 0)
+            cands = [i for i, n in enumerate(intents) if n != NO_CALL and n.encode() in g.tools and
+                     key in {k for k, _ in g.tools[n.encode()]["keys"].values()}]
+            if not cands:
+                return None
+            p = F.softmax(each[[words[w][0] for w in range(a, b + 1)]][:, cands], -1).mean(0)
+            order = [intents[cands[int(i)]] for i in p.argsort(descending=True)]
+            out.append(order[:1] if float(p.max()) >= self.r.run_tool_sure else order)
+        return out
 
     def catalogue_positions(self, tools):
         """datadir.catalogue_positions of a catalogue, kept for the last 32."""

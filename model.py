@@ -541,7 +541,8 @@ class GPT(nn.Module):
         request) for a prompt block, which a prefix LM reads both ways and a copy
         head copies from. Training's seg gives the same blocks (a test checks).
         aux=True -> (that, tag logits of every position (T, n_tags), intent logits
-        of the last position (n_intents), None); with pointer heads the last two
+        of the last position (n_intents), None; with intent_vote the mean of every
+        position's intent log-probabilities and those (T, n_intents)); with pointer heads the last two
         are the intent's and each position's argument pointer scores over the
         catalogue block ((n_catalogue), (T, n_catalogue)); None for a head the model lacks."""
         T = idx.size(1)
@@ -556,7 +557,7 @@ class GPT(nn.Module):
                 cat = cache.catalogue_h                  # (n_catalogue, C)
                 heads = (tags, self.point.intent(h[-1:], cat)[0], self.point.arg(h, cat))
             else:
-                heads = (tags, self.intent_of(h, prompt) if self.intent is not None else None, None)
+                heads = (tags, *(self.intent_of(h, prompt) if self.intent is not None else (None, None)))
         if self.copy is not None and prompt:
             n = cache.n_src
             cache.src_keys[n:n + T] = self.copy.k(h)
@@ -573,12 +574,15 @@ class GPT(nn.Module):
         return (out, *heads) if aux else out
 
     def intent_of(self, h, prompt):
-        """The intent head's scores of a request block's hidden states h (T, C):
-        those of its last token, or with intent_vote the mean of every token's
-        log-probabilities (each token has read the whole request, prefix LM)."""
+        """The intent head's scores of a request block's hidden states h (T, C) ->
+        (those of its last token, None); or with intent_vote (the mean of every
+        token's log-probabilities (each token has read the whole request, prefix
+        LM), each token's (T, n_intents): at a tagged word, the tool of the call
+        its value is in)."""
         if self.config.intent_vote and prompt == 2:
-            return F.log_softmax(self.intent(h).float(), -1).mean(0)
-        return self.intent(h[-1])
+            each = F.log_softmax(self.intent(h).float(), -1)
+            return each.mean(0), each
+        return self.intent(h[-1]), None
 
     def hidden(self, idx, cache=None, layout=None, seg=None):
         """idx: (B, T) -> final normalised hidden states (B, T, C).

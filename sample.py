@@ -135,6 +135,8 @@ class Router:
         self.untagged_declines = True      # a compiled no-call intent with nothing tagged is the answer (heads.py)
         self.tags_pick = True              # tagged keys the intent's tool lacks pick a tool rated next (heads.py)
         self.split_at_clauses = True       # a repeated key ends the call at the strongest clause break (heads.segment)
+        self.tools_per_run = bool(self.ckpt.get("run_tools"))   # each tagged run is a value of the tool its words name (heads.py)
+        self.run_tool_sure = 0.9           # ... when they give it this much; else of any tool that takes it
         self.hold_general = True           # a catalogue in the prompt: a value is a run tagged for its key (heads.py)
         self.runs_in_order = True          # ... each run taken once, in request order (grammar.Spans.hold)
         self.choose = greedy               # the step's choice; a benchmark may follow a fixed answer
@@ -609,7 +611,7 @@ class _Answer:
         self.state, self.out, self.ends = g.start(request), [], []
         self.calls = []        # [where its <|call|> is in out, state before it] of each call
         self.found = []        # the values the heads tagged in the request (heads.py)
-        self.found_keys = []   # the same as (argument, value) (a compiled model's)
+        self.found_keys = []   # the same as (argument, value, its call's tool or None) (a compiled model's)
         self.blocked = (0, -1)   # (how many were unused, answer length) when last kept from ending
         self.must_call = False   # the heads say the request is a call (heads.Heads.draft)
         self.must_decline = False   # ... or that it is no call
@@ -668,7 +670,7 @@ class _Answer:
         its own way."""
         s = self.state
         if not self.r.min_value_p or s.phase != "value" or s.calls < 2 or self.r.catalogue is None or \
-                s.spans is None or s.key in s.spans.runs or s.key not in self.g.tools[s.tool]["texts"]:
+                s.spans is None or s.spans.at(s.key, s.tool) in s.spans.runs or s.key not in self.g.tools[s.tool]["texts"]:
             return False
         p = F.softmax(logits().float(), dim=-1)
         return float(p[tok]) < self.r.min_value_p and int(p.argmax()) != tok
@@ -745,10 +747,10 @@ class _Answer:
         if self.found_keys and self.state.phase == "name" and not self.state.text and self.state.calls > 1 \
                 and self.r.cover_found:
             text = self.r.sp.decode(self.out)
-            waiting = {k for k, v in self.found_keys if v not in text}
+            waiting = [(k, t) for k, v, t in self.found_keys if v not in text]
             names = self.r.meta.get("tool_tokens", {})
-            ids = [names[t["name"]] for t in self.g.tools.values()
-                   if t["name"] in names and waiting & {k for k, _ in t["keys"].values()}]
+            ids = [names[t["name"]] for t in self.g.tools.values() if t["name"] in names and any(
+                k in {k for k, _ in t["keys"].values()} and u in (None, t["name"]) for k, u in waiting)]
             keep = torch.isin(allowed, torch.tensor(ids, dtype=allowed.dtype))
             if keep.any():
                 allowed = allowed[keep]

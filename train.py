@@ -208,6 +208,10 @@ def run(args, loss=None, name="model", ckpt_extra=None):
                 "step": step, "best_val": best_val, "args": vars(args), "data_dir": args.data_dir,
                 "tokenizer_sha256": meta["tokenizer_sha256"], "vocab_size": meta["vocab_size"],
                 "world_size": world, "catalogue": catalogue,
+                # the intent head was trained at each tagged token for its call's tool, on
+                # requests of two tools and more (heads.Heads.run_tools)
+                "run_tools": bool(model.config.intent_vote and train.tool is not None and
+                                  meta.get("splits", {}).get("train", {}).get("two_tools")),
                 "train_seconds": trained_s + time.time() - start_time,
                 # training tokens over all processes (this one's x their number), for compute curves
                 "train_tokens": seen, **(ckpt_extra or {})}, path)
@@ -360,7 +364,8 @@ def aux_loss(tag_logits, intent_logits, arg_logits, batch, vote=False):
     """The aux heads' cross-entropies: each request token's tag (positions with a
     tag); the first tool at the last prompt token (rows whose tool is known), as a
     class (compiled) or as the position of its name in the catalogue (pointer
-    heads), with vote at every request token (seg 2) instead; and, pointer heads,
+    heads), with vote at every request token (seg 2) instead (a tagged token's
+    target: the tool of the call its value is in, where the data gives it); and, pointer heads,
     each tagged request token's argument-name position -> (their sum, {"tag": ...,
     "intent": ..., "arg": ...} to log)."""
     total, parts = 0.0, {}
@@ -373,8 +378,10 @@ def aux_loss(tag_logits, intent_logits, arg_logits, batch, vote=False):
         rows = torch.nonzero(batch.intent >= 0).squeeze(1)
         if len(rows) and vote:
             on = batch.seg[rows] == 2                                    # (R, T) request tokens
-            ce = F.cross_entropy(intent_logits[rows][on].float(),
-                                 batch.intent[rows, None].expand_as(on)[on])
+            target = batch.intent[rows, None].expand_as(on)
+            if batch.tool is not None:                 # a tagged token: its own call's tool
+                target = torch.where(batch.tool[rows] >= 0, batch.tool[rows], target)
+            ce = F.cross_entropy(intent_logits[rows][on].float(), target[on])
             total, parts["intent"] = total + ce, ce.item()
         elif len(rows):
             logits = intent_logits[rows, batch.intent_at[rows]].float()

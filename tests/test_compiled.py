@@ -70,6 +70,27 @@ def test_every_copied_value_of_the_training_data_is_tagged(compiled_data):
     assert checked > 100
 
 
+def test_each_tagged_token_is_given_the_tool_of_its_call(compiled_data):
+    """datadir.write_tokens: {split}_tool.bin holds, at each tagged request token,
+    the intent index of the call its value belongs to (a request of two tools
+    has both), and -1 everywhere else."""
+    d = datadir.load_data_dir(compiled_data)
+    split = datadir.Split(compiled_data, "train", 512)
+    intents, tag_index = d.meta["intents"], {t: i for i, t in enumerate(d.meta["tags"])}
+    nbytes = datadir.piece_lengths(d.sp)
+    two = 0
+    for k, ex in enumerate(datadir.read_jsonl(os.path.join(compiled_data, "train.jsonl"))[:300]):
+        tags, owners = datadir.request_tags(d.sp, ex, tag_index, nbytes)
+        s, n = split.starts[k], int(split.lens[k])
+        tool = np.asarray(split.tool[s:s + n])
+        answer = int(np.argmax(np.asarray(split.mask[s:s + n]) > 0))
+        want = [intents.index(o[0]) if o else -1 for o in owners]
+        assert tool[answer - len(owners):answer].tolist() == want
+        assert (tool[:answer - len(owners)] == -1).all() and (tool[answer:] == -1).all()
+        two += len({w for w in want if w >= 0}) > 1
+    assert two > 10
+
+
 def test_a_repeated_key_ends_the_call_at_the_strongest_clause_break():
     """heads.segment: runs of one tool become calls in request order; a key met
     again ends the call, at the strongest break between the call's run of that
@@ -138,6 +159,27 @@ def test_test_split_holds_new_values_and_phrasings_never_trained_on(compiled_dat
     assert {ex["split"] for ex in test} == {"new-values", "new-phrasing"}
     assert not {ex["request"].lower() for ex in test} & {ex["request"].lower() for ex in train}
     assert all(ex["calls"] for ex in test if ex["split"] == "new-phrasing")
+
+
+def test_no_tool_fits_training_also_asks_for_what_the_catalogues_other_domains_do(compiled_data, tmp_path):
+    """data.py --outside (default 1): a compiled catalogue of some --domains trains
+    "no tool fits" on requests of the catalogue's other domains too; val and test
+    stay as they were (--outside 0), byte for byte."""
+    import data
+    out = str(tmp_path / "inside")
+    data.main(["--compiled", "--domains", "shopping,weather", "--out_dir", out, "--n_train", "300",
+               "--n_val", "30", "--n_test", "20", "--n_test_unseen", "10", "--vocab_size", "500", "--seed", "3",
+               "--outside", "0"])
+    for split in ("val", "test"):
+        with open(os.path.join(out, f"{split}.jsonl"), "rb") as a, \
+                open(os.path.join(compiled_data, f"{split}.jsonl"), "rb") as b:
+            assert a.read() == b.read(), split
+    no_tool = lambda d: [ex["request"] for ex in datadir.read_jsonl(os.path.join(d, "train.jsonl"))
+                         if ex["reason"] == wire.REASON_NO_TOOL]
+    with open(os.path.join(ROOT, "assets", "values.json"), encoding="utf-8") as f:
+        listed = set(json.load(f)["out_of_scope"])               # the generator's own out-of-scope requests
+    assert no_tool(out) and set(no_tool(out)) <= listed
+    assert len(set(no_tool(compiled_data)) - listed) >= 2 and len(no_tool(compiled_data)) > len(no_tool(out))
 
 
 def test_val_phrasings_hold_other_templates_out_for_the_val_split(tmp_path):
@@ -691,7 +733,7 @@ def test_a_further_call_is_of_a_tool_that_takes_a_waiting_value(router):
     from sample import _Answer
     request = "track ORD-1 and the weather in Oslo"
     ans = _Answer(router, router.grammar(router.catalogue), request, [])
-    ans.found, ans.found_keys = ["ORD-1", "Oslo"], [("order_id", "ORD-1"), ("city", "Oslo")]
+    ans.found, ans.found_keys = ["ORD-1", "Oslo"], [("order_id", "ORD-1", None), ("city", "Oslo", None)]
     first = wire.render_answer([{"name": "track_order", "arguments": {"order_id": "ORD-1"}}])[:-len(wire.END)]
     ans.push(router.sp.encode(first) + [router.call_id])
     allowed = {router.sp.id_to_piece(int(t)) for t in ans.allowed()}
@@ -712,7 +754,7 @@ def test_a_waiting_value_keeps_the_answer_open_unless_the_model_is_sure_it_ends(
     cancel_event(title="randomize")) then opens no call."""
     from sample import _Answer
     ans = _Answer(router, router.grammar(router.catalogue), "track ORD-1 and the weather in Oslo", [])
-    ans.found, ans.found_keys = ["ORD-1", "Oslo"], [("order_id", "ORD-1"), ("city", "Oslo")]
+    ans.found, ans.found_keys = ["ORD-1", "Oslo"], [("order_id", "ORD-1", None), ("city", "Oslo", None)]
     first = wire.render_answer([{"name": "track_order", "arguments": {"order_id": "ORD-1"}}])[:-len(wire.END)]
     ans.push(router.sp.encode(first))
     assert router.call_id in ans.r.vocab.allowed(ans.g, ans.state).tolist()
@@ -725,3 +767,47 @@ def test_a_waiting_value_keeps_the_answer_open_unless_the_model_is_sure_it_ends(
     assert may_end(30.0)                                   # sure (p > 0.99): it may end
     assert router.end_sure == 0.99
     assert router.end_id not in ans.allowed().tolist()     # no logits, no exception
+
+
+def test_each_tagged_run_goes_to_the_tool_its_words_name(router):
+    """Router.tools_per_run: with the intent head read at every request token, each
+    tagged run is a value of the tool its words rate highest among those that
+    take its key: the draft holds both calls of a two-tool request, and the
+    runs are held per (tool, key) for the decoder."""
+    request = "where is my order 12345 and the air quality in Paris"
+    g = router.grammar(router.catalogue)
+    req = router.encode_request(request)
+    tags, intents = router.meta["tags"], router.meta["intents"]
+    _, words, text = datadir.request_words(router.sp, request, router.heads.nbytes)
+    at = {text[a:z]: tok for tok, a, z in words}
+    tag_logits = torch.full((len(req), len(tags)), -9.0)
+    tag_logits[:, tags.index("O")] = 0.0
+    tag_logits[at[b"12345"], tags.index("B-order_id")] = 9.0
+    tag_logits[at[b"Paris"], tags.index("B-city")] = 9.0
+    each = torch.full((len(req), len(intents)), -9.0)
+    each[:, intents.index("track_order")] = 0.0
+    each[at[b"Paris"], intents.index("get_air_quality")] = 5.0
+    intent = each.mean(0)
+    router.tools_per_run = True
+    try:
+        draft, whole, _, held = router.heads.draft((tag_logits, intent, each), _Answer(router, g, request, req),
+                                                   router.catalogue)
+    finally:
+        router.tools_per_run = False
+    # (a draft of two tools is verified only: a third call, of a value left untagged, stays possible)
+    assert not whole and router.sp.decode(draft) == wire.render_answer(
+        [{"name": "track_order", "arguments": {"order_id": "12345"}},
+         {"name": "get_air_quality", "arguments": {"city": "Paris"}}])
+    assert set(held) == {(b"track_order", "order_id"), (b"get_air_quality", "city")}
+    # words that rate two tools alike (under Router.run_tool_sure): any tool that takes it may
+    other = next(t["name"] for t in router.catalogue if t["name"] != "get_air_quality"
+                 and "city" in t["parameters"]["properties"])
+    each[at[b"Paris"], intents.index(other)] = 5.0
+    router.tools_per_run = True
+    try:
+        _, _, _, held = router.heads.draft((tag_logits, intent, each), _Answer(router, g, request, req),
+                                           router.catalogue)
+    finally:
+        router.tools_per_run = False
+    city = {(t["name"].encode(), "city") for t in router.catalogue if "city" in t["parameters"]["properties"]}
+    assert len(city) > 2 and set(held) == {(b"track_order", "order_id")} | city

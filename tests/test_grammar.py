@@ -721,3 +721,26 @@ def test_a_request_word_is_copied_once():
     assert spans.took("time", b" 6:15").taken == frozenset(range(11, 15))
     num = grammar.spanned(grammar.value_node({"type": "integer"}))
     assert _takes(num, spans.took("time", b" 6:15"), "6")        # "six" is still there
+
+
+def test_runs_held_per_tool_go_to_their_own_calls_only():
+    """Spans.hold by (tool, key): "7:45 pm" tagged for cancel_alarm's time cannot be
+    create_event's (optional) time; a tool with no run of a key waits (nothing to
+    copy) while another tool's run of that key is left, unless the key is one it
+    requires, and is free once it is taken."""
+    request = "save chimney inspection on Friday, then alarm at 7:45 pm, cancel it"
+    spans = grammar.Spans(request)
+    at = lambda w: (request.index(w), request.index(w) + len(w))
+    spans.hold({(b"create_event", "title"): [at("chimney inspection")], (b"cancel_alarm", "time"): [at("7:45 pm")]})
+    node = grammar.spanned(grammar.value_node({"type": "string"}))
+    assert spans.by_tool
+    assert _takes(node, spans.for_key("time", tool=b"cancel_alarm"), "7:45 pm")
+    assert not _takes(node, spans.for_key("time", tool=b"create_event"), "7:45 pm")
+    assert not _takes(node, spans.for_key("time", tool=b"create_event"), "Friday")
+    assert _takes(node, spans.for_key("title", tool=b"create_event"), "chimney inspection")
+    assert _takes(node, spans.for_key("date", tool=b"create_event"), "Friday")     # no run of date: free
+    # a required argument may take another tool's run: the call stays possible
+    assert _takes(node, spans.for_key("time", tool=b"set_alarm", required=True), "7:45 pm")
+    assert not _takes(node, spans.for_key("time", tool=b"set_alarm", required=True), "Friday")
+    after = spans.took("time", b' "7:45 pm"', b"cancel_alarm")
+    assert _takes(node, after.for_key("time", tool=b"create_event"), "Friday")

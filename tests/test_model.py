@@ -434,9 +434,11 @@ def test_intent_vote_reads_the_mean_of_every_request_tokens_intent_as_training_d
             _, _, intents, _ = m(x, seg=SEG, aux=True)              # (1, 12, 7)
             cache = KVCache(m.config, 1, 32, "cpu")
             m.decode(x[:, :3], cache, prompt=1)
-            _, _, got, _ = m.decode(x[:, 3:7], cache, prompt=2, aux=True)
+            _, _, got, each = m.decode(x[:, 3:7], cache, prompt=2, aux=True)
         want = F.log_softmax(intents[0, 3:7], -1).mean(0) if vote else intents[0, 6]
         assert torch.allclose(got, want, atol=1e-5), vote
+        # and each token's own reading (heads.Heads.run_tools), with the vote only
+        assert (each is None) != vote and (not vote or torch.allclose(each, F.log_softmax(intents[0, 3:7], -1), atol=1e-5))
     # the two differ: a vote is not the last token's reading
     assert not torch.allclose(F.log_softmax(intents[0, 3:7], -1).mean(0), F.log_softmax(intents[0, 6], -1), atol=1e-3)
     with pytest.raises(ValueError, match="intent_vote needs"):

@@ -350,3 +350,21 @@ def test_intent_vote_trains_the_intent_at_every_request_token():
     want_vote = F.cross_entropy(torch.cat([logits[0, 1:4], logits[2, 1:5]]), torch.tensor([2] * 3 + [1] * 4))
     assert abs(last["intent"] - want_last.item()) < 1e-5
     assert abs(vote["intent"] - want_vote.item()) < 1e-5
+
+
+def test_intent_vote_trains_a_tagged_token_toward_its_own_calls_tool():
+    """With the data's tool targets (datadir {split}_tool.bin), a tagged request
+    token's intent target is the tool of the call its value is in; every other
+    request token keeps the row's first tool."""
+    torch.manual_seed(0)
+    B, T, K = 2, 6, 4
+    logits = torch.randn(B, T, K)
+    seg = torch.tensor([[1, 2, 2, 2, 2, 0], [1, 2, 2, 2, 0, 0]])
+    intent, at = torch.tensor([2, 1]), torch.tensor([4, 3])
+    tool = torch.full((B, T), -1)
+    tool[0, 3], tool[0, 4] = 3, 2            # row 0: a second call's value at 3, the first call's at 4
+    batch = datadir.Batch(None, None, None, None, seg, torch.zeros(B, T, dtype=torch.long), intent, at, None, tool)
+    _, got = train.aux_loss(None, logits, None, batch, vote=True)
+    want = torch.nn.functional.cross_entropy(torch.cat([logits[0, 1:5], logits[1, 1:4]]),
+                                             torch.tensor([2, 2, 3, 2, 1, 1, 1]))
+    assert abs(got["intent"] - want.item()) < 1e-5
