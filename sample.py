@@ -137,6 +137,7 @@ class Router:
         self.split_at_clauses = True       # a repeated key ends the call at the strongest clause break (heads.segment)
         self.tools_per_run = bool(self.ckpt.get("run_tools"))   # each tagged run is a value of the tool its words name (heads.py)
         self.run_tool_sure = 0.9           # ... when they give it this much; else of any tool that takes it
+        self.found_not_missing = True      # a compiled model's answer is no "missing argument" the heads found (decode_fast)
         self.hold_general = True           # a catalogue in the prompt: a value is a run tagged for its key (heads.py)
         self.runs_in_order = True          # ... each run taken once, in request order (grammar.Spans.hold)
         self.choose = greedy               # the step's choice; a benchmark may follow a fixed answer
@@ -373,6 +374,8 @@ def decode_reference(router, tools, request, max_new_tokens=128, tool_choice="au
         ans.push(chosen[0])
         if not ans.done():
             logits = router.decode(chosen[0], cache)
+    if tool_choice == "auto" and ans.says_missing_what_it_found():     # a call after all (decode_fast)
+        return decode_reference(router, tools, request, max_new_tokens, "required")
     return ans.out
 
 
@@ -426,6 +429,11 @@ def decode_fast(router, tools, request, max_new_tokens=128, tool_choice="auto", 
             return finish(True)
         ans.push(toks)
         run.add(toks, one_pass_each=not forced_spans and not ans.done())
+    if tool_choice == "auto" and ans.says_missing_what_it_found():
+        # "missing argument: city" for "will it rain in Izmir tomorrow night?", the city
+        # tagged: the request holds the value, so it is a call; decoded again as one
+        return decode_fast(router, tools, request, max_new_tokens, "required", use_cache, forced_spans,
+                           prefix_cache, speculate, draft)
     return finish(False)
 
 
@@ -649,6 +657,15 @@ class _Answer:
             assert s is not None, "the grammar rejected a token it allowed"
             self.state = s
             self.out.append(t)
+
+    def says_missing_what_it_found(self):
+        """Is the answer a compiled model's decline for a missing argument whose
+        value the tagger found in the request (Router.found_not_missing)?"""
+        if not self.r.found_not_missing or not self.found_keys or not self.out or self.out[0] != self.r.nocall_id:
+            return False
+        reason = self.r.sp.decode(self.out[1:-1]).strip()
+        return reason.startswith(wire.REASON_MISSING) and \
+            reason[len(wire.REASON_MISSING):] in {k for k, _, _ in self.found_keys}
 
     def end_before_last_call(self):
         """Take back the call being written (from its <|call|> on) and end the answer there."""

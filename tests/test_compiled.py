@@ -811,3 +811,31 @@ def test_each_tagged_run_goes_to_the_tool_its_words_name(router):
         router.tools_per_run = False
     city = {(t["name"].encode(), "city") for t in router.catalogue if "city" in t["parameters"]["properties"]}
     assert len(city) > 2 and set(held) == {(b"track_order", "order_id")} | city
+
+
+def test_a_decline_for_a_missing_value_the_heads_found_is_decoded_again_as_a_call(router, monkeypatch):
+    """Router.found_not_missing: "missing argument: city" while the tagger found a
+    city in the request contradicts the heads; such an answer is decoded again
+    with a call required (both decoders)."""
+    import sample
+    request = "where is my order 12345"
+    g = router.grammar(router.catalogue)
+    ans = _Answer(router, g, request, router.encode_request(request))
+    ans.out = [router.nocall_id] + router.sp.encode(wire.REASON_MISSING + "order_id") + [router.end_id]
+    ans.found_keys = [("order_id", "12345", None)]
+    assert ans.says_missing_what_it_found()
+    ans.found_keys = [("city", "12345", None)]
+    assert not ans.says_missing_what_it_found()
+    router.found_not_missing = False
+    try:
+        ans.found_keys = [("order_id", "12345", None)]
+        assert not ans.says_missing_what_it_found()
+    finally:
+        router.found_not_missing = True
+    # the first answer "says missing": the one returned is a call all the same
+    said = []
+    monkeypatch.setattr(sample._Answer, "says_missing_what_it_found", lambda self: not said and not said.append(1))
+    ids, _ = router.generate_constrained(None, request, 64)
+    assert ids[0] == router.call_id and said
+    said.clear()
+    assert router.decode_reference(None, request, 64)[0] == router.call_id and said
