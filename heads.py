@@ -228,8 +228,9 @@ class Heads:
             else [name] * len(runs)
         runs = [[key_of(tag, words[a][0]), a, b] for tag, a, b in runs]
         whole = all(key in arg_names(g.tools[t.encode()]) for (key, _, _), t in zip(runs, owner)) and \
-            len(set(owner)) <= 1     # else: a second tool's value (a call of a tool with no tagged
-        # value, "... lamp off" with "lamp" untagged, is the decoder's to write: a draft of two tools is verified only)
+            set(owner) <= {name}     # else: a second tool's value, or the intent head's tool has none (a call
+        # of a tool with no tagged value, "... lamp off" with "lamp" untagged, is the decoder's to write: a draft
+        # of two tools, or of a tool the intent head does not name, is verified only)
         runs = [(t, (key, words[a][1], words[b][2])) for (key, a, b), t in zip(runs, owner)
                 if key in arg_names(g.tools[t.encode()])]
         calls = []
