@@ -839,7 +839,7 @@ class Grammar:
         if tool_choice not in ("auto", "none", "required") and tool_choice not in names:
             raise ValueError(f"tool_choice names {tool_choice!r}, which is not among the tools")
         self.choice = tool_choice
-        self.tools = {}          # name bytes -> {"name", "keys": {b" key:": (key, node)}, "required"}
+        self.tools = {}          # name bytes -> {"name", "keys": {b" key:": (key, node)}, "args", "required", ...}
         arg_names = set()
         for t in tools:
             if tool_choice in names and t["name"] != tool_choice:
@@ -851,6 +851,7 @@ class Grammar:
             if required - {k for k, _ in keys.values()}:
                 continue                       # a required key the wire format cannot write
             self.tools[t["name"].encode()] = {"name": t["name"], "keys": keys, "required": required,
+                                              "args": frozenset(k for k, _ in keys.values()),
                                               "spans": frozenset(k for k, node in keys.values() if node[0] == "span"),
                                               "texts": frozenset(k for k, node in keys.values()
                                                                  if node[0] == "span" and node[1][0] != "num")}

@@ -190,7 +190,6 @@ class Heads:
         # ("Happy Friday!" -> list_events(date="Friday"))
         ans.must_decline = self.r.model.point is None and name == NO_CALL and not runs and g.choice == "auto"
         tagged = {key_of(tag, 0) for tag, _, _ in runs} if self.r.model.point is None else set()
-        arg_names = lambda t: {k for k, _ in t["keys"].values()}      # a grammar tool's argument names
         # No call, says the intent head; but the tagger marked values (training tags
         # no word of a no-call request) and they fill every required argument of the
         # tool the intent head rates next, taking no key it lacks: the request is a
@@ -200,7 +199,7 @@ class Heads:
             alt = next(n for n in (meta["intents"][int(i)] for i in intent_logits.argsort(descending=True))
                        if n != NO_CALL)
             t = g.tools.get(alt.encode())
-            if t and tagged <= arg_names(t) and t["required"] <= tagged:
+            if t and tagged <= t["args"] and t["required"] <= tagged:
                 name, ans.must_call = alt, True
         # The intent head's tool lacks a key the tagger marked, and a tool it rates
         # lower but at least PICK_FLOOR takes every tagged key and has its required
@@ -209,14 +208,14 @@ class Heads:
         # "... and erase choir practice" is not create_event.)
         if self.r.tags_pick and self.r.model.point is None and name != NO_CALL and runs and g.choice == "auto":
             t = g.tools.get(name.encode())
-            if t and not tagged <= arg_names(t):
+            if t and not tagged <= t["args"]:
                 p = F.softmax(intent_logits.float(), -1)
                 for i in intent_logits.argsort(descending=True):
                     alt = meta["intents"][int(i)]
                     u = g.tools.get(alt.encode()) if alt != NO_CALL else None
                     if float(p[i]) < PICK_FLOOR:
                         break
-                    if u and tagged <= arg_names(u) and u["required"] <= tagged:
+                    if u and tagged <= u["args"] and u["required"] <= tagged:
                         name = alt
                         break
         tool = g.tools.get(name.encode()) if name else None
@@ -227,12 +226,12 @@ class Heads:
         owner = [ts[0] if len(ts) == 1 else name if name in ts else ts[0] for ts in tools_of] if tools_of \
             else [name] * len(runs)
         runs = [[key_of(tag, words[a][0]), a, b] for tag, a, b in runs]
-        whole = all(key in arg_names(g.tools[t.encode()]) for (key, _, _), t in zip(runs, owner)) and \
+        whole = all(key in g.tools[t.encode()]["args"] for (key, _, _), t in zip(runs, owner)) and \
             set(owner) <= {name}     # else: a second tool's value, or the intent head's tool has none (a call
         # of a tool with no tagged value, "... lamp off" with "lamp" untagged, is the decoder's to write: a draft
         # of two tools, or of a tool the intent head does not name, is verified only)
         runs = [(t, (key, words[a][1], words[b][2])) for (key, a, b), t in zip(runs, owner)
-                if key in arg_names(g.tools[t.encode()])]
+                if key in g.tools[t.encode()]["args"]]
         calls = []
         for t, group in itertools.groupby(runs, key=lambda r: r[0]):
             props = next(u for u in tools if u["name"] == t)["parameters"].get("properties", {})
@@ -265,7 +264,7 @@ class Heads:
         for tag, a, b in runs:
             key = key_of(tag, 0)
             cands = [i for i, n in enumerate(intents) if n != NO_CALL and n.encode() in g.tools and
-                     key in {k for k, _ in g.tools[n.encode()]["keys"].values()}]
+                     key in g.tools[n.encode()]["args"]]
             if not cands:
                 return None
             p = F.softmax(each[[words[w][0] for w in range(a, b + 1)]][:, cands], -1).mean(0)

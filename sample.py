@@ -767,7 +767,7 @@ class _Answer:
             waiting = [(k, t) for k, v, t in self.found_keys if v not in text]
             names = self.r.meta.get("tool_tokens", {})
             ids = [names[t["name"]] for t in self.g.tools.values() if t["name"] in names and any(
-                k in {k for k, _ in t["keys"].values()} and u in (None, t["name"]) for k, u in waiting)]
+                k in t["args"] and u in (None, t["name"]) for k, u in waiting)]
             keep = torch.isin(allowed, torch.tensor(ids, dtype=allowed.dtype))
             if keep.any():
                 allowed = allowed[keep]

@@ -440,6 +440,14 @@ def test_the_draft_is_built_from_the_tags_and_the_intent(router):
         [{"name": "track_order", "arguments": {"order_id": "12345"}}])
 
 
+def _request_at(router, request):
+    """A compiled request as the heads read it -> (grammar, request ids, tag names,
+    intent names, {word bytes: the token its tag is read on})."""
+    _, words, text = datadir.request_words(router.sp, request, router.heads.nbytes)
+    return (router.grammar(router.catalogue), router.encode_request(request), router.meta["tags"],
+            router.meta["intents"], {text[a:z]: tok for tok, a, z in words})
+
+
 def test_tags_that_fill_the_next_tools_required_arguments_outvote_a_no_call_intent(router):
     """The intent head says no call, but the tagger marked the order number: the
     draft is the call of the tool the intent head rates next, and the answer must
@@ -447,11 +455,7 @@ def test_tags_that_fill_the_next_tools_required_arguments_outvote_a_no_call_inte
     name a key it lacks, or the rule switched off, leave the no call standing (a
     guess the decoder may overrule); with nothing tagged the no call is the answer."""
     request = "where is my order 12345"
-    g = router.grammar(router.catalogue)
-    req = router.encode_request(request)
-    tags, intents = router.meta["tags"], router.meta["intents"]
-    _, words, text = datadir.request_words(router.sp, request, router.heads.nbytes)
-    at = {text[a:z]: tok for tok, a, z in words}
+    g, req, tags, intents, at = _request_at(router, request)
 
     def heads_turn(tagged, on=True):
         tag_logits = torch.full((len(req), len(tags)), -9.0)
@@ -775,11 +779,7 @@ def test_each_tagged_run_goes_to_the_tool_its_words_name(router):
     take its key: the draft holds both calls of a two-tool request, and the
     runs are held per (tool, key) for the decoder."""
     request = "where is my order 12345 and the air quality in Paris"
-    g = router.grammar(router.catalogue)
-    req = router.encode_request(request)
-    tags, intents = router.meta["tags"], router.meta["intents"]
-    _, words, text = datadir.request_words(router.sp, request, router.heads.nbytes)
-    at = {text[a:z]: tok for tok, a, z in words}
+    g, req, tags, intents, at = _request_at(router, request)
     tag_logits = torch.full((len(req), len(tags)), -9.0)
     tag_logits[:, tags.index("O")] = 0.0
     tag_logits[at[b"12345"], tags.index("B-order_id")] = 9.0
