@@ -183,6 +183,7 @@ class Spans:
         self.in_row, self.glued = False, frozenset()   # (spans held in order: see within)
         self._held = {}        # (argument, runs, list?) -> the spans held to them (for_key)
         self.only_runs = False  # an argument takes its runs only, nothing when it has none (hold)
+        self.sure = {}         # (by_tool) run -> the one tool whose call it is, when only one (hold)
         self.blocked = {}      # grammar -> what no value can be written for here (Grammar.blocked)
 
     def _index(self, text, taken):
@@ -246,7 +247,7 @@ class Spans:
                                  for m in re.finditer(rb"-?\d+(?:\.\d+)?", self.seen[a:z])) & self.numbers
         held.stated = frozenset(n for a, z in runs for n in self._stated_in(a, z))
         held.runs, held.in_order, held._held, held.in_row, held.blocked = {}, False, {}, in_order, {}
-        held.only_runs, held.by_tool = False, False
+        held.only_runs, held.by_tool, held.sure = False, False, {}
         # the runs a list goes on from: the next run follows, joined by a comma or a
         # conjunction alone ("rain jacket and bath mat")
         held.glued = frozenset(z for (_, z), (a, _) in zip(runs, runs[1:]) if in_order and joined(self.text[z:a]))
@@ -269,12 +270,15 @@ class Spans:
         runs the tagger marked for it that no value took yet (hold), else any.
         Held per tool (by_tool), a tool with no run of the key while other tools'
         runs of it wait: nothing for an optional argument (it is theirs), those
-        runs for a required one (the call stays possible). In order, a value is
+        runs for a required one (the call stays possible); an optional argument
+        with no run at all while a run surely another tool's waits (waiting): nothing
+        either (its words are that call's: "play the album Abbey Road and turn off
+        the kitchen lights" has no artist). In order, a value is
         the first of them (listed, a list: the first and the next ones in a row)."""
         runs, elsewhere = self.left(self.at(key, tool)), False
         if self.by_tool and not runs:
             others = tuple(sorted(r for t, k in self.runs if k == key for r in self.left((t, k))))
-            runs, elsewhere = (others, False) if required else ((), bool(others))
+            runs, elsewhere = (others, False) if required else ((), bool(others) or bool(self.waiting() - {tool}))
         if not runs and not self.only_runs and not elsewhere:
             return self
         memo = (key, runs, listed)             # (no runs and only_runs: nothing to copy)
@@ -293,6 +297,16 @@ class Spans:
         self.runs = {k: runs for k, runs in self.runs.items() if runs}
         self.in_order, self.only_runs = in_order, only_runs
         self.by_tool = any(isinstance(k, tuple) for k in self.runs)
+        owners = {}
+        for at, runs in self.runs.items():
+            for r in runs if self.by_tool else ():
+                owners.setdefault(r, set()).add(at[0])
+        self.sure = {r: next(iter(ts)) for r, ts in owners.items() if len(ts) == 1}
+
+    def waiting(self):
+        """(by_tool) The tools that runs no value took yet surely belong to (held for
+        that tool alone): calls the answer has yet to make."""
+        return {self.sure[r] for at, runs in self.runs.items() for r in self.left(at) if r in self.sure}
 
     def _clauses(self, a, z):
         """A run cut at the clause breaks inside it, each piece from a word's start

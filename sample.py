@@ -129,6 +129,7 @@ class Router:
         self.answer_from_heads = has_heads
         self.cover_found = True            # a call answer uses every value the heads found (_Answer.allowed)
         self.end_sure = 0.99               # ... unless a compiled model ends it with at least this probability
+        self.call_waiting = True           # ... but never before calling each tool a run is surely of (_Answer.allowed)
         self.min_value_p = 0.001           # a later call's free text value the model gives less: no call (_Answer.unwanted)
         self.hold_to_tags = True           # span values are runs the tagger marked for their key (heads.py)
         self.tags_call = True              # tags that fill a tool's required arguments outvote a no-call intent (heads.py)
@@ -692,6 +693,20 @@ class _Answer:
         p = F.softmax(logits().float(), dim=-1)
         return float(p[tok]) < self.r.min_value_p and int(p.argmax()) != tok
 
+    def uncalled(self):
+        """The tools a tagged run no value took is surely of (grammar.Spans.waiting,
+        Router.tools_per_run) that no call of the answer names yet and whose
+        required copied values wait in such runs."""
+        s, names = self.state, self.r.meta.get("tool_tokens")
+        if s.spans is None or not s.spans.by_tool or not names:
+            return set()
+        called = {self.out[a + 1] for a, _ in self.calls if a + 1 < len(self.out)}
+        # (a tool whose required copied values are not all among them is no call to
+        # make: "Randomize and play my ... playlist" -> add_song_to_playlist(song="Randomize"))
+        return {t for t in s.spans.waiting() if names.get(t.decode()) not in called and t in self.g.tools and
+                self.g.tools[t]["required"] & self.g.tools[t]["spans"] <= {k for u, k in s.spans.runs
+                                                                          if u == t and s.spans.left((u, k))}}
+
     def call_key(self, toks):
         """A call's tokens -> (its tool's text, the set of its arguments' texts): the
         same for the same call whatever order its arguments were written in."""
@@ -759,7 +774,10 @@ class _Answer:
         "randomize")). (With a catalogue in the prompt the same rule lost: its ends
         cut calls short of optional values the pointer heads found, docs/results.md.)
         A second or third call of a compiled model is of a tool that takes one
-        of the values still waiting, when some are."""
+        of the values still waiting, when some are. With runs held per tool
+        (Router.tools_per_run), a run surely of a tool no call names yet keeps the
+        answer open even then (uncalled, Router.call_waiting): the tags found
+        that call ("play the album Abbey Road and turn off the kitchen lights")."""
         allowed = self.r.vocab.allowed(self.g, self.state)
         if self.found_keys and self.state.phase == "name" and not self.state.text and self.state.calls > 1 \
                 and self.r.cover_found:
@@ -773,6 +791,8 @@ class _Answer:
                 allowed = allowed[keep]
         if self.found and self.state.calls and self.r.cover_found:
             end = allowed == self.r.end_id
+            if end.any() and self.r.call_waiting and bool((allowed == self.r.call_id).any()) and self.uncalled():
+                return allowed[~end]
             if end.any() and len(allowed) > 1:
                 text = self.r.sp.decode(self.out)
                 left = sum(v not in text for v in self.found)

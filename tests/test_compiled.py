@@ -773,6 +773,44 @@ def test_a_waiting_value_keeps_the_answer_open_unless_the_model_is_sure_it_ends(
     assert router.end_id not in ans.allowed().tolist()     # no logits, no exception
 
 
+def test_a_run_surely_of_a_tool_not_called_yet_keeps_the_answer_open(router):
+    """_Answer.allowed with runs held per tool (Router.tools_per_run): a run
+    held for one tool alone, whose call the answer has not made, keeps it open
+    even when the model is sure it ends ("play the album Abbey Road and turn off
+    the kitchen lights": the lights' call is written); not when that tool needs
+    a copied value no waiting run holds, nor with Router.call_waiting off."""
+    from sample import _Answer
+    request = "track ORD-1 and the air quality in Oslo"
+    at = lambda w: (request.index(w), request.index(w) + len(w))
+
+    def answer(held):
+        ans = _Answer(router, router.grammar(router.catalogue), request, [])
+        ans.found = ["ORD-1", "Oslo"]
+        ans.state.spans.hold(held)
+        first = wire.render_answer([{"name": "track_order", "arguments": {"order_id": "ORD-1"}}])[:-len(wire.END)]
+        ans.push(router.sp.encode(first))
+        return ans
+    logits = torch.zeros(router.model.config.vocab_size)
+    logits[router.end_id] = 30.0                            # the model sure the answer ends
+    ans = answer({(b"track_order", "order_id"): [at("ORD-1")], (b"get_air_quality", "city"): [at("Oslo")]})
+    assert ans.uncalled() == {b"get_air_quality"}
+    assert router.end_id not in ans.allowed(lambda: logits).tolist()
+    router.call_waiting = False
+    try:
+        assert router.end_id in ans.allowed(lambda: logits).tolist()
+    finally:
+        router.call_waiting = True
+    # held for two tools (unsure), or for a tool needing another copied value: may end
+    both = answer({(b"track_order", "order_id"): [at("ORD-1")], (b"get_air_quality", "city"): [at("Oslo")],
+                   (b"get_weather", "city"): [at("Oslo")]})
+    assert both.uncalled() == set() and router.end_id in both.allowed(lambda: logits).tolist()
+    needy = next(t for t in router.catalogue if len(set(t["parameters"].get("required", [])) & {
+        k for k, p in t["parameters"]["properties"].items() if p.get("type") == "string"}) > 1)
+    key = sorted(needy["parameters"]["required"])[0]
+    lacking = answer({(b"track_order", "order_id"): [at("ORD-1")], (needy["name"].encode(), key): [at("Oslo")]})
+    assert lacking.uncalled() == set()
+
+
 def test_each_tagged_run_goes_to_the_tool_its_words_name(router):
     """Router.tools_per_run: with the intent head read at every request token, each
     tagged run is a value of the tool its words rate highest among those that
