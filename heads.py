@@ -161,7 +161,11 @@ class Heads:
         if words:
             logp = F.log_softmax(tag_logits[[w[0] for w in words], 1:].float(), dim=-1)
             adjacent = [not text[z:a].strip() for (_, _, z), (_, a, _) in zip(words, words[1:])]
-            for w, t in enumerate(best_tags(logp, *self.rules, adjacent)):      # never "-" for a word
+            # (a clause break as grammar.Spans finds it: not an abbreviation's period, "St. Louis")
+            breaks = self.r.fresh_clauses and (ans.state.spans or grammar.Spans(ans.request)).breaks
+            fresh = [bool(breaks) and any(p in breaks for p in range(z - 1, a - 1))
+                     for (_, _, z), (_, a, _) in zip(words, words[1:])]
+            for w, t in enumerate(best_tags(logp, *self.rules, adjacent, fresh)):      # never "-" for a word
                 tag = meta["tags"][t + 1]
                 if tag[0] == "I" and runs and runs[-1][2] == w - 1:
                     runs[-1][2] = w
@@ -359,19 +363,26 @@ def tag_rules(names, moves=None, adjacent=None):
     return allowed, start, tight
 
 
-def best_tags(logp, allowed, start, tight=None, adjacent=()):
+def best_tags(logp, allowed, start, tight=None, adjacent=(), fresh=()):
     """The likeliest sequence of word tags that keeps the rules (Viterbi):
     logp (n_words, n) log-probabilities -> n_words tag indices. Read one word at a
     time, a value can come out in two pieces (B B where B I was meant), which then
     opens a call of its own; read as a sequence, only as the data has them.
     adjacent[t - 1]: word t follows word t - 1 with only white space between them;
-    there the moves are tight's (tag_rules), when given."""
+    there the moves are tight's (tag_rules), when given. fresh[t - 1]: a clause
+    break may stand between them (a sentence end or ";", grammar.Spans.breaks);
+    word t may then take any tag a request may begin with, whatever came before,
+    as well as the moves (the data's pairs of tags across such a break are few:
+    "... for June 1; allergy medicine ..." never had a date before a list of items,
+    and would read "1" as no value; a lower-case "st. louis" is one value)."""
     ban = torch.zeros(allowed.shape).masked_fill(~allowed, -1e9)
     ban_tight = None if tight is None else torch.zeros(tight.shape).masked_fill(~tight, -1e9)
+    ban_fresh = torch.zeros(allowed.shape).masked_fill(~(allowed | start[None, :]), -1e9)
     score = logp[0].masked_fill(~start, -1e9)
     back = []
     for t in range(1, len(logp)):
-        rule = ban_tight if ban_tight is not None and adjacent and adjacent[t - 1] else ban
+        rule = ban_fresh if fresh and fresh[t - 1] else \
+            ban_tight if ban_tight is not None and adjacent and adjacent[t - 1] else ban
         best, arg = (score[:, None] + rule).max(0)          # the best previous tag for each tag
         back.append(arg)
         score = best + logp[t]

@@ -135,6 +135,7 @@ class Router:
         self.tags_call = True              # tags that fill a tool's required arguments outvote a no-call intent (heads.py)
         self.untagged_declines = True      # a compiled no-call intent with nothing tagged is the answer (heads.py)
         self.tags_pick = True              # tagged keys the intent's tool lacks pick a tool rated next (heads.py)
+        self.fresh_clauses = True          # after a clause break the word tags begin afresh (heads.best_tags)
         self.split_at_clauses = True       # a repeated key ends the call at the strongest clause break (heads.segment)
         self.tools_per_run = bool(self.ckpt.get("run_tools"))   # each tagged run is a value of the tool its words name (heads.py)
         self.run_tool_sure = 0.9           # ... when they give it this much; else of any tool that takes it

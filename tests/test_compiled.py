@@ -153,6 +153,30 @@ def test_a_value_is_never_split_where_the_data_has_no_two_values_side_by_side(co
     assert heads.best_tags(logp, loose, start, tight, [True, True]) == [o, b, o]
 
 
+def test_after_a_clause_break_the_word_tags_begin_afresh():
+    """heads.best_tags with fresh: across a clause break ("June 1; allergy
+    medicine") a word may take any tag a request begins with, though the data
+    never had that pair of tags in a row; elsewhere the data's moves hold."""
+    import heads
+    names = ["-", "O", "B-date", "I-date", "B-items", "I-items"]
+    moves = [["^", "O"], ["^", "B-date"], ["^", "B-items"], ["B-date", "I-date"], ["I-date", "I-date"],
+             ["O", "B-items"], ["B-items", "I-items"]]
+    loose, start, tight = heads.tag_rules(names, moves)
+    o, bd, idt, bi = (names.index(t) - 1 for t in ("O", "B-date", "I-date", "B-items"))
+    logp = torch.full((3, len(names) - 1), -9.0)            # "June 1; allergy"
+    logp[0, bd] = logp[1, idt] = logp[2, bi] = -0.1
+    logp[1, o] = -2.5
+    assert heads.best_tags(logp, loose, start) == [bd, o, bi]                              # I-date -> B-items unseen
+    assert heads.best_tags(logp, loose, start, fresh=[False, True]) == [bd, idt, bi]      # a clause break between
+    assert heads.best_tags(logp, loose, start, fresh=[True, False]) == [bd, o, bi]        # ... not between 2 and 3
+    logp[1, idt] = -20.0
+    logp[1, bi] = -0.1
+    logp[2, bi], logp[2, names.index("I-items") - 1] = -3.0, -0.2
+    assert heads.best_tags(logp, loose, start, fresh=[True, False])[1] == bi   # a fresh start may be B
+    logp[1, bi], logp[1, idt] = -20.0, -0.1
+    assert heads.best_tags(logp, loose, start, fresh=[True, True])[:2] == [bd, idt]    # ... or go on ("st. louis")
+
+
 def test_test_split_holds_new_values_and_phrasings_never_trained_on(compiled_data):
     test = datadir.read_jsonl(os.path.join(compiled_data, "test.jsonl"))
     train = datadir.read_jsonl(os.path.join(compiled_data, "train.jsonl"))
