@@ -21,6 +21,7 @@ examples end to end (pack_rows).
 import bisect
 import json
 import os
+import re
 from typing import NamedTuple
 
 import numpy as np
@@ -154,7 +155,10 @@ def request_tags(sp, ex, tag_index, nbytes):
     each word, the argument whose value the word begins (B) or continues (I), else
     O; every other token "-" (no tag, no loss). A value (each item of a list) is
     placed at the first run of whole words that spells it and that no other value
-    took; a value no run spells (converted, not copied) is not tagged.
+    took; with a key of its own (a compiled catalogue's B-key), a whole number no
+    run spells in digits at the first run of number words that says it ("down to
+    seventy" -> temperature 70, number_words_run); any other value no run spells
+    (converted, not copied) is not tagged.
     -> (tags, owners): owners[j] is (tool name, key) for a tagged token, else None."""
     ids, words, text = request_words(sp, ex["request"], nbytes)
     tags, owners, taken = [0] * len(ids), [None] * len(ids), set()
@@ -169,6 +173,9 @@ def request_tags(sp, ex, tag_index, nbytes):
                 val = wire.render_value(item).encode("utf-8")
                 run = next((range(x, y + 1) for x in range(len(words)) for y in range(x, len(words))
                             if text[words[x][1]:words[y][2]] == val and not taken & set(range(x, y + 1))), None)
+                if run is None and f"B-{k}" in tag_index and isinstance(item, (int, float)) and \
+                        not isinstance(item, bool) and float(item).is_integer():
+                    run = number_words_run(words, text, int(item), taken)
                 if run is None:
                     continue
                 taken |= set(run)
@@ -176,6 +183,26 @@ def request_tags(sp, ex, tag_index, nbytes):
                     tags[words[w][0]] = b if n == 0 else i
                     owners[words[w][0]] = (c["name"], k)
     return tags, owners
+
+
+NUMBER_WORD = set(grammar.UNITS) | set(grammar.TENS) | {"hundred", "and"}
+
+
+def number_words_run(words, text, n, taken=frozenset()):
+    """The first run of up to four request words, each a number word, that
+    writes n ("seventy", "twenty six", "sixty-six"), none in taken -> a range
+    of word indices, or None. (A compiled model's tagger marks it as the value's
+    words: the heads find a call whose only value is said in words, and the
+    decoder writes its number from those words, grammar.Spans.within.)"""
+    for x in range(len(words)):
+        for y in range(x, min(x + 4, len(words))):
+            run = text[words[x][1]:words[y][2]].decode("utf-8", "replace")
+            parts = re.findall(r"[^\W\d_]+", run.lower())
+            if not parts or not set(parts) <= NUMBER_WORD or re.search(r"[^\w\s-]", run) or taken & set(range(x, y + 1)):
+                break
+            if grammar.word_numbers(run) == {n}:
+                return range(x, y + 1)
+    return None
 
 
 def tag_moves(out_dir, split, tags):

@@ -176,6 +176,7 @@ class Spans:
     decoder held to these offsets cannot either."""
 
     def __init__(self, request):
+        self.hushed = frozenset()  # word starts no free value may open at (hush)
         self._index(wire.clean(request.strip()), frozenset())
         self.runs = {}         # argument -> its tagged runs no value took yet, in request order (hold)
         self.by_tool = False   # runs held per (tool, argument): a run is one call's value (hold)
@@ -213,11 +214,12 @@ class Spans:
         for m in ABBREVIATION.finditer(seen):          # "7:30 p.m." keeps its last period
             ends.add(at_char[m.end()])
         self.starts, self.ends = frozenset(starts), frozenset(ends)
+        self.opens = self.starts - self.hushed      # where a value may begin
         # where a value may not run on: the clause breaks, and the words taken
         self.breaks = frozenset(at_char[m.start()] for m in CLAUSE_BREAK.finditer(text)
                                 if not _abbreviation_at(text, m.start())) | taken
         self.live = self._live()
-        self.first = frozenset(self.text[a] for a in starts if a + 1 in self.live)   # bytes a value may open with
+        self.first = frozenset(self.text[a] for a in self.opens if a + 1 in self.live)   # bytes a value may open with
         # numbers as written ("107", "3.5", and "-3" where the minus is no hyphen),
         # not glued to letters: "A6736344" is an order id, not the number 6736344
         nums = set()
@@ -238,7 +240,7 @@ class Spans:
         inside = {p for a, z in runs for p in range(a, z)}
         held = Spans.__new__(Spans)
         held.text, held.taken, held.seen = self.text, self.taken, self.seen
-        held.starts = frozenset(a for a, _ in runs)
+        held.starts = held.opens = frozenset(a for a, _ in runs)
         held.ends = frozenset(z for _, z in runs)
         held.breaks = self.breaks | frozenset(p for p in range(len(self.text)) if p not in inside)
         held.live = held._live()
@@ -247,11 +249,21 @@ class Spans:
                                  for m in re.finditer(rb"-?\d+(?:\.\d+)?", self.seen[a:z])) & self.numbers
         held.stated = frozenset(n for a, z in runs for n in self._stated_in(a, z))
         held.runs, held.in_order, held._held, held.in_row, held.blocked = {}, False, {}, in_order, {}
-        held.only_runs, held.by_tool, held.sure = False, False, {}
+        held.only_runs, held.by_tool, held.sure, held.hushed = False, False, {}, frozenset()
         # the runs a list goes on from: the next run follows, joined by a comma or a
         # conjunction alone ("rain jacket and bath mat")
         held.glued = frozenset(z for (_, z), (a, _) in zip(runs, runs[1:]) if in_order and joined(self.text[z:a]))
         return held
+
+    def hush(self, starts):
+        """No value that is no tagged run may begin at these word starts (byte
+        offsets): words the tagger is sure are no value (Router.hush_o), so that a
+        value the tagger did not find is not any word at all ("check my calendar for
+        May 28 and find 113 open minutes" -> find_free_time(date="minutes"))."""
+        self.hushed = frozenset(starts)
+        self.opens = self.starts - self.hushed
+        self.first = frozenset(self.text[a] for a in self.opens if a + 1 in self.live)
+        self._held, self.blocked = {}, {}
 
     def at(self, key, tool=None):
         """Where hold keeps an argument's runs: (tool, key) when they are held per
@@ -398,7 +410,7 @@ class Spans:
         """Offsets reached after byte b from offsets offs (None: the value's first
         byte), those a value can still end from."""
         if offs is None:
-            return frozenset(a + 1 for a in self.starts if self.text[a] == b and a + 1 in self.live)
+            return frozenset(a + 1 for a in self.opens if self.text[a] == b and a + 1 in self.live)
         return frozenset(p + 1 for p in offs if p < len(self.text) and self.text[p] == b and p not in self.breaks
                          and p + 1 in self.live)
 
@@ -730,7 +742,7 @@ def _fillable(inner, spans):
 def _item_starts(spans, after):
     """Where a list's next item may begin: after the last one; held in order
     (Spans.within), at the next run only."""
-    starts = [a for a in spans.starts if a >= after]
+    starts = [a for a in spans.opens if a >= after]
     return {min(starts)} if starts and spans.in_row else set(starts)
 
 

@@ -79,6 +79,8 @@ class Heads:
                 ans.found_keys = [(k, text[a:z].decode("utf-8"), t and t.decode()) for a, z, t, k in found]
             if self.r.hold_to_tags:
                 ans.state.spans.hold(held, in_order=self.r.runs_in_order, only_runs=only_runs)
+        if ans.hushed and ans.state.spans is not None:
+            ans.state.spans.hush(ans.hushed)
         if draft and whole and self.r.answer_from_heads and len(draft) <= budget and \
                 self.may_answer(draft, ans, tools):
             ans.push(draft)
@@ -171,6 +173,9 @@ class Heads:
                     runs[-1][2] = w
                 elif tag[0] in "BI":
                     runs.append([tag, w, w])
+            if self.r.hush_o and "O" in meta["tags"] and self.r.model.point is None:     # words sure to be no value
+                o = logp[:, meta["tags"].index("O") - 1].exp()
+                ans.hushed = [words[w][1] - 1 for w in range(len(words)) if float(o[w]) >= self.r.hush_o]
         found = [text[words[a][1]:words[b][2]].decode("utf-8") for _, a, b in runs]
         # a compiled model's tags name the argument, a pointer model's arg head points
         # at it (among every argument of the catalogue: a second call's tool too):
@@ -248,6 +253,8 @@ class Heads:
                         call["arguments"].setdefault(key, []).append(value)
                     elif kind in ("integer", "number") and NUMBER.fullmatch(value):
                         call["arguments"][key] = json.loads(value)
+                    elif kind in ("integer", "number") and len(grammar.word_numbers(value)) == 1:
+                        call["arguments"][key] = min(grammar.word_numbers(value))     # "seventy" -> 70
                     else:
                         call["arguments"][key] = value
                 calls.append(call)

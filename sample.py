@@ -135,6 +135,7 @@ class Router:
         self.tags_call = True              # tags that fill a tool's required arguments outvote a no-call intent (heads.py)
         self.untagged_declines = True      # a compiled no-call intent with nothing tagged is the answer (heads.py)
         self.tags_pick = True              # tagged keys the intent's tool lacks pick a tool rated next (heads.py)
+        self.hush_o = 0.99                 # a compiled model's untagged value begins at no word rated O this sure (heads.py)
         self.fresh_clauses = True          # after a clause break the word tags begin afresh (heads.best_tags)
         self.split_at_clauses = True       # a repeated key ends the call at the strongest clause break (heads.segment)
         self.tools_per_run = bool(self.ckpt.get("run_tools"))   # each tagged run is a value of the tool its words name (heads.py)
@@ -622,6 +623,7 @@ class _Answer:
         self.calls = []        # [where its <|call|> is in out, state before it] of each call
         self.found = []        # the values the heads tagged in the request (heads.py)
         self.found_keys = []   # the same as (argument, value, its call's tool or None) (a compiled model's)
+        self.hushed = []       # where no untagged value may begin: words the tagger is sure are none (heads.py)
         self.blocked = (0, -1)   # (how many were unused, answer length) when last kept from ending
         self.must_call = False   # the heads say the request is a call (heads.Heads.draft)
         self.must_decline = False   # ... or that it is no call

@@ -70,6 +70,30 @@ def test_every_copied_value_of_the_training_data_is_tagged(compiled_data):
     assert checked > 100
 
 
+def test_a_whole_number_said_in_words_is_tagged_as_its_value(compiled_data):
+    """datadir.request_tags: a compiled catalogue's integer value that no run
+    spells in digits is tagged on the number words that say it ("go down to
+    seventy" -> B-temperature on "seventy"; "twenty six" B I); a number the
+    request does not say, and digits, are tagged as before."""
+    d = datadir.load_data_dir(compiled_data)
+    tag_index = {t: i for i, t in enumerate(d.meta["tags"])}
+    nbytes = datadir.piece_lengths(d.sp)
+    tools = wire.load_tools(os.path.join(compiled_data, "tools.json"))
+    tool, key = next((t["name"], k) for t in tools for k in t["parameters"]["properties"] if f"B-{k}" in tag_index)
+
+    def tagged(request, n):
+        tags, owners = datadir.request_tags(d.sp, {"request": request, "calls": [
+            {"name": tool, "arguments": {key: n}}]}, tag_index, nbytes)
+        _, words, text = datadir.request_words(d.sp, request, nbytes)
+        return [(text[a:z].decode(), d.meta["tags"][tags[t]]) for t, a, z in words if tags[t] != tag_index["O"]]
+    assert tagged("please make it seventy now", 70) == [("seventy", f"B-{key}")]
+    assert tagged("please make it twenty six now", 26) == [("twenty", f"B-{key}"), ("six", f"I-{key}")]
+    assert tagged("please make it sixty-six now", 66) == [("sixty-six", f"B-{key}")]
+    assert tagged("please make it 70 now", 70) == [("70", f"B-{key}")]
+    assert tagged("please make it seventy now", 71) == []
+    assert datadir.number_words_run([(0, 0, 5), (1, 6, 13)], b"seven degrees", 7) == range(0, 1)
+
+
 def test_each_tagged_token_is_given_the_tool_of_its_call(compiled_data):
     """datadir.write_tokens: {split}_tool.bin holds, at each tagged request token,
     the intent index of the call its value belongs to (a request of two tools
@@ -464,6 +488,24 @@ def test_the_draft_is_built_from_the_tags_and_the_intent(router):
         [{"name": "track_order", "arguments": {"order_id": "12345"}}])
 
 
+def test_a_number_the_tags_mark_in_words_is_drafted_as_the_number(router):
+    """Heads.draft: a run of number words tagged for a number argument ("under
+    fifty dollars", a checkpoint trained on datadir.number_words_run's tags) is
+    drafted as the number (50), not as the words."""
+    request = "find a desk lamp under fifty dollars"
+    g, req, tags, intents, at = _request_at(router, request)
+    tag_logits = torch.full((len(req), len(tags)), -9.0)
+    tag_logits[:, tags.index("O")] = 0.0
+    tag_logits[at[b"desk"], tags.index("B-product")] = 9.0
+    tag_logits[at[b"lamp"], tags.index("I-product")] = 9.0
+    tag_logits[at[b"fifty"], tags.index("B-max_price")] = 9.0
+    intent = torch.full((len(intents),), -9.0)
+    intent[intents.index("search_products")] = 9.0
+    draft, _, _, _ = router.heads.draft((tag_logits, intent, None), _Answer(router, g, request, req), router.catalogue)
+    assert router.sp.decode(draft) == wire.render_answer(
+        [{"name": "search_products", "arguments": {"product": "desk lamp", "max_price": 50}}])
+
+
 def _request_at(router, request):
     """A compiled request as the heads read it -> (grammar, request ids, tag names,
     intent names, {word bytes: the token its tag is read on})."""
@@ -507,9 +549,12 @@ def test_tags_that_fill_the_next_tools_required_arguments_outvote_a_no_call_inte
     assert heads_turn([]) == (decline, False, True, False)
     router.untagged_declines = False
     try:
+        # (with Router.hush_o every word here is sure to be no value: nothing to copy, no call)
+        assert heads_turn([]) == (decline, False, True, False)
+        router.hush_o = 0
         assert heads_turn([]) == (decline, False, True, True)
     finally:
-        router.untagged_declines = True
+        router.untagged_declines, router.hush_o = True, 0.99
 
 
 def test_tags_the_intents_tool_lacks_pick_a_tool_rated_next_that_takes_them_all(router):

@@ -750,3 +750,20 @@ def test_runs_held_per_tool_go_to_their_own_calls_only():
     assert not _takes(node, spans.for_key("time", tool=b"set_alarm", required=True), "Friday")
     after = spans.took("time", b' "7:45 pm"', b"cancel_alarm")
     assert _takes(node, after.for_key("time", tool=b"create_event"), "Friday")
+
+
+def test_no_untagged_value_begins_at_a_word_the_tagger_is_sure_is_none():
+    """Spans.hush: a value held to no run cannot begin at a hushed word ("find 113
+    open minutes" -> no date "minutes"); a tagged run still may, and so may a
+    word not hushed; a key left with nothing to copy is blocked."""
+    request = "check my calendar for May 28 and find 113 open minutes"
+    spans = grammar.Spans(request)
+    spans.hold({"date": [(request.index("May 28"), request.index("May 28") + 6)]})
+    spans.hush([request.index(w) for w in ("check", "calendar", "for", "and", "find", "open", "minutes")])
+    node = grammar.spanned(grammar.value_node({"type": "string"}))
+    assert _takes(node, spans.for_key("date"), "May 28")
+    free = spans.took("date", b' "May 28"').for_key("date")          # the run taken: free again
+    assert not _takes(node, free, "minutes") and not _takes(node, free, "open minutes")
+    assert _takes(node, free, "my calendar")                          # "my" is not hushed
+    items = grammar.spanned(grammar.value_node({"type": "array", "items": {"type": "string"}}))
+    assert not _takes(items, free, '["minutes"]') and _takes(items, free, '["my"]')
