@@ -200,9 +200,17 @@ def number_words_run(words, text, n, taken=frozenset()):
             parts = re.findall(r"[^\W\d_]+", run.lower())
             if not parts or not set(parts) <= NUMBER_WORD or re.search(r"[^\w\s-]", run) or taken & set(range(x, y + 1)):
                 break
-            if grammar.word_numbers(run) == {n}:
+            if said_in_words(run) and grammar.word_numbers(run) == {n}:
                 return range(x, y + 1)
     return None
+
+
+def said_in_words(text):
+    """Is text one number in number words only ("seventy", "twenty six", "one
+    hundred and five"; not "and seventy", "6 fifty", "minus five")?"""
+    parts = re.findall(r"[^\W\d_]+", text.lower())
+    return bool(parts) and set(parts) <= NUMBER_WORD and not re.search(r"\d", text) and \
+        parts[0] not in ("and", "hundred") and parts[-1] != "and" and len(grammar.word_numbers(text)) == 1
 
 
 def tag_moves(out_dir, split, tags):

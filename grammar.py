@@ -255,12 +255,13 @@ class Spans:
         held.glued = frozenset(z for (_, z), (a, _) in zip(runs, runs[1:]) if in_order and joined(self.text[z:a]))
         return held
 
-    def hush(self, starts):
-        """No value that is no tagged run may begin at these word starts (byte
-        offsets): words the tagger is sure are no value (Router.hush_o), so that a
-        value the tagger did not find is not any word at all ("check my calendar for
-        May 28 and find 113 open minutes" -> find_free_time(date="minutes"))."""
-        self.hushed = frozenset(starts)
+    def hush(self, words):
+        """No text value that is no tagged run may begin inside these words ((start,
+        end) byte offsets): words the tagger is sure are no value (Router.hush_o), so
+        that a value the tagger did not find is not any word at all ("check my
+        calendar for May 28 and find 113 open minutes" -> find_free_time(date=
+        "minutes")). (A number is still any the request states.)"""
+        self.hushed = frozenset(q for a, z in words for q in self.starts if a <= q < z)
         self.opens = self.starts - self.hushed
         self.first = frozenset(self.text[a] for a in self.opens if a + 1 in self.live)
         self._held, self.blocked = {}, {}

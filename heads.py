@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import grammar
 import wire
-from datadir import NO_CALL, catalogue_positions, piece_lengths, request_words
+from datadir import NO_CALL, catalogue_positions, piece_lengths, request_words, said_in_words
 
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 PICK_FLOOR = 0.05     # the least an intent the tags pick must be rated (Heads.draft; demo val, docs/results.md)
@@ -175,7 +175,7 @@ class Heads:
                     runs.append([tag, w, w])
             if self.r.hush_o and "O" in meta["tags"] and self.r.model.point is None:     # words sure to be no value
                 o = logp[:, meta["tags"].index("O") - 1].exp()
-                ans.hushed = [words[w][1] - 1 for w in range(len(words)) if float(o[w]) >= self.r.hush_o]
+                ans.hushed = [(words[w][1] - 1, words[w][2] - 1) for w in range(len(words)) if float(o[w]) >= self.r.hush_o]
         found = [text[words[a][1]:words[b][2]].decode("utf-8") for _, a, b in runs]
         # a compiled model's tags name the argument, a pointer model's arg head points
         # at it (among every argument of the catalogue: a second call's tool too):
@@ -253,7 +253,7 @@ class Heads:
                         call["arguments"].setdefault(key, []).append(value)
                     elif kind in ("integer", "number") and NUMBER.fullmatch(value):
                         call["arguments"][key] = json.loads(value)
-                    elif kind in ("integer", "number") and len(grammar.word_numbers(value)) == 1:
+                    elif kind in ("integer", "number") and said_in_words(value):
                         call["arguments"][key] = min(grammar.word_numbers(value))     # "seventy" -> 70
                     else:
                         call["arguments"][key] = value

@@ -698,17 +698,19 @@ class _Answer:
 
     def uncalled(self):
         """The tools a tagged run no value took is surely of (grammar.Spans.waiting,
-        Router.tools_per_run) that no call of the answer names yet and whose
-        required copied values wait in such runs."""
+        Router.tools_per_run) that no call of the answer names yet, that a call
+        can name (not grammar.Grammar.blocked), and whose required copied values
+        all wait in runs held for them."""
         s, names = self.state, self.r.meta.get("tool_tokens")
         if s.spans is None or not s.spans.by_tool or not names:
             return set()
         called = {self.out[a + 1] for a, _ in self.calls if a + 1 < len(self.out)}
         # (a tool whose required copied values are not all among them is no call to
         # make: "Randomize and play my ... playlist" -> add_song_to_playlist(song="Randomize"))
+        blocked = self.g.blocked(s.spans)[0]
         return {t for t in s.spans.waiting() if names.get(t.decode()) not in called and t in self.g.tools and
-                self.g.tools[t]["required"] & self.g.tools[t]["spans"] <= {k for u, k in s.spans.runs
-                                                                          if u == t and s.spans.left((u, k))}}
+                t not in blocked and self.g.tools[t]["required"] & self.g.tools[t]["spans"] <=
+                {k for u, k in s.spans.runs if u == t and s.spans.left((u, k))}}
 
     def call_key(self, toks):
         """A call's tokens -> (its tool's text, the set of its arguments' texts): the

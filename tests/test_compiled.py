@@ -92,6 +92,8 @@ def test_a_whole_number_said_in_words_is_tagged_as_its_value(compiled_data):
     assert tagged("please make it 70 now", 70) == [("70", f"B-{key}")]
     assert tagged("please make it seventy now", 71) == []
     assert datadir.number_words_run([(0, 0, 5), (1, 6, 13)], b"seven degrees", 7) == range(0, 1)
+    assert datadir.number_words_run([(0, 0, 3), (1, 4, 11)], b"and seventy", 70) == range(1, 2)   # not "and ..."
+    assert datadir.said_in_words("one hundred and five") and not datadir.said_in_words("6 fifty")
 
 
 def test_each_tagged_token_is_given_the_tool_of_its_call(compiled_data):

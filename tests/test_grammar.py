@@ -759,7 +759,8 @@ def test_no_untagged_value_begins_at_a_word_the_tagger_is_sure_is_none():
     request = "check my calendar for May 28 and find 113 open minutes"
     spans = grammar.Spans(request)
     spans.hold({"date": [(request.index("May 28"), request.index("May 28") + 6)]})
-    spans.hush([request.index(w) for w in ("check", "calendar", "for", "and", "find", "open", "minutes")])
+    spans.hush([(request.index(w), request.index(w) + len(w))
+                for w in ("check", "calendar", "for", "and", "find", "open", "minutes")])
     node = grammar.spanned(grammar.value_node({"type": "string"}))
     assert _takes(node, spans.for_key("date"), "May 28")
     free = spans.took("date", b' "May 28"').for_key("date")          # the run taken: free again
@@ -767,3 +768,10 @@ def test_no_untagged_value_begins_at_a_word_the_tagger_is_sure_is_none():
     assert _takes(node, free, "my calendar")                          # "my" is not hushed
     items = grammar.spanned(grammar.value_node({"type": "array", "items": {"type": "string"}}))
     assert not _takes(items, free, '["minutes"]') and _takes(items, free, '["my"]')
+
+    # a word's starts inside it are hushed with it ("open-ended": not "ended" either)
+    request = "find 113 open-ended minutes"
+    spans = grammar.Spans(request)
+    spans.hush([(request.index("open-ended"), request.index("open-ended") + 10)])
+    assert not _takes(node, spans, "ended") and not _takes(node, spans, "open-ended minutes")
+    assert _takes(node, spans, "minutes")
