@@ -496,11 +496,7 @@ def test_a_number_the_tags_mark_in_words_is_drafted_as_the_number(router):
     drafted as the number (50), not as the words."""
     request = "find a desk lamp under fifty dollars"
     g, req, tags, intents, at = _request_at(router, request)
-    tag_logits = torch.full((len(req), len(tags)), -9.0)
-    tag_logits[:, tags.index("O")] = 0.0
-    tag_logits[at[b"desk"], tags.index("B-product")] = 9.0
-    tag_logits[at[b"lamp"], tags.index("I-product")] = 9.0
-    tag_logits[at[b"fifty"], tags.index("B-max_price")] = 9.0
+    tag_logits = _tag_logits(req, tags, at, [(b"desk", "B-product"), (b"lamp", "I-product"), (b"fifty", "B-max_price")])
     intent = torch.full((len(intents),), -9.0)
     intent[intents.index("search_products")] = 9.0
     draft, _, _, _ = router.heads.draft((tag_logits, intent, None), _Answer(router, g, request, req), router.catalogue)
@@ -516,6 +512,16 @@ def _request_at(router, request):
             router.meta["intents"], {text[a:z]: tok for tok, a, z in words})
 
 
+def _tag_logits(req, tags, at, tagged):
+    """Tag logits of a request (_request_at) where each (word, tag) given is sure
+    and every other word is O."""
+    tag_logits = torch.full((len(req), len(tags)), -9.0)
+    tag_logits[:, tags.index("O")] = 0.0
+    for word, tag in tagged:
+        tag_logits[at[word], tags.index(tag)] = 9.0
+    return tag_logits
+
+
 def test_tags_that_fill_the_next_tools_required_arguments_outvote_a_no_call_intent(router):
     """The intent head says no call, but the tagger marked the order number: the
     draft is the call of the tool the intent head rates next, and the answer must
@@ -526,10 +532,7 @@ def test_tags_that_fill_the_next_tools_required_arguments_outvote_a_no_call_inte
     g, req, tags, intents, at = _request_at(router, request)
 
     def heads_turn(tagged, on=True):
-        tag_logits = torch.full((len(req), len(tags)), -9.0)
-        tag_logits[:, tags.index("O")] = 0.0
-        for word, tag in tagged:
-            tag_logits[at[word], tags.index(tag)] = 9.0
+        tag_logits = _tag_logits(req, tags, at, tagged)
         intent = torch.full((len(intents),), -9.0)
         intent[intents.index(datadir.NO_CALL)], intent[intents.index("track_order")] = 9.0, 5.0
         ans = _Answer(router, g, request, req)
@@ -889,10 +892,7 @@ def test_each_tagged_run_goes_to_the_tool_its_words_name(router):
     runs are held per (tool, key) for the decoder."""
     request = "where is my order 12345 and the air quality in Paris"
     g, req, tags, intents, at = _request_at(router, request)
-    tag_logits = torch.full((len(req), len(tags)), -9.0)
-    tag_logits[:, tags.index("O")] = 0.0
-    tag_logits[at[b"12345"], tags.index("B-order_id")] = 9.0
-    tag_logits[at[b"Paris"], tags.index("B-city")] = 9.0
+    tag_logits = _tag_logits(req, tags, at, [(b"12345", "B-order_id"), (b"Paris", "B-city")])
     each = torch.full((len(req), len(intents)), -9.0)
     each[:, intents.index("track_order")] = 0.0
     each[at[b"Paris"], intents.index("get_air_quality")] = 5.0
