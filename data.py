@@ -46,7 +46,7 @@ from tqdm import tqdm
 import formats
 import grammar
 import wire
-from datadir import NO_CALL, SPAN_SHARE, adjacent_moves, span_keys, tag_moves, tag_names, write_jsonl, write_tokens
+from datadir import NO_CALL, SPAN_SHARE, span_keys, tag_moves, tag_names, write_jsonl, write_tokens
 from model import file_sha256
 from runtime import die
 from invent import entry_from_tool, invent_tools
@@ -566,7 +566,9 @@ def write_data_dir(args, tools, splits, compiled, invented, held_names):
             "heldout_tools": sorted(held_names), "seed": args.seed, "args": vars(args), "splits": {}}
     card = None
     for split, examples in splits.items():
-        kept, n_tok, lens = write_tokens(sp, examples, args.out_dir, split, args.max_len, compiled, tags, intents)
+        adjacent = set()
+        kept, n_tok, lens = write_tokens(sp, examples, args.out_dir, split, args.max_len, compiled, tags, intents,
+                                         adjacent)
         write_jsonl(os.path.join(args.out_dir, f"{split}.jsonl"), kept)
         meta["splits"][split] = {"examples": len(kept), "dropped_too_long": len(examples) - len(kept),
                                  "tokens": n_tok, "tokens_p50": pct(lens, 50),
@@ -577,7 +579,7 @@ def write_data_dir(args, tools, splits, compiled, invented, held_names):
         if split == "train":
             card = data_card(kept, lens, {e["tool"]["name"] for e in invented}, tools)
             meta["tag_moves"] = tag_moves(args.out_dir, split, tags)
-            meta["adjacent_moves"] = adjacent_moves(sp, kept, tags)
+            meta["adjacent_moves"] = sorted([a, b] for a, b in adjacent)
     for name, obj in (("tools.json", tools), ("invented_tools.json", [e["tool"] for e in invented]),
                       ("data_card.json", card), ("meta.json", meta)):
         with open(os.path.join(args.out_dir, name), "w", encoding="utf-8") as f:

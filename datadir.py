@@ -118,7 +118,8 @@ def token_classes(ids, spans, nbytes):
         bounds.append(at)
         classes.append(wire.TOKEN_CLASSES[cls])
     last = np.cumsum(nbytes[ids]) - 1
-    return [classes[min(int(np.searchsorted(bounds, b, side="right")), len(classes) - 1)] for b in last]
+    span = np.minimum(np.searchsorted(bounds, last, side="right"), len(classes) - 1)
+    return [classes[j] for j in span.tolist()]
 
 
 def tag_names(tools, compiled):
@@ -150,7 +151,7 @@ def request_words(sp, request, nbytes, ids=None):
     return ids, words, text.encode("utf-8")
 
 
-def request_tags(sp, ex, tag_index, nbytes):
+def request_tags(sp, ex, tag_index, nbytes, read=None):
     """Each request token's tag (indices into tag_names): on the first token of
     each word, the argument whose value the word begins (B) or continues (I), else
     O; every other token "-" (no tag, no loss). A value (each item of a list) is
@@ -159,8 +160,9 @@ def request_tags(sp, ex, tag_index, nbytes):
     run spells in digits at the first run of number words that says it ("down to
     seventy" -> temperature 70, number_words_run); any other value no run spells
     (converted, not copied) is not tagged.
+    read: request_words's answer for this request, if at hand.
     -> (tags, owners): owners[j] is (tool name, key) for a tagged token, else None."""
-    ids, words, text = request_words(sp, ex["request"], nbytes)
+    ids, words, text = read or request_words(sp, ex["request"], nbytes)
     tags, owners, taken = [0] * len(ids), [None] * len(ids), set()
     for tok, _, _ in words:
         tags[tok] = tag_index["O"]
@@ -171,8 +173,7 @@ def request_tags(sp, ex, tag_index, nbytes):
                 continue
             for item in (v if isinstance(v, list) else [v]):
                 val = wire.render_value(item).encode("utf-8")
-                run = next((range(x, y + 1) for x in range(len(words)) for y in range(x, len(words))
-                            if text[words[x][1]:words[y][2]] == val and not taken & set(range(x, y + 1))), None)
+                run = spelled_run(words, text, val, taken)
                 if run is None and f"B-{k}" in tag_index and isinstance(item, (int, float)) and \
                         not isinstance(item, bool) and float(item).is_integer():
                     run = number_words_run(words, text, int(item), taken)
@@ -183,6 +184,21 @@ def request_tags(sp, ex, tag_index, nbytes):
                     tags[words[w][0]] = b if n == 0 else i
                     owners[words[w][0]] = (c["name"], k)
     return tags, owners
+
+
+def spelled_run(words, text, val, taken=frozenset()):
+    """The first run of whole words (indices into words, request_words) whose bytes
+    are val, none of them in taken -> a range of word indices, or None."""
+    for x, (_, a, _) in enumerate(words):
+        if not text.startswith(val, a):
+            continue
+        for y in range(x, len(words)):
+            z = words[y][2]
+            if z - a >= len(val):
+                if z - a == len(val) and taken.isdisjoint(range(x, y + 1)):
+                    return range(x, y + 1)
+                break
+    return None
 
 
 NUMBER_WORD = set(grammar.UNITS) | set(grammar.TENS) | {"hundred", "and"}
@@ -233,21 +249,18 @@ def tag_moves(out_dir, split, tags):
     return sorted([a, b] for a, b in pairs)
 
 
-def adjacent_moves(sp, examples, tags):
-    """The word-tag transitions the data shows between two words with nothing but
-    white space between them ("our last aurora", not "Paris, Lyon") -> sorted
-    [previous, next] pairs. A value that continues into the next word is read as
-    one run there unless the data has two values side by side like that (an
-    intent/slot set's "monday tuesday"): the heads never split "Dar es Salaam"
-    into two values, each opening a call (heads.best_tags)."""
-    nbytes, tag_index, pairs = piece_lengths(sp), {t: i for i, t in enumerate(tags)}, set()
-    for ex in examples:
-        rt, _ = request_tags(sp, ex, tag_index, nbytes)
-        _, words, text = request_words(sp, ex["request"], nbytes)
-        for (t0, _, z), (t1, a, _) in zip(words, words[1:]):
-            if not text[z:a].strip():
-                pairs.add((tags[rt[t0]], tags[rt[t1]]))
-    return sorted([a, b] for a, b in pairs)
+def adjacent_pairs(read, token_tags, tags):
+    """The word-tag transitions of one request between two words with nothing but
+    white space between them ("our last aurora", not "Paris, Lyon") -> a set of
+    (previous, next) tag names. read: request_words; token_tags: request_tags.
+    Over the training data (write_tokens) these are the meta's "adjacent_moves": a
+    value that continues into the next word is read as one run there unless the
+    data has two values side by side like that (an intent/slot set's "monday
+    tuesday"), so the heads never split "Dar es Salaam" into two values, each
+    opening a call (heads.best_tags)."""
+    _, words, text = read
+    return {(tags[token_tags[t0]], tags[token_tags[t1]])
+            for (t0, _, z), (t1, a, _) in zip(words, words[1:]) if not text[z:a].strip()}
 
 
 NO_CALL = "<no call>"  # a compiled model's intent class for an answer that calls no tool
@@ -317,7 +330,7 @@ def encode_example(sp, ex, nbytes, compiled=False):
     return prompt + answer, [0] * len(prompt) + token_classes(answer, spans, nbytes)
 
 
-def write_tokens(sp, examples, out_dir, split, max_len, compiled=False, tags=None, intents=None):
+def write_tokens(sp, examples, out_dir, split, max_len, compiled=False, tags=None, intents=None, adjacent=None):
     """Token files for one split; examples over max_len are dropped and counted.
     tags (tag_names) and intents (tool names + "<no call>", compiled only) add
     {split}_tag.bin (each prompt token's tag), {split}_intent.npy (each
@@ -325,6 +338,7 @@ def write_tokens(sp, examples, out_dir, split, max_len, compiled=False, tags=Non
     call's tool, -1 elsewhere) for the aux losses; for a catalogue in the prompt the
     intent is the position of that tool's name (0: no call), and {split}_ptr.bin
     gives each tagged request token the position of its argument's name.
+    adjacent: a set to add the kept examples' adjacent_pairs to (with tags).
     -> (kept examples, number of tokens, length of each kept example)."""
     ids, cls, tag_ids, intent_ids, ptr_ids, tool_ids, offsets, kept = [], [], [], [], [], [], [0], []
     nbytes = piece_lengths(sp)
@@ -339,7 +353,10 @@ def write_tokens(sp, examples, out_dir, split, max_len, compiled=False, tags=Non
         kept.append(ex)
         if tags:
             n_prompt = next((i for i, k in enumerate(c) if k), len(c))
-            rt, owners = request_tags(sp, ex, tag_index, nbytes)
+            read = request_words(sp, ex["request"], nbytes)
+            rt, owners = request_tags(sp, ex, tag_index, nbytes, read)
+            if adjacent is not None:
+                adjacent |= adjacent_pairs(read, rt, tags)
             tag_ids.extend([0] * (n_prompt - len(rt)) + rt + [0] * (len(x) - n_prompt))
         if intents:
             name = ex["calls"][0]["name"] if ex["calls"] else intents[-1]

@@ -155,6 +155,8 @@ def _abbreviation_at(text, i):
         any(m.end() == i + 1 for m in ABBREVIATION.finditer(text, max(0, i - 12), i + 1))
 
 
+ALNUM_RUN = re.compile(r"[^\W_]+")                 # letters and digits (str.isalnum), no underscore
+SIGIL_START = re.compile(r"(?<!\S)[#$@+](?=[^\W_])")   # "#general", "@amy", "+44": after white space
 LONE_NUMBER = r"(?<![^\W_])\d+(?:\.\d+)?(?![^\W\d_])"   # digits with no letter or digit glued before, no letter after
 
 
@@ -193,24 +195,17 @@ class Spans:
         once (the second call of "save Amy Hakimi, number 958 237 7665" cannot take
         the first one's phone again, nor a city its contact's name)."""
         self.text, self.taken = text.encode("utf-8"), taken
-        at_char, at = [], 0
-        for ch in text:
-            at_char.append(at)
-            at += len(ch.encode("utf-8"))
-        at_char.append(at)
+        at_char = byte_offsets(text)
         # the text as later values see it: taken words are white space
         seen = "".join(" " if at_char[i] in taken else ch for i, ch in enumerate(text)) if taken else text
         self.seen = bytes(32 if i in taken else b for i, b in enumerate(self.text)) if taken else self.text
+        # a value begins where a run of letters and digits does, or at a "#$@+" after
+        # white space and before one ("#general", "@amy"); it ends where such a run does
         starts, ends = set(), set()
-        for i, ch in enumerate(seen):
-            prev = seen[i - 1] if i else " "
-            nxt = seen[i + 1] if i + 1 < len(seen) else " "
-            if ch.isalnum() and not prev.isalnum():
-                starts.add(at_char[i])
-            elif ch in "#$@+" and prev.isspace() and nxt.isalnum():
-                starts.add(at_char[i])
-            if ch.isalnum() and not nxt.isalnum():
-                ends.add(at_char[i + 1])
+        for m in ALNUM_RUN.finditer(seen):
+            starts.add(at_char[m.start()])
+            ends.add(at_char[m.end()])
+        starts.update(at_char[m.start()] for m in SIGIL_START.finditer(seen))
         for m in ABBREVIATION.finditer(seen):          # "7:30 p.m." keeps its last period
             ends.add(at_char[m.end()])
         self.starts, self.ends = frozenset(starts), frozenset(ends)
@@ -434,6 +429,18 @@ UNITS = {w: n for n, w in enumerate("zero one two three four five six seven eigh
 TENS = {w: 10 * n for n, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), 2)}
 
 
+def byte_offsets(text):
+    """Each character's offset in text's UTF-8 bytes, and the end's (len(text) + 1 of them)."""
+    if text.isascii():
+        return range(len(text) + 1)
+    out, at = [], 0
+    for ch in text:
+        out.append(at)
+        at += len(ch.encode("utf-8"))
+    out.append(at)
+    return out
+
+
 def word_numbers(text):
     """The numbers a text writes in words, each compound whole: "twenty-six" ->
     {26}, "one hundred and five" -> {105}, "six twenty" -> {6, 20}. Words make one
@@ -475,7 +482,7 @@ def word_cores(text):
     with no letter or digit is no word. The heads tag these, one tag a word, and
     a value read off the tags, text[start of its first word : end of its last],
     is a span Spans allows."""
-    out = []
+    out, at_char = [], byte_offsets(text)
     for m in re.finditer(r"\S+", text):
         w = m.group()
         i, j = 0, len(w)
@@ -487,7 +494,7 @@ def word_cores(text):
         abbr = ABBREVIATION.search(w, i)
         if abbr and abbr.end() > j and abbr.start() < j:  # "p.m.:" -> p.m.
             j = abbr.end()
-        at = lambda k: len(text[:m.start() + k].encode("utf-8"))
+        at = lambda k: at_char[m.start() + k]
         poss = POSSESSIVE.search(w, i, j)
         if poss:
             out.append((at(i), at(poss.start())))

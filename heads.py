@@ -337,7 +337,7 @@ def tag_rules(names, moves=None, adjacent=None):
     None) over names[1:] (the tags a request word can have: "-" is none). moves:
     the data dir's [previous, next] pairs seen in training ("^": before the first
     word; datadir.tag_moves); without them, BIO's own rule: I-k only right after
-    B-k or I-k. adjacent: the pairs seen between such words (datadir.adjacent_moves),
+    B-k or I-k. adjacent: the pairs seen between such words (datadir.adjacent_pairs),
     each also in moves. O may always follow, and begin."""
     tags = names[1:]
     n = len(tags)

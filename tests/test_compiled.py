@@ -156,7 +156,7 @@ def test_a_repeated_key_ends_the_call_at_the_strongest_clause_break():
 
 
 def test_a_value_is_never_split_where_the_data_has_no_two_values_side_by_side(compiled_data):
-    """datadir.adjacent_moves keeps the tag moves seen between words with only white
+    """datadir.adjacent_pairs keeps the tag moves seen between words with only white
     space between them; heads.best_tags keeps to them there. Two items of a list
     follow each other across a comma ("eggs, milk"), never across a space, so a
     tagger that leans to B-items B-items on "maple syrup" reads one item."""
