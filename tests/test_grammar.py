@@ -524,6 +524,13 @@ def test_word_cores_are_the_words_a_value_is_made_of():
     spans = grammar.Spans(text)
     for a, z in grammar.word_cores(text):
         assert a - 1 in spans.starts and z - 1 in spans.ends
+    # offsets are bytes of the UTF-8 text, also after letters of more than one byte
+    text = " café at Zürich's #grün"
+    words = [text.encode()[a:z].decode() for a, z in grammar.word_cores(text)]
+    assert words == ["café", "at", "Zürich", "s", "#grün"]
+    spans = grammar.Spans(text)
+    for a, z in grammar.word_cores(text):
+        assert a - 1 in spans.starts and z - 1 in spans.ends
 
 
 def test_word_numbers():
