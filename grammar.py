@@ -294,6 +294,19 @@ class Spans:
             self._held[memo] = self.within(runs if listed or not self.in_order else runs[:1], self.in_order)
         return self._held[memo]
 
+    def sparing(self, runs):
+        """These spans with the words of runs (byte offsets) set aside, as if taken:
+        what a free value may copy once the values held to those runs are written."""
+        if not runs:
+            return self
+        memo = ("sparing", runs)
+        if memo not in self._held:
+            out = copy.copy(self)
+            out.blocked, out._held = {}, {}
+            out._index(self.text.decode("utf-8"), self.taken | {p for a, z in runs for p in range(a, z)})
+            self._held[memo] = out
+        return self._held[memo]
+
     def hold(self, runs_by_key, in_order=False, only_runs=False):
         """Hold each argument's values to the runs the tagger marked for it:
         {key: [(start, end), ...]} byte offsets, or {(tool, key): ...} (by_tool:
@@ -919,8 +932,8 @@ class Grammar:
                 return None
             if s.phase == "key" and text in cands:          # " key:" complete: its value next
                 key, node = self.tools[s.tool]["keys"][text]
-                spans = s.spans.for_key(key, node[0] == "span" and node[1][0] == "arr", s.tool,
-                                        key in self.tools[s.tool]["required"]) if s.spans is not None else None
+                spans = self._held_for(s.spans, s.tool, key, node[0] == "span" and node[1][0] == "arr") \
+                    if s.spans is not None else None
                 return s._replace(phase="value", text=b"", used=s.used | {key}, key=key, vtext=b"",
                                   value=value_start(node, spans))
             return s._replace(text=text)
@@ -961,13 +974,27 @@ class Grammar:
             dead = {}
             for name, t in self.tools.items():
                 keys = frozenset(k for k, node in t["keys"].values() if node[0] == "span" and
-                                 not _fillable(node[1], spans.for_key(k, node[1][0] == "arr", name,
-                                                                      k in t["required"])))
+                                 not _fillable(node[1], self._held_for(spans, name, k, node[1][0] == "arr")))
                 if keys:
                     dead[name] = keys
             spans.blocked[id(self)] = (frozenset(n for n, keys in dead.items() if keys & self.tools[n]["required"]),
                                        dead)
         return spans.blocked[id(self)]
+
+    def _held_for(self, spans, name, key, listed):
+        """What a value of this tool's key may copy (Spans.for_key). Runs held per
+        tool, a required value free to copy any words may not copy those held for the
+        call's other values: they are theirs, and the call would have no way to end
+        ("put Golden Gold on the The Highway Song playlist", the playlist's run taken
+        by another call: only "Golden Gold" is left for it, and it is the song; a
+        room may not copy "thirty-four percent", the brightness's run). A tool with
+        nothing else to copy for such a value is blocked."""
+        required = key in self.tools[name]["required"]
+        held = spans.for_key(key, listed, name, required)
+        if held is spans and spans.by_tool and required:
+            mine = tuple(r for (u, k), _ in spans.runs.items() if u == name and k != key for r in spans.left((u, k)))
+            held = spans.sparing(mine)
+        return held
 
     def open_tools(self, s):
         """Is there a tool a call could name here (one whose required arguments

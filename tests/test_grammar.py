@@ -782,3 +782,30 @@ def test_no_untagged_value_begins_at_a_word_the_tagger_is_sure_is_none():
     spans.hush([(request.index("open-ended"), request.index("open-ended") + 10)])
     assert not _takes(node, spans, "ended") and not _takes(node, spans, "open-ended minutes")
     assert _takes(node, spans, "minutes")
+
+
+def test_a_call_whose_required_value_could_only_copy_its_other_values_words_is_blocked():
+    """Runs held per tool: a required value free to copy any words (its run taken by
+    another call) may not copy the words held for the same call's other values, which
+    will be taken by then. "put Golden Gold on the The Highway Song playlist", the
+    playlist's run taken by play_playlist: add_song_to_playlist could write its song
+    and then find nothing left for its playlist (a dead end), so it is not offered."""
+    tools = [{"name": "add_song_to_playlist", "description": "", "parameters": {"type": "object", "properties": {
+                 "song": {"type": "string"}, "playlist": {"type": "string"}}, "required": ["song", "playlist"]}},
+             {"name": "play_playlist", "description": "", "parameters": {"type": "object", "properties": {
+                 "playlist": {"type": "string"}}, "required": ["playlist"]}}]
+    keys = {("add_song_to_playlist", "song"), ("add_song_to_playlist", "playlist"), ("play_playlist", "playlist")}
+    g = grammar.Grammar([wire.normalize_tool(t) for t in tools], span_keys=keys)
+    request = "put Golden Gold on the The Highway Song playlist"
+    at = lambda w: (request.index(w), request.index(w) + len(w))
+    spans = grammar.Spans(request)
+    spans.hold({(b"add_song_to_playlist", "song"): [at("Golden Gold")],
+                (b"add_song_to_playlist", "playlist"): [at("The Highway Song")]})
+    spans.hush([at(w) for w in ("put", "on", "the", "playlist")])
+    assert g.blocked(spans)[0] == frozenset()
+    after = spans.took("playlist", b' "The Highway Song"', b"play_playlist")
+    assert b"add_song_to_playlist" in g.blocked(after)[0]
+    # with a word of its own left for the playlist, the call stays possible
+    spans.hush([at(w) for w in ("put", "on", "the")])
+    after = spans.took("playlist", b' "The Highway Song"', b"play_playlist")
+    assert b"add_song_to_playlist" not in g.blocked(after)[0]
