@@ -987,13 +987,15 @@ class Grammar:
         call's other values: they are theirs, and the call would have no way to end
         ("put Golden Gold on the The Highway Song playlist", the playlist's run taken
         by another call: only "Golden Gold" is left for it, and it is the song; a
-        room may not copy "thirty-four percent", the brightness's run). A tool with
-        nothing else to copy for such a value is blocked."""
+        room may not copy "thirty-four percent", the brightness's run). Only a
+        value's one run left is set aside: of two, a value takes one, and the other
+        may be a word of this one ("plumber visit" with "visit" also tagged as the
+        email). A tool with nothing else to copy for such a value is blocked."""
         required = key in self.tools[name]["required"]
         held = spans.for_key(key, listed, name, required)
         if held is spans and spans.by_tool and required:
-            mine = tuple(r for (u, k), _ in spans.runs.items() if u == name and k != key for r in spans.left((u, k)))
-            held = spans.sparing(mine)
+            others = [spans.left(at) for at in spans.runs if at[0] == name and at[1] != key]
+            held = spans.sparing(tuple(r[0] for r in others if len(r) == 1))     # (of several, one is spare)
         return held
 
     def open_tools(self, s):
