@@ -612,32 +612,18 @@ def pack_rows(lens, capacity, seed):
     return rows
 
 
-def batch_indices(split, seed, step, micro, batch_size, window=0, share=1.0):
+def batch_indices(split, seed, step, micro, batch_size, window=0):
     """Which rows go into a micro-batch: a pure function of (seed, step, micro).
     micro counts micro-batches over all processes (rank * grad_accum + i), so
     2 processes with grad_accum 1 draw exactly what 1 process draws with 2.
     With window > 0, the batch is drawn from `window` rows of neighbouring
-    length (around a random anchor), so little compute is spent on padding.
-    share < 1: only from the shortest share of the rows (a curriculum, see
-    curriculum_share)."""
+    length (around a random anchor), so little compute is spent on padding."""
     rng = np.random.default_rng([seed, step, micro])
-    n = max(1, min(len(split), int(round(share * len(split)))))
-    if share >= 1.0 and (window <= 0 or window >= n):
-        return rng.integers(0, n, batch_size)
+    n = len(split)
     if window <= 0 or window >= n:
-        return split.by_length[rng.integers(0, n, batch_size)]
+        return rng.integers(0, n, batch_size)
     lo = int(rng.integers(0, n - window + 1))
     return split.by_length[lo + rng.integers(0, window, batch_size)]
-
-
-def curriculum_share(step, steps, start=0.3):
-    """Competence-based curriculum (Platanios et al. 2019): the share of the
-    training rows, shortest first, that step may draw from; it grows from start
-    to all of them over `steps` steps (sqrt schedule). Rows are mostly as long as
-    their tool list, so this shows small catalogues first."""
-    if steps <= 0 or step >= steps:
-        return 1.0
-    return min(1.0, (start ** 2 + (1 - start ** 2) * step / steps) ** 0.5)
 
 
 def padding_fraction(split, rows_per_batch, window, seed, n_batches=20):

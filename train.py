@@ -44,7 +44,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from datadir import DataDirError, Split, batch_indices, curriculum_share, load_meta, padding_fraction
+from datadir import DataDirError, Split, batch_indices, load_meta, padding_fraction
 from model import FFN_KINDS, GPT, PRESETS, CheckpointError, config_dict, config_from_dict, \
     config_from_preset, load_checkpoint, save_checkpoint
 from runtime import (Logger, autocast_ctx, catch_stop_signals, die, init_distributed, leave_distributed,
@@ -106,8 +106,6 @@ def arg_parser(doc=__doc__):
     p.add_argument("--class_weights", type=parse_class_weights, default=None, metavar="CLASS=W,...",
                    help="loss weight per answer-token class, e.g. name=2,value=3 "
                    "(classes: struct, name, key, value, reason; others stay 1; default: all 1)")
-    p.add_argument("--curriculum", type=int, default=0, metavar="STEPS",
-                   help="draw from the shortest rows first (small tool lists), all of them after STEPS steps")
     p.add_argument("--max_examples", type=int, default=0,
                    help="train on the first N training examples only (0: all), for fixed-data comparisons")
     p.add_argument("--max_steps", type=int, default=None,
@@ -293,7 +291,7 @@ def micro_batches(train, args, step, rank, rows_per_batch, pad_id, device):
     Which rows is a pure function of (seed, step, micro-batch) (see datadir.batch_indices)."""
     for micro in range(args.grad_accum):
         idx = batch_indices(train, args.seed, step, rank * args.grad_accum + micro, rows_per_batch,
-                            args.length_window, curriculum_share(step, args.curriculum))
+                            args.length_window)
         yield sum(len(train.rows[r]) for r in idx), train.batch(idx, pad_id).to(device)
 
 

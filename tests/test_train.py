@@ -301,16 +301,6 @@ def test_best_pt_is_the_lowest_val_loss_or_with_keep_last_the_latest(toy_data, t
     assert all(torch.equal(best["model"][k], last["model"][k]) for k in best["model"]) == keep_last
 
 
-def test_curriculum_draws_short_rows_first_then_all(toy_data):
-    split = datadir.Split(toy_data, "train", 512)
-    assert datadir.curriculum_share(0, 100) == pytest.approx(0.3) and datadir.curriculum_share(100, 100) == 1.0
-    early = datadir.batch_indices(split, 1, 0, 0, 64, 0, datadir.curriculum_share(0, 100))
-    cutoff = np.sort(split.row_lens)[int(0.3 * len(split))]
-    assert split.row_lens[early].max() <= cutoff                 # the shortest 30% only
-    late = np.concatenate([datadir.batch_indices(split, 1, s, 0, 64, 0, 1.0) for s in range(5)])
-    assert split.row_lens[late].max() > cutoff
-
-
 def test_aux_targets_are_read_only_when_asked_for(toy_data):
     # a run without aux heads neither loads the tag/intent/pointer files nor builds their arrays
     plain, aux = datadir.Split(toy_data, "train", 512, aux=False), datadir.Split(toy_data, "train", 512)
