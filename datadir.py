@@ -398,7 +398,7 @@ class Split:
     they share (0: none). With neither share_prefix nor pack, each row is one
     example and batches are plain causal sequences."""
 
-    def __init__(self, data_dir, split, block_size, share_prefix=False, user_id=None, class_weights=None,
+    def __init__(self, data_dir, split, block_size, share_prefix=False, user_id=None,
                  max_examples=0, pack=False, seed=0, aux=True):
         if pack and share_prefix:
             raise DataDirError("pack and share_prefix are two ways of filling a row; choose one")
@@ -417,12 +417,6 @@ class Split:
                 else None
             self.tool = np.memmap(base + "_tool.bin", dtype=np.int16, mode="r") \
                 if os.path.isfile(base + "_tool.bin") else None
-        # per-token loss weight by class (prompt 0, struct, name, key, value, reason)
-        self.weights = None
-        if class_weights is not None:
-            self.mask = np.memmap(self._file("_cls.bin", "--class_weights needs data from a newer data.py"),
-                                  dtype=np.uint8, mode="r")
-            self.weights = np.asarray(class_weights, dtype=np.float32)
         lens = np.diff(offsets)
         keep = lens <= block_size
         if max_examples:
@@ -495,14 +489,11 @@ class Split:
     def batch(self, idx, pad_id):
         """Rows idx -> a Batch, right-padded to the longest row, with a model.Layout
         if any row holds several examples (else None: plain causal). m is 1 on
-        answer tokens (the class weight with class_weights). Right padding needs no
+        answer tokens. Right padding needs no
         attention mask: under the causal mask no real token sees a pad."""
         if all(len(self.rows[r]) == 1 for r in idx):
             return self._plain_batch(idx, pad_id)
         return self._layout_batch(idx, pad_id)
-
-    def _weights(self, mk):
-        return self.weights[mk] if self.weights is not None else mk
 
     def _plain_batch(self, idx, pad_id):
         L = int(self.row_lens[idx].max()) - 1
@@ -515,7 +506,7 @@ class Split:
             k = self.rows[r][0]
             s, n = self.starts[k], int(self.lens[k])
             t, mk = self.tokens[s:s + n], self.mask[s:s + n]
-            x[b, :n - 1], y[b, :n - 1], m[b, :n - 1] = t[:-1], t[1:], self._weights(mk)[1:]
+            x[b, :n - 1], y[b, :n - 1], m[b, :n - 1] = t[:-1], t[1:], mk[1:]
             # the prompt's blocks: up to <|user|> (the catalogue), then the request
             # up to the first answer token
             user, answer = int(np.argmax(t == self.user_id)), int(np.argmax(mk > 0))
@@ -570,7 +561,7 @@ class Split:
                 # the first token after the prefix follows the prefix's last token
                 pv.append(np.concatenate([[p - 1], np.arange(at, at + n - p - 1)]))
                 at += n - p
-            t, mk = np.concatenate(toks), self._weights(np.concatenate(msk))
+            t, mk = np.concatenate(toks), np.concatenate(msk)
             n = len(t) - 1
             x[b, :n], y[b, :n], m[b, :n] = t[:-1], t[1:], mk[1:]
             pos[b, :n], seg[b, :n], prev[b, :n] = np.concatenate(ps)[:-1], np.concatenate(sg)[:-1], np.concatenate(pv)[:-1]

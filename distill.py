@@ -19,7 +19,7 @@ hard   sequence-level KD (Kim & Rush 2016): the teacher greedily decodes an
 The teacher is any checkpoint of ours (larger, deeper or wider than the student is
 fine), loaded by the same helper as everywhere, frozen, in eval mode, never given
 a gradient; it must share the student's tokenizer. Every train.py flag applies
-(--preset, --max_steps, --lr, --share_prefix, --pack, --class_weights,
+(--preset, --max_steps, --lr, --share_prefix, --pack,
 --max_examples, --resume, ...): both modes run train.py's loop (train.run),
 soft mode with its loss swapped, hard mode on the data dir it wrote. It runs
 under torchrun as train.py does (each rank holds its own copy of the teacher;

@@ -50,7 +50,6 @@ from model import FFN_KINDS, GPT, PRESETS, CheckpointError, config_dict, config_
 from runtime import (Logger, autocast_ctx, catch_stop_signals, die, init_distributed, leave_distributed,
                      pick_device, pick_dtype, sum_over_ranks, world_size)
 import wire
-from wire import TOKEN_CLASSES
 
 
 def arg_parser(doc=__doc__):
@@ -103,9 +102,6 @@ def arg_parser(doc=__doc__):
     p.add_argument("--length_window", type=int, default=256,
                    help="draw each batch from this many examples of similar length (0: uniform)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--class_weights", type=parse_class_weights, default=None, metavar="CLASS=W,...",
-                   help="loss weight per answer-token class, e.g. name=2,value=3 "
-                   "(classes: struct, name, key, value, reason; others stay 1; default: all 1)")
     p.add_argument("--max_examples", type=int, default=0,
                    help="train on the first N training examples only (0: all), for fixed-data comparisons")
     p.add_argument("--max_steps", type=int, default=None,
@@ -397,9 +393,9 @@ def aux_loss(tag_logits, intent_logits, arg_logits, batch, vote=False):
 
 
 def weighted_ce(logits, targets, w, reduction="mean"):
-    """Cross-entropy per position times its weight w (1 everywhere unless
-    --class_weights): the weighted mean over all answer tokens of the batch (a
-    token-level mean, whatever the rows hold), or the weighted sum."""
+    """Cross-entropy per position times its weight w (1 on every answer token):
+    the weighted mean over all answer tokens of the batch (a token-level mean,
+    whatever the rows hold), or the weighted sum."""
     ce = F.cross_entropy(logits, targets, reduction="none") * w
     return ce.sum() if reduction == "sum" else ce.sum() / w.sum()
 
@@ -465,21 +461,6 @@ def make_optimizer(model, args, device):
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=device.startswith("cuda"))
 
 
-def parse_class_weights(text):
-    """'name=2,value=3' -> weights indexed by wire.TOKEN_CLASSES (prompt 0, rest 1)."""
-    w = [0.0] + [1.0] * (len(TOKEN_CLASSES) - 1)
-    for part in filter(None, text.split(",")):
-        cls, _, val = part.partition("=")
-        if cls.strip() not in TOKEN_CLASSES or cls.strip() == "prompt":
-            raise argparse.ArgumentTypeError(
-                f"unknown token class {cls.strip()!r}; choose from {', '.join(list(TOKEN_CLASSES)[1:])}")
-        try:
-            w[TOKEN_CLASSES[cls.strip()]] = float(val)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{part!r}: the weight must be a number") from None
-    return w
-
-
 def model_config(args, meta):
     try:
         return config_from_preset(args.preset, vocab_size=meta["vocab_size"], n_layer=args.n_layer,
@@ -541,7 +522,7 @@ def load_splits(args, meta, block_size, aux=False):
     training split then brings their targets)."""
     try:
         train = Split(args.data_dir, "train", block_size, args.share_prefix, meta["special_tokens"]["<|user|>"],
-                      args.class_weights, args.max_examples, args.pack, args.seed, aux=aux)
+                      args.max_examples, args.pack, args.seed, aux=aux)
         val = Split(args.data_dir, "val", block_size, aux=False)
     except DataDirError as e:
         die(str(e))

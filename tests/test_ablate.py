@@ -33,10 +33,10 @@ def one_error_line(capsys, argv):
 # input
 
 def test_flags_file_is_read_in_order_and_notes_are_skipped(tmp_path):
-    path = write(tmp_path / "v.json", {"_doc": "a note", "base": [], "cw": ["--class_weights", "value=4"],
+    path = write(tmp_path / "v.json", {"_doc": "a note", "base": [], "cw": ["--length_window", "8"],
                                        "copy": ["--copy_head"]})
     v = ablate.load_variants(path)
-    assert list(v) == ["base", "cw", "copy"] and v["cw"] == ["--class_weights", "value=4"]
+    assert list(v) == ["base", "cw", "copy"] and v["cw"] == ["--length_window", "8"]
     assert list(ablate.pick_variants(v, "copy,base,copy")) == ["copy", "base"]
     assert ablate.pick_variants(v, None) == v
     with pytest.raises(ablate.AblateError, match="unknown variant nope; the flags file has: base, cw, copy"):
@@ -63,12 +63,12 @@ def test_seeds():
 
 def test_train_flags_are_checked_by_train_py_before_anything_runs():
     base, per = ablate.check_train_flags(["--preset", "tiny", "--data_dir", "d"],
-                                         {"base": [], "cw": ["--class_weights", "value=4"]})
-    assert base.data_dir == "d" and per["base"].class_weights is None and 4.0 in per["cw"].class_weights
+                                         {"base": [], "lw": ["--length_window", "8"]})
+    assert base.data_dir == "d" and per["base"].length_window == 256 and per["lw"].length_window == 8
     with pytest.raises(ablate.AblateError, match="variant typo: train.py does not take .*--prefx_lm"):
         ablate.check_train_flags([], {"base": [], "typo": ["--prefx_lm"]})
-    with pytest.raises(ablate.AblateError, match="variant cw: .*unknown token class"):
-        ablate.check_train_flags([], {"cw": ["--class_weights", "vlaue=4"]})
+    with pytest.raises(ablate.AblateError, match="variant lw: .*invalid int value"):
+        ablate.check_train_flags([], {"lw": ["--length_window", "eight"]})
     with pytest.raises(ablate.AblateError, match="--max_steps is set by ablate.py"):
         ablate.check_train_flags(["--max_steps", "5"], {"base": []})
     with pytest.raises(ablate.AblateError, match=r"--seed is set by ablate.py \(use --seeds\)"):
@@ -288,7 +288,7 @@ def test_two_variants_end_to_end_then_skipped(toy_data, tmp_path, capsys, monkey
     # one thread per child: on a busy 2-core machine two torch threads contend and a
     # micro step takes ~1.7 s instead of ~0.05 s
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    flags = write(tmp_path / "v.json", {"base": [], "cw": ["--class_weights", "value=4"]})
+    flags = write(tmp_path / "v.json", {"base": [], "cw": ["--length_window", "8"]})
     out = str(tmp_path / "abl")
     argv = ["--flags", flags, "--steps", "2", "--out_dir", out, "--eval_limit", "2",
             "--eval_args", "--max_new_tokens 16",

@@ -123,8 +123,8 @@ def load_variants(path):
         if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
             raise AblateError(f"{path}: variant name {name!r} must be letters, digits, _ . + - (it names a folder)")
         if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
-            raise AblateError(f"{path}: variant {name!r} must be a list of strings, e.g. [\"--class_weights\", "
-                              f"\"value=4\"]")
+            raise AblateError(f"{path}: variant {name!r} must be a list of strings, e.g. [\"--muon_lr\", "
+                              f"\"0.04\"]")
         variants[name] = flags
     if not variants:
         raise AblateError(f"{path}: no variants in it")
