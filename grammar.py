@@ -317,6 +317,7 @@ class Spans:
         self.runs = {k: tuple(sorted(p for r in runs for p in self._clauses(*r))) for k, runs in runs_by_key.items()}
         self.runs = {k: runs for k, runs in self.runs.items() if runs}
         self.in_order, self.only_runs = in_order, only_runs
+        self._held, self.blocked = {}, {}      # (what was worked out before the runs is stale)
         self.by_tool = any(isinstance(k, tuple) for k in self.runs)
         owners = {}
         for at, runs in self.runs.items():
@@ -984,7 +985,7 @@ class Grammar:
     def _held_for(self, spans, name, key, listed):
         """What a value of this tool's key may copy (Spans.for_key). Runs held per
         tool, a required value free to copy any words may not copy those held for the
-        call's other values: they are theirs, and the call would have no way to end
+        call's other required values: they are theirs, and the call would have no way to end
         ("put Golden Gold on the The Highway Song playlist", the playlist's run taken
         by another call: only "Golden Gold" is left for it, and it is the song; a
         room may not copy "thirty-four percent", the brightness's run). Only a
@@ -994,7 +995,8 @@ class Grammar:
         required = key in self.tools[name]["required"]
         held = spans.for_key(key, listed, name, required)
         if held is spans and spans.by_tool and required:
-            others = [spans.left(at) for at in spans.runs if at[0] == name and at[1] != key]
+            others = [spans.left(at) for at in spans.runs
+                      if at[0] == name and at[1] != key and at[1] in self.tools[name]["required"]]
             held = spans.sparing(tuple(r[0] for r in others if len(r) == 1))     # (of several, one is spare)
         return held
 

@@ -341,7 +341,7 @@ def render_value(v):
     return clean(v) if isinstance(v, str) else json.dumps(v, ensure_ascii=False, separators=(",", ":"))
 
 
-# What each part of an answer is, for per-class loss weights and analysis.
+# What each part of an answer is (data.py writes each token's to {split}_cls.bin, for analysis).
 TOKEN_CLASSES = {"prompt": 0, "struct": 1, "name": 2, "key": 3, "value": 4, "reason": 5}
 
 

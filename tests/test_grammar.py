@@ -809,3 +809,13 @@ def test_a_call_whose_required_value_could_only_copy_its_other_values_words_is_b
     spans.hush([at(w) for w in ("put", "on", "the")])
     after = spans.took("playlist", b' "The Highway Song"', b"play_playlist")
     assert b"add_song_to_playlist" not in g.blocked(after)[0]
+    # an optional value's run is not set aside: it may be left out ("kitchen" tagged
+    # as a colour can still be the room)
+    light = [{"name": "set_light", "description": "", "parameters": {"type": "object", "properties": {
+        "room": {"type": "string"}, "color": {"type": "string"}}, "required": ["room"]}}]
+    g = grammar.Grammar([wire.normalize_tool(t) for t in light], span_keys={("set_light", "room"), ("set_light", "color")})
+    request = "set light in kitchen"
+    spans = grammar.Spans(request)
+    spans.hold({(b"set_light", "color"): [at("kitchen")]})
+    spans.hush([at(w) for w in ("set", "light", "in")])
+    assert g.blocked(spans)[0] == frozenset()
