@@ -566,7 +566,7 @@ def write_data_dir(args, tools, splits, compiled, invented, held_names):
             "heldout_tools": sorted(held_names), "seed": args.seed, "args": vars(args), "splits": {}}
     card = None
     for split, examples in splits.items():
-        adjacent = set()
+        adjacent = set() if split == "train" else None      # (the heads read the training data's)
         kept, n_tok, lens = write_tokens(sp, examples, args.out_dir, split, args.max_len, compiled, tags, intents,
                                          adjacent)
         write_jsonl(os.path.join(args.out_dir, f"{split}.jsonl"), kept)

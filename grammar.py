@@ -301,10 +301,7 @@ class Spans:
             return self
         memo = ("sparing", runs)
         if memo not in self._held:
-            out = copy.copy(self)
-            out.blocked, out._held = {}, {}
-            out._index(self.text.decode("utf-8"), self.taken | {p for a, z in runs for p in range(a, z)})
-            self._held[memo] = out
+            self._held[memo] = self._taking({p for a, z in runs for p in range(a, z)})
         return self._held[memo]
 
     def hold(self, runs_by_key, in_order=False, only_runs=False):
@@ -355,8 +352,10 @@ class Spans:
         except ValueError:
             items = []
         items = [str(item).encode("utf-8") for item in (items if isinstance(items, list) else [items])]
-        out = copy.copy(self)
-        out.blocked, out._held = {}, {}
+        taken = set()
+        for item in items:
+            taken |= self._copied(item, self.taken | taken)
+        out = self._taking(taken)
         at = self.at(key, tool)
         runs = self.runs.get(at)
         if runs:
@@ -369,9 +368,13 @@ class Spans:
             out.runs = {k: v for k, v in self.runs.items() if k != at}
             if left:
                 out.runs[at] = tuple(left)
-        taken = set()
-        for item in items:
-            taken |= self._copied(item, self.taken | taken)
+        return out
+
+    def _taking(self, taken):
+        """A copy of these spans with the byte offsets in taken taken too (no later
+        value copies them), what was worked out for the old ones forgotten."""
+        out = copy.copy(self)
+        out.blocked, out._held = {}, {}
         if taken:
             out._index(self.text.decode("utf-8"), self.taken | taken)
         return out
