@@ -81,6 +81,7 @@ class Heads:
                 ans.state.spans.hold(held, in_order=self.r.runs_in_order, only_runs=only_runs)
         if ans.hushed and ans.state.spans is not None:
             ans.state.spans.hush(ans.hushed)
+        ans.ask = self.asks_for(ans)
         if draft and whole and self.r.answer_from_heads and len(draft) <= budget and \
                 self.may_answer(draft, ans, tools):
             ans.push(draft)
@@ -91,6 +92,24 @@ class Heads:
             # (test p50 5.7 -> 5.4 ms, the same answers)
             draft = list(self.r.decline_ids)
         return draft, None
+
+    def asks_for(self, ans):
+        """A catalogue in the prompt (hold_general): the tool the intent head names
+        needs a value the tagger found no run for ("book me a table" and no time
+        stated: grammar.Grammar.blocked) -> the tokens of the decline that asks for it,
+        as the data answers such requests, or None. The grammar does not let that call
+        be written; if the decoder declines, this is its reason (sample.ask_if_declined;
+        compiled models: sample._Answer.asks_for)."""
+        s = ans.state
+        if not self.r.asks_general or self.r.catalogue is not None or not self.r.hold_general or \
+                ans.intent is None or ans.g.choice != "auto" or s.spans is None:
+            return None
+        blocked, dead = ans.g.blocked(s.spans)
+        name = ans.intent.encode()
+        if name not in blocked:
+            return None
+        key = sorted(dead[name] & ans.g.tools[name]["required"])[0]
+        return [self.r.nocall_id] + self.r.vocab.encode_text((wire.REASON_MISSING + key).encode()) + [self.r.end_id]
 
     def may_answer(self, draft, ans, tools):
         """May the draft stand as the answer? When its tool takes plain strings
@@ -150,7 +169,7 @@ class Heads:
             names, args = self.catalogue_positions(tools)
             cands = [0] + [p for n, p in names.items() if n.encode() in g.tools]   # 0: <|tools|>, no call
             best = cands[int(intent_logits[cands].argmax())]
-            name = next((n for n, p in names.items() if p == best and best), None)
+            name = ans.intent = next((n for n, p in names.items() if p == best and best), None)
             keys = {p: k for (n, k), p in args.items() if n == name}
 
             def key_of(tag, j):

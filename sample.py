@@ -143,6 +143,8 @@ class Router:
         self.found_not_missing = True      # a compiled model's answer is no "missing argument" the heads found (decode_fast)
         self.hold_general = True           # a catalogue in the prompt: a value is a run tagged for its key (heads.py)
         self.runs_in_order = True          # ... each run taken once, in request order (grammar.Spans.hold)
+        self.grounded = True               # ... and each call has ground in the request (ground)
+        self.asks_general = True           # ... and a decline asks for a value the intent's tool needs, none tagged (heads.py)
         self.choose = greedy               # the step's choice; a benchmark may follow a fixed answer
         self.grammars = OrderedDict()      # catalogue -> Grammar, most recent last
         # A catalogue in the prompt longer than retrieve_k: only its retrieve_k tools
@@ -357,8 +359,9 @@ def decode_reference(router, tools, request, max_new_tokens=128, tool_choice="au
     prompt once (KV cache); the heads' answer, if it stands (heads.py), is
     the answer. Otherwise, until the grammar says the answer is complete,
     take one step (see step) from the model's logits, feed what was written,
-    repeat. generate_constrained gives the same tokens in fewer, cheaper
-    passes (tests check, token for token)."""
+    repeat. Then settle: calls without ground go, a decline may ask for a value
+    (settle). generate_constrained
+    gives the same tokens in fewer, cheaper passes (tests check, token for token)."""
     tools, g, prefix, request_ids, budget = begin(router, tools, request, max_new_tokens, tool_choice)
     cfg = router.model.config
     cache = KVCache(cfg, 1, cfg.block_size, router.device)
@@ -368,18 +371,18 @@ def decode_reference(router, tools, request, max_new_tokens=128, tool_choice="au
     if router.heads is not None:
         logits, *aux = logits
         if router.heads.answer(aux, ans, tools, budget)[1] is not None:
-            return ans.out
+            return settle(router, ans, ans.out, tools, tool_choice)
     while not ans.done():
         ans.may_end()                                     # note where the answer could close
         chosen = step(ans, lambda: logits, router.choose)
         if chosen is None or len(ans.out) + len(chosen[0]) > budget:    # a dead end, out of tokens
-            return ans.cut(budget)
+            return settle(router, ans, ans.cut(budget), tools, tool_choice)
         ans.push(chosen[0])
         if not ans.done():
             logits = router.decode(chosen[0], cache)
     if tool_choice == "auto" and ans.says_missing_what_it_found():     # a call after all (decode_fast)
         return decode_reference(router, tools, request, max_new_tokens, "required")
-    return ans.out
+    return settle(router, ans, ans.out, tools, tool_choice)
 
 
 @torch.inference_mode()
@@ -405,7 +408,7 @@ def decode_fast(router, tools, request, max_new_tokens=128, tool_choice="auto", 
     ans, conf, guess = _Answer(router, g, request, request_ids), 1.0, []
 
     def finish(truncated, dead_end=False):
-        ids = ans.cut(budget) if truncated else ans.out
+        ids = settle(router, ans, ans.cut(budget) if truncated else ans.out, tools, tool_choice)
         return ids, {"confidence": conf, "passes": run.passes, "truncated": truncated, "dead_end": dead_end}, run
 
     if router.heads is not None:
@@ -438,6 +441,55 @@ def decode_fast(router, tools, request, max_new_tokens=128, tool_choice="auto", 
         return decode_fast(router, tools, request, max_new_tokens, "required", use_cache, forced_spans,
                            prefix_cache, speculate, draft)
     return finish(False)
+
+
+def settle(router, ans, ids, tools, tool_choice="auto"):
+    """The decoded answer's last word (a catalogue in the prompt): the calls
+    the request gives no ground for dropped (ground), and a decline that asks for
+    no value, when the intent head's tool needs one the tagger found no run for,
+    asks for it (heads.Heads.asks_for: "what's the weather like" -> "missing
+    argument: city", not "no tool fits") -> token ids."""
+    ids = ground(router, ids, tools, ans.request, tool_choice)
+    if ans.ask and ids and ids[0] == router.nocall_id and \
+            wire.reason_kind(router.sp.decode(ids[1:-1]).strip()) != "missing argument":
+        return list(ans.ask)
+    return ids
+
+
+def ground(router, ids, tools, request, tool_choice="auto"):
+    """A catalogue in the prompt: an answer's calls without the ones the request
+    gives no ground for -> token ids. A call has ground when one of its values is
+    not a boolean or a member of an enum (with values held to tagged runs, it is
+    words of the request), or when the request shares a word with its tool's name,
+    description or parameters (retrieve.Index: BM25 above 0, stop words aside).
+    The model otherwise fills a call from nothing but the schema: "sign me up for
+    the 10K race" -> get_notifications(unread_only=true, platform="X"). An answer
+    left with no call is the decline "no tool fits". Only with tool_choice auto
+    (a call the client requires is made). (A tool that takes no
+    arguments, asked for in words none of its own share, is lost:
+    "what are the big stories this morning" -> get_top_headlines().)"""
+    if router.catalogue is not None or not router.grounded or tool_choice != "auto" or not ids \
+            or ids[0] != router.call_id:
+        return ids
+    at = [i for i, t in enumerate(ids) if t == router.call_id] + [len(ids) - (ids[-1] == router.end_id)]
+    parts = [ids[a:b] for a, b in zip(at, at[1:])]
+    index = remember(router.indexes, json.dumps(tools, sort_keys=True), lambda: retrieve.Index(tools), 32)
+    related = {t["name"] for t, s in zip(tools, index.scores(request)) if s > 0}
+    props = {t["name"]: t["parameters"].get("properties", {}) for t in tools}
+
+    def has_ground(part):
+        try:
+            call = wire.parse_answer(router.sp.decode(part), tools)["calls"][0]
+        except (wire.AnswerError, IndexError):
+            return True                    # (not ours to judge: validation reports it)
+        schema = props.get(call["name"], {})
+        return call["name"] in related or any(
+            not isinstance(v, bool) and "enum" not in schema.get(k, {}) for k, v in call["arguments"].items())
+
+    kept = [p for p in parts if has_ground(p)]
+    if len(kept) == len(parts):
+        return ids
+    return [t for p in kept for t in p] + [router.end_id] if kept else list(router.decline_ids)
 
 
 # -----------------------------------------------------------------------------
@@ -627,6 +679,8 @@ class _Answer:
         self.blocked = (0, -1)   # (how many were unused, answer length) when last kept from ending
         self.must_call = False   # the heads say the request is a call (heads.Heads.draft)
         self.must_decline = False   # ... or that it is no call
+        self.intent = None       # the tool a pointer model's intent head names (heads.Heads.draft)
+        self.ask = None          # ... and the decline asking for a value it needs, none tagged (heads.Heads.asks_for)
 
     def done(self):
         return self.state.phase == "done"

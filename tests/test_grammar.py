@@ -30,13 +30,14 @@ def router(toy_ckpt):
 @contextlib.contextmanager
 def schema_only(router):
     """The router's grammar without the span rule (its data holds values to the
-    request, span_values): for answers whose values the request does not hold."""
-    was, router.span_every = router.span_every, False
+    request, span_values), and no call dropped for want of ground in the request
+    (sample.ground): for answers whose values the request does not hold."""
+    was, router.span_every, router.grounded = router.span_every, False, False
     router.grammars.clear()
     try:
         yield
     finally:
-        router.span_every = was
+        router.span_every, router.grounded = was, True
         router.grammars.clear()
 
 

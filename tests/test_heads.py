@@ -12,7 +12,7 @@ import datadir
 import grammar
 import wire
 from conftest import ROOT
-from sample import Router, _Answer
+from sample import Router, _Answer, settle
 from test_grammar import _takes
 
 TOOLS = wire.load_tools(os.path.join(ROOT, "examples", "tools.json"))
@@ -81,6 +81,43 @@ def test_a_draft_from_pointers_names_the_pointed_tool_and_argument(router):
     intent[0] = 99.0                                   # pointing at <|tools|>: no call, no draft
     oslo = (text.index(b"Oslo") - 1, text.index(b"Oslo") + 3)       # (grammar.Spans' offsets: no leading space)
     assert router.heads.draft((tag_logits, intent, arg), ans, TOOLS) == ([], False, ["Oslo"], {"city": [oslo]})
+
+
+def test_a_decline_asks_for_a_value_the_intents_tool_needs_and_no_run_holds(router):
+    """heads.Heads.asks_for and sample.settle: the intent head names
+    get_current_weather and the tagger marks no city: a decline's reason is
+    "missing argument: city", whatever reason the decoder wrote; a call is left
+    alone. With the city tagged, or the rule off, nothing is asked."""
+    request = "what is the weather like right now"
+    req = router.encode_request(request)
+    names, args = router.heads.catalogue_positions(TOOLS)
+    n_cat = len(router.encode_prefix(TOOLS))
+    tags = router.meta["tags"]
+    _, words, text = datadir.request_words(router.sp, request, router.heads.nbytes)
+    intent = torch.zeros(n_cat)
+    intent[names["get_current_weather"]] = 9.0
+    arg = torch.zeros(len(req), n_cat)
+    arg[:, args[("get_current_weather", "city")]] = 9.0
+    call = router.sp.encode(wire.render_answer([{"name": "set_timer", "arguments": {"minutes": 5}}]))
+
+    def settled(tagged, ids, on=True):
+        tag_logits = torch.full((len(req), len(tags)), -9.0)
+        tag_logits[:, tags.index("O")] = 0.0
+        for word in tagged:
+            tag_logits[next(tok for tok, a, z in words if text[a:z] == word), tags.index("B")] = 9.0
+        ans = _Answer(router, router.grammar(TOOLS), request, req)
+        router.asks_general = on
+        try:
+            router.heads.answer((tag_logits, intent, arg), ans, TOOLS, 64)
+        finally:
+            router.asks_general = True
+        return wire.parse_answer(router.sp.decode(settle(router, ans, ids, TOOLS)), TOOLS)
+
+    missing = {"calls": [], "reason": wire.REASON_MISSING + "city"}
+    assert settled([], list(router.decline_ids)) == missing
+    assert settled([], call)["calls"][0]["name"] == "set_timer"
+    assert settled([b"weather"], list(router.decline_ids))["reason"] == wire.REASON_NO_TOOL
+    assert settled([], list(router.decline_ids), on=False)["reason"] == wire.REASON_NO_TOOL
 
 
 def test_a_value_of_a_catalogue_in_the_prompt_is_a_run_tagged_for_its_argument(router):

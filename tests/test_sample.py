@@ -5,6 +5,7 @@ import pytest
 
 import grammar
 import wire
+import sample
 from sample import MIN_ANSWER_TOKENS, Router
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,3 +74,33 @@ def test_a_catalogue_in_the_prompt_holds_numbers_to_the_ones_the_request_states(
     assert res["calls"] and all(c["arguments"]["count"] == 3 for c in res["calls"]), res
     spans = grammar.Spans("buy 3 tickets for the Toto concert in July")
     assert all(grammar.is_span(c["arguments"]["event"], spans) for c in res["calls"]), res
+
+
+def test_a_call_without_ground_in_the_request_is_not_made(router):
+    """sample.ground: a catalogue-in-the-prompt answer keeps a call when one of
+    its values is a value of the request's (not a boolean or an enum member), or
+    when the request shares a word with its tool; the others go, and an answer
+    left with none declines. A call the client requires is left alone."""
+    tools = wire.load_tools(os.path.join(ROOT, "examples", "tools.json"))
+    weather_in_f = {"name": "get_current_weather", "arguments": {"unit": "fahrenheit"}}
+    timer = {"name": "set_timer", "arguments": {"minutes": 5}}
+
+    def grounded(calls, request, tool_choice="auto"):
+        ids = router.sp.encode(wire.render_answer(calls))
+        return wire.parse_answer(router.sp.decode(sample.ground(router, ids, tools, request, tool_choice)), tools)
+
+    # no value from the request, no word of get_current_weather's: the call goes
+    assert grounded([timer, weather_in_f], "five minutes on the clock")["calls"] == [timer]
+    left = grounded([weather_in_f], "sign me up for the 10K race")
+    assert left["calls"] == [] and left["reason"] == wire.REASON_NO_TOOL
+    # a word of its tool's ("weather") is ground, and so is any value not from a fixed list
+    assert grounded([weather_in_f], "how is the weather, in fahrenheit")["calls"] == [weather_in_f]
+    oslo = {"name": "get_current_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}
+    assert grounded([oslo], "Oslo tomorrow?")["calls"] == [oslo]
+    # the client asks for a call: it is made
+    assert grounded([weather_in_f], "sign me up for the 10K race", "required")["calls"] == [weather_in_f]
+    router.grounded = False
+    try:
+        assert grounded([weather_in_f], "sign me up for the 10K race")["calls"] == [weather_in_f]
+    finally:
+        router.grounded = True
