@@ -98,7 +98,7 @@ class Heads:
         needs a value the tagger found no run for ("book me a table" and no time
         stated: grammar.Grammar.blocked) -> the tokens of the decline that asks for it,
         as the data answers such requests, or None. The grammar does not let that call
-        be written; if the decoder declines, this is its reason (sample.ask_if_declined;
+        be written; a decline the answer ends with gives this reason (sample.settle;
         compiled models: sample._Answer.asks_for)."""
         s = ans.state
         if not self.r.asks_general or self.r.catalogue is not None or not self.r.hold_general or \

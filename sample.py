@@ -371,18 +371,18 @@ def decode_reference(router, tools, request, max_new_tokens=128, tool_choice="au
     if router.heads is not None:
         logits, *aux = logits
         if router.heads.answer(aux, ans, tools, budget)[1] is not None:
-            return settle(router, ans, ans.out, tools, tool_choice)
+            return settle(router, ans, ans.out, tools, budget, tool_choice)
     while not ans.done():
         ans.may_end()                                     # note where the answer could close
         chosen = step(ans, lambda: logits, router.choose)
         if chosen is None or len(ans.out) + len(chosen[0]) > budget:    # a dead end, out of tokens
-            return settle(router, ans, ans.cut(budget), tools, tool_choice)
+            return settle(router, ans, ans.cut(budget), tools, budget, tool_choice)
         ans.push(chosen[0])
         if not ans.done():
             logits = router.decode(chosen[0], cache)
     if tool_choice == "auto" and ans.says_missing_what_it_found():     # a call after all (decode_fast)
         return decode_reference(router, tools, request, max_new_tokens, "required")
-    return settle(router, ans, ans.out, tools, tool_choice)
+    return settle(router, ans, ans.out, tools, budget, tool_choice)
 
 
 @torch.inference_mode()
@@ -408,7 +408,7 @@ def decode_fast(router, tools, request, max_new_tokens=128, tool_choice="auto", 
     ans, conf, guess = _Answer(router, g, request, request_ids), 1.0, []
 
     def finish(truncated, dead_end=False):
-        ids = settle(router, ans, ans.cut(budget) if truncated else ans.out, tools, tool_choice)
+        ids = settle(router, ans, ans.cut(budget) if truncated else ans.out, tools, budget, tool_choice)
         return ids, {"confidence": conf, "passes": run.passes, "truncated": truncated, "dead_end": dead_end}, run
 
     if router.heads is not None:
@@ -443,14 +443,15 @@ def decode_fast(router, tools, request, max_new_tokens=128, tool_choice="auto", 
     return finish(False)
 
 
-def settle(router, ans, ids, tools, tool_choice="auto"):
+def settle(router, ans, ids, tools, budget, tool_choice="auto"):
     """The decoded answer's last word (a catalogue in the prompt): the calls
-    the request gives no ground for dropped (ground), and a decline that asks for
-    no value, when the intent head's tool needs one the tagger found no run for,
-    asks for it (heads.Heads.asks_for: "what's the weather like" -> "missing
-    argument: city", not "no tool fits") -> token ids."""
+    the request gives no ground for dropped (ground), and a decline (the
+    decoder's, or ground's) that asks for no value, when the intent head's tool
+    needs one the tagger found no run for, asks for it if it fits the budget
+    (heads.Heads.asks_for: "what's the weather like" -> "missing argument: city",
+    not "no tool fits") -> token ids."""
     ids = ground(router, ids, tools, ans.request, tool_choice)
-    if ans.ask and ids and ids[0] == router.nocall_id and \
+    if ans.ask and len(ans.ask) <= budget and ids and ids[0] == router.nocall_id and \
             wire.reason_kind(router.sp.decode(ids[1:-1]).strip()) != "missing argument":
         return list(ans.ask)
     return ids
@@ -459,9 +460,11 @@ def settle(router, ans, ids, tools, tool_choice="auto"):
 def ground(router, ids, tools, request, tool_choice="auto"):
     """A catalogue in the prompt: an answer's calls without the ones the request
     gives no ground for -> token ids. A call has ground when one of its values is
-    not a boolean or a member of an enum (with values held to tagged runs, it is
-    words of the request), or when the request shares a word with its tool's name,
-    description or parameters (retrieve.Index: BM25 above 0, stop words aside).
+    held to the request's words (grammar.Spans: a plain string, strings in a list,
+    a number the request states; without such data, any value but a boolean or
+    an enum's member), or when the request shares a word with its tool's name,
+    description, parameters or enum members (retrieve.Index: BM25 above 0, stop
+    words aside).
     The model otherwise fills a call from nothing but the schema: "sign me up for
     the 10K race" -> get_notifications(unread_only=true, platform="X"). An answer
     left with no call is the decline "no tool fits". Only with tool_choice auto
@@ -476,15 +479,20 @@ def ground(router, ids, tools, request, tool_choice="auto"):
     index = remember(router.indexes, json.dumps(tools, sort_keys=True), lambda: retrieve.Index(tools), 32)
     related = {t["name"] for t, s in zip(tools, index.scores(request)) if s > 0}
     props = {t["name"]: t["parameters"].get("properties", {}) for t in tools}
+    held = router.spans_of(tools) if router.span_every else None
+
+    def from_request(name, key, value):
+        if held is not None:
+            return (name, key) in held
+        p = props.get(name, {}).get(key) or {}
+        return not isinstance(value, bool) and "enum" not in p and "enum" not in (p.get("items") or {})
 
     def has_ground(part):
         try:
             call = wire.parse_answer(router.sp.decode(part), tools)["calls"][0]
         except (wire.AnswerError, IndexError):
             return True                    # (not ours to judge: validation reports it)
-        schema = props.get(call["name"], {})
-        return call["name"] in related or any(
-            not isinstance(v, bool) and "enum" not in schema.get(k, {}) for k, v in call["arguments"].items())
+        return call["name"] in related or any(from_request(call["name"], k, v) for k, v in call["arguments"].items())
 
     kept = [p for p in parts if has_ground(p)]
     if len(kept) == len(parts):

@@ -100,7 +100,7 @@ def test_a_decline_asks_for_a_value_the_intents_tool_needs_and_no_run_holds(rout
     arg[:, args[("get_current_weather", "city")]] = 9.0
     call = router.sp.encode(wire.render_answer([{"name": "set_timer", "arguments": {"minutes": 5}}]))
 
-    def settled(tagged, ids, on=True):
+    def settled(tagged, ids, on=True, budget=64):
         tag_logits = torch.full((len(req), len(tags)), -9.0)
         tag_logits[:, tags.index("O")] = 0.0
         for word in tagged:
@@ -111,13 +111,16 @@ def test_a_decline_asks_for_a_value_the_intents_tool_needs_and_no_run_holds(rout
             router.heads.answer((tag_logits, intent, arg), ans, TOOLS, 64)
         finally:
             router.asks_general = True
-        return wire.parse_answer(router.sp.decode(settle(router, ans, ids, TOOLS)), TOOLS)
+        return wire.parse_answer(router.sp.decode(settle(router, ans, ids, TOOLS, budget)), TOOLS)
 
     missing = {"calls": [], "reason": wire.REASON_MISSING + "city"}
     assert settled([], list(router.decline_ids)) == missing
     assert settled([], call)["calls"][0]["name"] == "set_timer"
     assert settled([b"weather"], list(router.decline_ids))["reason"] == wire.REASON_NO_TOOL
     assert settled([], list(router.decline_ids), on=False)["reason"] == wire.REASON_NO_TOOL
+    short = len(router.decline_ids)                      # the ask does not fit the budget: not asked
+    assert len(router.sp.encode(wire.render_answer([], missing["reason"]))) > short
+    assert settled([], list(router.decline_ids), budget=short)["reason"] == wire.REASON_NO_TOOL
 
 
 def test_a_value_of_a_catalogue_in_the_prompt_is_a_run_tagged_for_its_argument(router):
