@@ -152,6 +152,7 @@ class Router:
         # fewer when they would not fit the context (fit)
         self.retrieve_k = retrieve_k
         self.indexes = OrderedDict()       # catalogue -> retrieve.Index, most recent last
+        self.grounds = OrderedDict()       # ... the tools the model saw -> theirs (ground)
         self.prefixes = OrderedDict()      # prefix token ids -> (KVCache, its last_k, n_src)
 
     # -- prompts and catalogues
@@ -476,8 +477,6 @@ def ground(router, ids, tools, request, tool_choice="auto"):
         return ids
     at = [i for i, t in enumerate(ids) if t == router.call_id] + [len(ids) - (ids[-1] == router.end_id)]
     parts = [ids[a:b] for a, b in zip(at, at[1:])]
-    index = remember(router.indexes, json.dumps(tools, sort_keys=True), lambda: retrieve.Index(tools), 32)
-    related = {t["name"] for t, s in zip(tools, index.scores(request)) if s > 0}
     props = {t["name"]: t["parameters"].get("properties", {}) for t in tools}
     held = router.spans_of(tools) if router.span_every else None
 
@@ -487,12 +486,16 @@ def ground(router, ids, tools, request, tool_choice="auto"):
         p = props.get(name, {}).get(key) or {}
         return not isinstance(value, bool) and "enum" not in p and "enum" not in (p.get("items") or {})
 
+    def related(name):                     # (the index only when a call needs it)
+        index = remember(router.grounds, json.dumps(tools, sort_keys=True), lambda: retrieve.Index(tools), 32)
+        return dict(zip([t["name"] for t in tools], index.scores(request))).get(name, 1.0) > 0
+
     def has_ground(part):
         try:
             call = wire.parse_answer(router.sp.decode(part), tools)["calls"][0]
         except (wire.AnswerError, IndexError):
             return True                    # (not ours to judge: validation reports it)
-        return call["name"] in related or any(from_request(call["name"], k, v) for k, v in call["arguments"].items())
+        return any(from_request(call["name"], k, v) for k, v in call["arguments"].items()) or related(call["name"])
 
     kept = [p for p in parts if has_ground(p)]
     if len(kept) == len(parts):
