@@ -361,8 +361,8 @@ def decode_reference(router, tools, request, max_new_tokens=128, tool_choice="au
     the answer. Otherwise, until the grammar says the answer is complete,
     take one step (see step) from the model's logits, feed what was written,
     repeat. Then settle: calls without ground go, a decline may ask for a value
-    (settle). generate_constrained
-    gives the same tokens in fewer, cheaper passes (tests check, token for token)."""
+    (settle). generate_constrained gives the same tokens in fewer, cheaper
+    passes (tests check, token for token)."""
     tools, g, prefix, request_ids, budget = begin(router, tools, request, max_new_tokens, tool_choice)
     cfg = router.model.config
     cache = KVCache(cfg, 1, cfg.block_size, router.device)
