@@ -477,13 +477,12 @@ def ground(router, ids, tools, request, tool_choice="auto"):
         return ids
     at = [i for i, t in enumerate(ids) if t == router.call_id] + [len(ids) - (ids[-1] == router.end_id)]
     parts = [ids[a:b] for a, b in zip(at, at[1:])]
-    props = {t["name"]: t["parameters"].get("properties", {}) for t in tools}
     held = router.spans_of(tools) if router.span_every else None
 
     def from_request(name, key, value):
         if held is not None:
             return (name, key) in held
-        p = props.get(name, {}).get(key) or {}
+        p = next((t["parameters"].get("properties", {}) for t in tools if t["name"] == name), {}).get(key) or {}
         return not isinstance(value, bool) and "enum" not in p and "enum" not in (p.get("items") or {})
 
     def related(name):                     # (the index only when a call needs it)

@@ -83,12 +83,11 @@ def test_a_draft_from_pointers_names_the_pointed_tool_and_argument(router):
     assert router.heads.draft((tag_logits, intent, arg), ans, TOOLS) == ([], False, ["Oslo"], {"city": [oslo]})
 
 
-def test_a_decline_asks_for_a_value_the_intents_tool_needs_and_no_run_holds(router):
-    """heads.Heads.asks_for and sample.settle: the intent head names
-    get_current_weather and the tagger marks no city: a decline's reason is
-    "missing argument: city", whatever reason the decoder wrote; a call is left
-    alone. With the city tagged, or the rule off, nothing is asked."""
-    request = "what is the weather like right now"
+def _weather_heads(router, request, tagged):
+    """The heads' logits for a request -> (its token ids, (tag, intent, arg)
+    logits): the intent head names get_current_weather, the arg head points
+    every word at its city, and the tagger marks the words in tagged B, the
+    others O."""
     req = router.encode_request(request)
     names, args = router.heads.catalogue_positions(TOOLS)
     n_cat = len(router.encode_prefix(TOOLS))
@@ -98,17 +97,27 @@ def test_a_decline_asks_for_a_value_the_intents_tool_needs_and_no_run_holds(rout
     intent[names["get_current_weather"]] = 9.0
     arg = torch.zeros(len(req), n_cat)
     arg[:, args[("get_current_weather", "city")]] = 9.0
+    tag_logits = torch.full((len(req), len(tags)), -9.0)
+    tag_logits[:, tags.index("O")] = 0.0
+    for word in tagged:
+        tag_logits[next(tok for tok, a, z in words if text[a:z] == word), tags.index("B")] = 9.0
+    return req, (tag_logits, intent, arg)
+
+
+def test_a_decline_asks_for_a_value_the_intents_tool_needs_and_no_run_holds(router):
+    """heads.Heads.asks_for and sample.settle: the intent head names
+    get_current_weather and the tagger marks no city: a decline's reason is
+    "missing argument: city", whatever reason the decoder wrote; a call is left
+    alone. With the city tagged, or the rule off, nothing is asked."""
+    request = "what is the weather like right now"
     call = router.sp.encode(wire.render_answer([{"name": "set_timer", "arguments": {"minutes": 5}}]))
 
     def settled(tagged, ids, on=True, budget=64):
-        tag_logits = torch.full((len(req), len(tags)), -9.0)
-        tag_logits[:, tags.index("O")] = 0.0
-        for word in tagged:
-            tag_logits[next(tok for tok, a, z in words if text[a:z] == word), tags.index("B")] = 9.0
+        req, aux = _weather_heads(router, request, tagged)
         ans = _Answer(router, router.grammar(TOOLS), request, req)
         router.asks_general = on
         try:
-            router.heads.answer((tag_logits, intent, arg), ans, TOOLS, 64)
+            router.heads.answer(aux, ans, TOOLS, 64)
         finally:
             router.asks_general = True
         return wire.parse_answer(router.sp.decode(settle(router, ans, ids, TOOLS, budget)), TOOLS)
@@ -129,25 +138,13 @@ def test_a_value_of_a_catalogue_in_the_prompt_is_a_run_tagged_for_its_argument(r
     tagged: no tool that needs a city is offered, and an optional argument with no
     run is not written at all. Off: any request words."""
     request = "weather in Oslo or Paris please"
-    req = router.encode_request(request)
-    names, args = router.heads.catalogue_positions(TOOLS)
-    n_cat = len(router.encode_prefix(TOOLS))
-    tags = router.meta["tags"]
-    _, words, text = datadir.request_words(router.sp, request, router.heads.nbytes)
-    intent = torch.zeros(n_cat)
-    intent[names["get_current_weather"]] = 9.0
-    arg = torch.zeros(len(req), n_cat)
-    arg[:, args[("get_current_weather", "city")]] = 9.0
 
     def spans_after_heads(tagged, on=True):
-        tag_logits = torch.full((len(req), len(tags)), -9.0)
-        tag_logits[:, tags.index("O")] = 0.0
-        for word in tagged:
-            tag_logits[next(tok for tok, a, z in words if text[a:z] == word), tags.index("B")] = 9.0
+        req, aux = _weather_heads(router, request, tagged)
         ans = _Answer(router, router.grammar(TOOLS), request, req)
         router.hold_general, router.answer_from_heads = on, False
         try:
-            router.heads.answer((tag_logits, intent, arg), ans, TOOLS, 64)
+            router.heads.answer(aux, ans, TOOLS, 64)
         finally:
             router.hold_general = router.answer_from_heads = True
         return ans.g, ans.state.spans
